@@ -1,0 +1,1 @@
+"""Data: annotation parsing, transforms, the embedded `shapes` set, text-embedding caches, loaders."""

@@ -1,0 +1,60 @@
+"""Image encoder registry: every encoder maps images to one pooled feature vector."""
+from __future__ import annotations
+
+import timm
+from torch import nn
+
+from networks.convnet import ConvNet
+from networks.pretrained import load_local_weights, load_encoder_weights, packaged_lite0_state_dict
+from utils.cli import UserError
+
+# --image_encoder name -> timm model name (None: the project's own ConvNet).
+TIMM_NAMES = {
+    "nfnet": "nfnet_l0",
+    "nf_resnet50": "nf_resnet50",
+    "nf_regnet": "nf_regnet_b1",
+    "vit": "vit_tiny_patch16_224",
+    "resnet18": "resnet18",
+    "efficientnet_lite0": "tf_efficientnet_lite0",
+    "convnet": None,
+}
+IMAGE_ENCODERS = tuple(TIMM_NAMES)
+# Encoders whose pretrained weights ship inside an installed package (no download needed).
+PACKAGED_WEIGHTS = {"efficientnet_lite0": packaged_lite0_state_dict}
+
+
+def _build(name: str, image_size: int) -> nn.Module:
+    if name == "convnet":
+        try:
+            return ConvNet(image_size)
+        except ValueError as err:
+            raise UserError(str(err)) from None
+    kwargs = dict(pretrained=False, num_classes=0, global_pool="avg")
+    if name == "vit":
+        if image_size % 16:
+            raise UserError(f"vit needs --image_size divisible by its patch size 16, got {image_size}")
+        kwargs["img_size"] = image_size
+    return timm.create_model(TIMM_NAMES[name], **kwargs)
+
+
+def create_image_encoder(name: str, image_size: int, pretrained: bool = False,
+                         weights: str | None = None) -> nn.Module:
+    """Build encoder `name` for `image_size` px inputs; `model.num_features` is its output size.
+
+    Weights: `weights` (a local checkpoint) wins; else with `pretrained` the weights that an
+    installed package ships; anything that would need a download is a clear error instead.
+    """
+    if name not in TIMM_NAMES:
+        raise UserError(f"unknown --image_encoder {name!r}; choose one of {', '.join(IMAGE_ENCODERS)}")
+    model = _build(name, image_size)
+    if weights:
+        load_local_weights(model, weights)
+    elif pretrained:
+        if name not in PACKAGED_WEIGHTS:
+            raise UserError(
+                f"no offline pretrained weights for --image_encoder {name}: pass a local checkpoint "
+                f"with --image_weights PATH (e.g. timm's {TIMM_NAMES[name] or name} weights saved "
+                f"with torch.save(model.state_dict(), PATH)), or train from scratch with "
+                f"--image_pretrained False")
+        load_encoder_weights(model, PACKAGED_WEIGHTS[name](), f"the packaged {name} weights")
+    return model

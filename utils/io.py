@@ -1,0 +1,68 @@
+"""Safe file I/O: atomic writes and pickle-free loads."""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+from utils.cli import UserError
+
+
+def _temporary_sibling(path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    return Path(tmp)
+
+
+def atomic_torch_save(obj, path, *, overwrite: bool = True) -> Path:
+    """Write `obj` with `torch.save` to a temporary file, then move it into place in one step.
+
+    An interrupted run therefore never leaves a half-written file under the final name. With
+    `overwrite=False` an existing file is never replaced (`FileExistsError` instead).
+    """
+    path = Path(path)
+    tmp = _temporary_sibling(path)
+    try:
+        torch.save(obj, tmp)
+        if overwrite:
+            os.replace(tmp, path)
+        else:
+            os.link(tmp, path)  # fails if `path` exists, atomically
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
+def atomic_write_text(text: str, path) -> Path:
+    """Write a text file atomically (temporary file, then rename)."""
+    path = Path(path)
+    tmp = _temporary_sibling(path)
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
+def atomic_write_json(obj, path) -> Path:
+    return atomic_write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n", path)
+
+
+def safe_torch_load(path, what: str = "file"):
+    """`torch.load(weights_only=True)` on the CPU, with a clear error for missing or damaged files."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{what} not found: {path}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises many types for truncated/corrupt/unsafe files
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(f"{what} {path} is corrupt, truncated or not a tensor file ({reason[:200]}); "
+                        f"delete it and create it again") from None

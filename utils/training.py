@@ -1,0 +1,66 @@
+"""Training and evaluation loops shared by buffer.py, distill.py and evaluate.py."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from networks.contrastive import contrastive_loss, in_batch_accuracy
+from utils.metrics import retrieval_metrics
+
+
+def sgd_pair(model: nn.Module, lr_img: float, lr_txt: float, momentum: float = 0.0,
+             weight_decay: float = 0.0) -> list[torch.optim.SGD]:
+    """One SGD optimiser for the image encoder and one for the text projection head."""
+    return [torch.optim.SGD(model.image_encoder.parameters(), lr=lr_img, momentum=momentum, weight_decay=weight_decay),
+            torch.optim.SGD(model.text_projection.parameters(), lr=lr_txt, momentum=momentum, weight_decay=weight_decay)]
+
+
+def scale_learning_rates(optimizers: list[torch.optim.Optimizer], factor: float) -> None:
+    for optimizer in optimizers:
+        for group in optimizer.param_groups:
+            group["lr"] *= factor
+
+
+def train_one_epoch(model: nn.Module, loader, optimizers: list[torch.optim.Optimizer], device: torch.device,
+                    progress: bool = True, desc: str = "train") -> dict[str, float]:
+    """One pass of contrastive SGD over `loader` batches of (images, text embeddings, ...)."""
+    model.train()
+    total_loss = total_acc = seen = 0.0
+    bar = tqdm(loader, desc=desc, unit="batch", leave=False, disable=not progress)
+    for batch in bar:
+        images, texts = batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True)
+        image_features, text_features = model(images, texts)
+        loss = contrastive_loss(image_features, text_features)
+        for optimizer in optimizers:
+            optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        for optimizer in optimizers:
+            optimizer.step()
+        n = len(images)
+        total_loss += loss.item() * n
+        total_acc += in_batch_accuracy(image_features, text_features) * n
+        seen += n
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+    return {"train_loss": total_loss / max(seen, 1), "train_acc": total_acc / max(seen, 1)}
+
+
+@torch.no_grad()
+def embed_eval_split(model: nn.Module, image_loader, eval_text: torch.Tensor, device: torch.device,
+                     progress: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Image features of every evaluation image (in order) and projected features of every caption."""
+    model.eval()
+    image_features = [model.image_encoder(images.to(device)) for images, _ in
+                      tqdm(image_loader, desc="eval images", unit="batch", leave=False, disable=not progress)]
+    text_features = model.text_projection(eval_text.to(device))
+    return torch.cat(image_features), text_features
+
+
+@torch.no_grad()
+def evaluate_retrieval(model: nn.Module, image_loader, eval_text: torch.Tensor, txt2img: torch.Tensor,
+                       device: torch.device, progress: bool = True) -> dict[str, float]:
+    """SPEC §5 metrics of `model` on the evaluation split (cosine similarity scores)."""
+    image_features, text_features = embed_eval_split(model, image_loader, eval_text, device, progress)
+    image_features = torch.nn.functional.normalize(image_features, dim=1)
+    text_features = torch.nn.functional.normalize(text_features, dim=1)
+    return retrieval_metrics(image_features @ text_features.t(), txt2img.to(device))
