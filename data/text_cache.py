@@ -37,7 +37,7 @@ def cached_text_embeddings(captions: list[str], path: Path, make_encoder: Callab
         cached = safe_torch_load(path, "text-embedding cache")
         if isinstance(cached, torch.Tensor) and len(cached) == len(captions):
             return cached
-    unique = sorted(set(captions))
+    unique = sorted(set(captions), key=lambda c: (len(c), c))  # similar lengths batch with little padding
     position = {caption: i for i, caption in enumerate(unique)}
     unique_embeddings = make_encoder().encode(unique, progress=progress)
     embeddings = unique_embeddings[torch.tensor([position[c] for c in captions], dtype=torch.long)]

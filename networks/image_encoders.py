@@ -8,7 +8,8 @@ from networks.convnet import ConvNet
 from networks.pretrained import load_local_weights, load_encoder_weights, packaged_lite0_state_dict
 from utils.cli import UserError
 
-# --image_encoder name -> timm model name (None: the project's own ConvNet).
+# --image_encoder name -> timm model name (None: the project's own ConvNet; the narrower variants
+# make CPU-sized experiments affordable).
 TIMM_NAMES = {
     "nfnet": "nfnet_l0",
     "nf_resnet50": "nf_resnet50",
@@ -17,16 +18,20 @@ TIMM_NAMES = {
     "resnet18": "resnet18",
     "efficientnet_lite0": "tf_efficientnet_lite0",
     "convnet": None,
+    "convnet_w64": None,
+    "convnet_w32": None,
 }
+# The dataset-distillation ConvNet (depth 3) and its narrower variants, by channel width.
+CONVNET_WIDTHS = {"convnet": 128, "convnet_w64": 64, "convnet_w32": 32}
 IMAGE_ENCODERS = tuple(TIMM_NAMES)
 # Encoders whose pretrained weights ship inside an installed package (no download needed).
 PACKAGED_WEIGHTS = {"efficientnet_lite0": packaged_lite0_state_dict}
 
 
 def _build(name: str, image_size: int) -> nn.Module:
-    if name == "convnet":
+    if name in CONVNET_WIDTHS:
         try:
-            return ConvNet(image_size)
+            return ConvNet(image_size, width=CONVNET_WIDTHS[name])
         except ValueError as err:
             raise UserError(str(err)) from None
     kwargs = dict(pretrained=False, num_classes=0, global_pool="avg")

@@ -229,12 +229,12 @@ def test_brute_force_integer_scores_many_ties(shape, seed):
 def test_brute_force_float_scores(dtype, seed):
     rng = np.random.default_rng(seed)
     num_images = int(rng.integers(5, 40))
-    num_captions = num_images * 5 if seed % 2 == 0 else int(rng.integers(num_images, 6 * num_images))
-    txt2img = (
-        np.arange(num_captions) // 5
-        if seed % 2 == 0
-        else random_txt2img(rng, num_images, num_captions)
-    )
+    if seed % 2 == 0:  # the usual layout: 5 consecutive captions per image
+        num_captions = 5 * num_images
+        txt2img = np.arange(num_captions) // 5
+    else:  # uneven caption counts in random order
+        num_captions = int(rng.integers(num_images, 6 * num_images))
+        txt2img = random_txt2img(rng, num_images, num_captions)
     scores_t = torch.from_numpy(rng.standard_normal((num_images, num_captions))).to(dtype)
     # The reference sees exactly the same (possibly rounded) values.
     expected = reference_metrics(scores_t.double().numpy(), txt2img, ks=(1, 2, 5, 10))
@@ -251,6 +251,54 @@ def test_brute_force_float16_and_integer_index_dtypes():
     scores = torch.from_numpy(rng.standard_normal((12, 50))).half()  # float16 rounding -> ties
     expected = reference_metrics(scores.double().numpy(), txt2img)
     assert retrieval_metrics(scores, torch.from_numpy(txt2img).int(), chunk_size=5) == expected
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_brute_force_sparse_ties_mixed_with_distinct_scores(seed):
+    """Mostly distinct floats plus a few injected exact ties (fast path and tie-break mix)."""
+    rng = np.random.default_rng(100 + seed)
+    num_images, num_captions = 23, 90
+    txt2img = random_txt2img(rng, num_images, num_captions)
+    scores = rng.standard_normal((num_images, num_captions))
+    for _ in range(15):
+        # IR tie: another image gets exactly the true pair's score in a caption column.
+        t = int(rng.integers(num_captions))
+        scores[int(rng.integers(num_images)), t] = scores[txt2img[t], t]
+        # TR tie: another caption in an image row gets exactly a ground-truth score.
+        i = int(rng.integers(num_images))
+        own = np.flatnonzero(txt2img == i)
+        scores[i, int(rng.integers(num_captions))] = scores[i, int(rng.choice(own))]
+    expected = reference_metrics(scores, txt2img, ks=(1, 2, 3, 5))
+    for chunk_size in (None, 2, 5, 100):
+        got = retrieval_metrics(
+            torch.from_numpy(scores),
+            torch.from_numpy(txt2img),
+            ks=(1, 2, 3, 5),
+            chunk_size=chunk_size,
+        )
+        assert got == expected, chunk_size
+
+
+def test_default_chunking_with_several_slabs(monkeypatch):
+    """chunk_size=None splits rows by a target element count; force several slabs."""
+    import utils.metrics as metrics_module
+
+    monkeypatch.setattr(metrics_module, "_AUTO_CHUNK_ELEMENTS", 100)  # -> 100 // 40 = 2 rows
+    rng = np.random.default_rng(11)
+    txt2img = random_txt2img(rng, 9, 40)
+    scores = rng.integers(0, 4, size=(9, 40)).astype(np.float32)
+    expected = reference_metrics(scores, txt2img)
+    assert retrieval_metrics(torch.from_numpy(scores), torch.from_numpy(txt2img)) == expected
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_matches_cpu():
+    rng = np.random.default_rng(5)
+    txt2img = torch.from_numpy(random_txt2img(rng, 30, 140))
+    scores = torch.from_numpy(rng.integers(-2, 3, size=(30, 140)).astype(np.float32))
+    expected = retrieval_metrics(scores, txt2img, chunk_size=7)
+    assert retrieval_metrics(scores.cuda(), txt2img.cuda(), chunk_size=7) == expected
+    assert retrieval_metrics(scores.cuda(), txt2img, chunk_size=7) == expected
 
 
 def test_non_contiguous_scores():
@@ -303,6 +351,17 @@ def test_requires_grad_input_is_accepted():
 def test_bad_inputs_raise(scores, txt2img, match):
     with pytest.raises(ValueError, match=match):
         retrieval_metrics(scores, txt2img)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("position", [(0, 0), (17, 150), (39, 299), (39, 0)])
+def test_nan_anywhere_is_detected(dtype, position):
+    scores = torch.randn(40, 300).to(dtype)
+    scores[0, 1] = float("inf")
+    scores[1, 2] = float("-inf")
+    scores[position] = float("nan")
+    with pytest.raises(ValueError, match=r"scores contains NaN"):
+        retrieval_metrics(scores, torch.arange(300) % 40)
 
 
 @pytest.mark.parametrize(

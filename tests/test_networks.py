@@ -13,7 +13,7 @@ from networks.text_encoders import FrozenTextEncoder
 from utils.cli import UserError
 
 
-@pytest.mark.parametrize("name,size,dim", [("convnet", 32, 128 * 4 * 4), ("convnet", 16, 128 * 2 * 2),
+@pytest.mark.parametrize("name,size,dim", [("convnet", 32, 128 * 4 * 4), ("convnet", 16, 128 * 2 * 2), ("convnet_w32", 32, 32 * 4 * 4),
                                            ("resnet18", 32, 512), ("efficientnet_lite0", 32, 1280),
                                            ("vit", 32, 192), ("nf_resnet50", 32, 2048),
                                            ("nf_regnet", 32, 960), ("nfnet", 32, 2304)])

@@ -54,6 +54,20 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--image_weights", default=None, help="local checkpoint for the image encoder")
 
 
+def add_eval_args(parser: argparse.ArgumentParser, batch_train_default: int = 64) -> None:
+    """The evaluation protocol: fresh models trained on a (synthetic or real) set, then retrieval."""
+    group = parser.add_argument_group("evaluation (train fresh models on the set, then test retrieval)")
+    group.add_argument("--num_eval", type=int, default=5, help="fresh models per evaluation (mean ± std over them)")
+    group.add_argument("--epoch_eval_train", type=int, default=50, help="epochs each evaluation model trains")
+    group.add_argument("--batch_train", type=int, default=batch_train_default,
+                       help="batch size when training evaluation models")
+    add_bool_flag(group, "--dsa", False,
+                  "differentiable augmentation of synthetic images in student steps and evaluation training "
+                  "(the reference parses --dsa but never applies it; off by default as there)")
+    group.add_argument("--dsa_strategy", default="color_crop_cutout_flip_scale_rotate",
+                       help="DSA operations, joined by _")
+
+
 def add_runtime_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("runtime and logging")
     group.add_argument("--seed", type=int, default=0, help="random seed")

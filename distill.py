@@ -1,0 +1,313 @@
+"""Distill a tiny synthetic set of image-text pairs by matching expert trajectories.
+
+State being learned: synthetic images (N×3×H×W normalised pixels), synthetic text embeddings (N×D,
+in the frozen text encoder's space) and two step sizes (image encoder, text head). Each iteration
+takes an expert trajectory, starts a student at epoch `start` of it, takes --syn_steps SGD steps on
+random synthetic minibatches (graph kept), and minimises the distance to the expert's parameters
+--expert_epochs later, normalised by how far the expert moved. Every --eval_it iterations fresh
+models are trained on the synthetic set and tested; the set is saved to --save_dir then
+(distilled_<it>.pt, distilled_last.pt, distilled_best.pt), and resumable with --resume.
+"""
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from data.build import eval_image_loader, load_retrieval_data
+from data.distilled_set import load_distilled_set, save_distilled_set
+from matching.experts import ExpertCycler, check_buffer_matches, locate_buffer
+from matching.synthetic import initial_synthetic_set
+from matching.trajectory import Students, draw_minibatches, pick_segment, unrolled_matching_loss
+from networks import build_model, text_encoder_identity
+from reparam_module import ReparamModule
+from utils.buffers import read_metadata
+from utils.cli import UserError, add_bool_flag, run_cli
+from utils.config import add_data_args, add_eval_args, add_model_args, add_runtime_args, new_parser
+from utils.device import pick_device, seed_everything
+from utils.dsa import check_strategy, dsa_augment
+from utils.evaluation import evaluate_pairs
+from utils.metrics import format_summary
+from utils.visualize import image_grids, nearest_captions, save_image_grids, write_nearest_captions
+from utils.wandb_logging import start_run
+
+# Settings a resumed run must share with the run that wrote the file.
+RESUME_KEYS = ("dataset", "image_encoder", "text_encoder", "text_identity", "image_size", "num_queries")
+
+
+def parse_args(argv=None):
+    parser = new_parser(__doc__)
+    add_data_args(parser)
+    add_model_args(parser)
+    group = parser.add_argument_group("trajectory matching")
+    group.add_argument("--buffer_path", default="./buffers",
+                       help="buffer root (dataset/image_encoder/text_encoder is appended) or the folder of the files")
+    group.add_argument("--syn_steps", type=int, default=20, help="student SGD steps per iteration")
+    group.add_argument("--expert_epochs", type=int, default=3, help="expert epochs between start and target")
+    group.add_argument("--max_start_epoch", type=int, default=25, help="start epoch is drawn from 0..max_start_epoch-1")
+    group.add_argument("--num_queries", type=int, default=100, help="synthetic pairs N")
+    group.add_argument("--mini_batch_size", type=int, default=100, help="synthetic pairs per student step")
+    group.add_argument("--Iteration", type=int, default=50000, help="distillation iterations")
+    group.add_argument("--lr_img", type=float, default=1000, help="learning rate of the synthetic images")
+    group.add_argument("--lr_txt", type=float, default=1000, help="learning rate of the synthetic text embeddings")
+    group.add_argument("--lr_lr", type=float, default=1e-3, help="learning rate of the two learned step sizes")
+    group.add_argument("--lr_teacher_img", type=float, default=0.1, help="initial student step size, image encoder")
+    group.add_argument("--lr_teacher_txt", type=float, default=0.1, help="initial student step size, text head")
+    group.add_argument("--pix_init", default="real", choices=("real", "noise"), help="synthetic image initialisation")
+    group.add_argument("--txt_init", default="real", choices=("real", "noise"), help="synthetic text initialisation")
+    group.add_argument("--max_files", type=int, default=None, help="use only this many expert files")
+    group.add_argument("--max_experts", type=int, default=None, help="use only this many experts per file")
+    group.add_argument("--eval_it", type=int, default=50, help="evaluate and save every this many iterations")
+    add_bool_flag(group, "--draw", True, "save image grids and nearest real captions at each evaluation")
+    group.add_argument("--save_dir", default=None, help="output folder (default: runs/<dataset>/<name>)")
+    group.add_argument("--resume", default=None, help="a distilled_*.pt of an earlier run to continue from")
+    add_eval_args(parser, batch_train_default=64)
+    add_runtime_args(parser)
+    return parser.parse_args(argv)
+
+
+def check_args(args) -> None:
+    """Clear one-line errors for settings that cannot work, before any heavy work."""
+    for name in ("syn_steps", "expert_epochs", "max_start_epoch", "num_queries", "mini_batch_size", "Iteration",
+                 "eval_it", "num_eval", "epoch_eval_train", "batch_train", "image_size"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name} must be at least 1, got {getattr(args, name)}")
+    for name in ("lr_img", "lr_txt", "lr_lr", "lr_teacher_img", "lr_teacher_txt"):
+        if not getattr(args, name) > 0:
+            raise UserError(f"--{name} must be positive, got {getattr(args, name)}")
+    if args.mini_batch_size > args.num_queries:
+        raise UserError(f"--mini_batch_size {args.mini_batch_size} is larger than --num_queries {args.num_queries}")
+    if args.dsa:
+        try:
+            check_strategy(args.dsa_strategy)
+        except ValueError as err:
+            raise UserError(f"--dsa_strategy: {err}") from None
+
+
+def run_config(args, text_identity: str) -> dict:
+    """Plain values describing the run, stored in every saved set."""
+    config = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, type(None)))}
+    config["text_identity"] = text_identity
+    config["source"] = "distilled"
+    return config
+
+
+def check_resume(payload: dict, args, text_identity: str, path) -> None:
+    config = payload["config"]
+    expected = {**vars(args), "text_identity": text_identity}
+    problems = [f"{k}: file has {config.get(k)!r}, this run has {expected[k]!r}"
+                for k in RESUME_KEYS if config.get(k) != expected[k]]
+    if problems:
+        raise UserError(f"--resume {path} does not match this run ({'; '.join(problems)})")
+    if not payload.get("state"):
+        raise UserError(f"--resume {path} holds no optimiser/RNG state (not written by distill.py)")
+    if payload["iteration"] > args.Iteration:
+        raise UserError(f"--resume {path} is at iteration {payload['iteration']}, beyond --Iteration {args.Iteration}")
+
+
+class Distiller:
+    """The learned state of a run and one trajectory-matching iteration on it."""
+
+    def __init__(self, args, images: torch.Tensor, texts: torch.Tensor, device: torch.device, students: Students):
+        self.args, self.device, self.students = args, device, students
+        self.image_syn = images.to(device).requires_grad_(True)
+        self.text_syn = texts.to(device).requires_grad_(True)
+        self.syn_lr_img = torch.tensor(float(args.lr_teacher_img), device=device, requires_grad=True)
+        self.syn_lr_txt = torch.tensor(float(args.lr_teacher_txt), device=device, requires_grad=True)
+        self.optimizers = {
+            "img": torch.optim.SGD([self.image_syn], lr=args.lr_img, momentum=0.5),
+            "txt": torch.optim.SGD([self.text_syn], lr=args.lr_txt, momentum=0.5),
+            "lr": torch.optim.SGD([self.syn_lr_img, self.syn_lr_txt], lr=args.lr_lr, momentum=0.5),
+        }
+
+    def augment(self, seed_base: int):
+        if not self.args.dsa:
+            return None
+        return lambda images, step: dsa_augment(images, self.args.dsa_strategy, seed_base + step)
+
+    def step(self, experts: ExpertCycler, generator: torch.Generator, iteration: int) -> dict:
+        args = self.args
+        image_traj, text_traj = experts.next()
+        segment = pick_segment(image_traj, text_traj, args.max_start_epoch, args.expert_epochs, generator, self.device)
+        batches = draw_minibatches(args.num_queries, args.mini_batch_size, args.syn_steps, generator)
+        augment = self.augment(int(torch.randint(0, 2**31 - 1, (1,), generator=generator)))
+        loss = unrolled_matching_loss(self.students, self.image_syn, self.text_syn, self.syn_lr_img,
+                                      self.syn_lr_txt, segment, batches, augment)
+        terms = {"image": loss.image_term.item(), "text": loss.text_term.item()}
+        bad = [f"{name} term {value}" for name, value in terms.items() if not math.isfinite(value)]
+        if bad:
+            raise NonFiniteLoss(iteration, "matching loss not finite: " + ", ".join(bad))
+        for optimizer in self.optimizers.values():
+            optimizer.zero_grad(set_to_none=True)
+        loss.total.backward()
+        for optimizer in self.optimizers.values():
+            optimizer.step()
+        for name, lr in (("syn_lr_img", self.syn_lr_img), ("syn_lr_txt", self.syn_lr_txt)):
+            if not lr.item() > 0:  # also catches NaN
+                raise NonFiniteLoss(iteration, f"the learned step size {name} became {lr.item():.4g}; "
+                                               f"training with it is impossible")
+        return {"Grand_Loss": terms["image"] + terms["text"], "img_param_loss": terms["image"],
+                "txt_param_loss": terms["text"], "Start_Epoch": segment.start_epoch,
+                "Synthetic_LR_Image": self.syn_lr_img.item(), "Synthetic_LR_Text": self.syn_lr_txt.item()}
+
+    def state(self) -> dict:
+        return {name: opt.state_dict() for name, opt in self.optimizers.items()}
+
+    def restore(self, payload: dict) -> None:
+        with torch.no_grad():
+            self.image_syn.copy_(payload["image_syn"])
+            self.text_syn.copy_(payload["text_syn"])
+            self.syn_lr_img.fill_(payload["syn_lr_img"])
+            self.syn_lr_txt.fill_(payload["syn_lr_txt"])
+        for name, optimizer in self.optimizers.items():
+            optimizer.load_state_dict(payload["state"]["optimizers"][name])
+
+
+class NonFiniteLoss(UserError):
+    """Distillation diverged: a non-finite matching loss or a step size that is no longer positive."""
+
+    def __init__(self, iteration: int, detail: str):
+        super().__init__(f"distillation diverged at iteration {iteration} ({detail})")
+        self.iteration = iteration
+
+
+def rng_state(generator: torch.Generator) -> dict:
+    state = {"generator": generator.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state: dict, generator: torch.Generator) -> None:
+    generator.set_state(state["generator"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class RunFiles:
+    """Where a run writes: the distilled sets, grids, nearest captions."""
+
+    def __init__(self, save_dir: Path):
+        self.dir = save_dir
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.last = save_dir / "distilled_last.pt"
+        self.best = save_dir / "distilled_best.pt"
+
+    def at(self, iteration: int) -> Path:
+        return self.dir / f"distilled_{iteration:06d}.pt"
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    check_args(args)
+    device = pick_device(args.device)
+    seed_everything(args.seed)
+    generator = torch.Generator().manual_seed(args.seed)
+    text_identity = text_encoder_identity(args.text_encoder, args.text_model)
+
+    directory = locate_buffer(args.buffer_path, args.dataset, args.image_encoder, args.text_encoder)
+    meta = read_metadata(directory)
+    check_buffer_matches(meta, directory, {"dataset": args.dataset, "image_encoder": args.image_encoder,
+                                           "text_encoder": args.text_encoder, "text_model": text_identity,
+                                           "image_size": args.image_size})
+    experts = ExpertCycler(directory, meta, generator, args.max_start_epoch + args.expert_epochs,
+                           args.max_files, args.max_experts)
+    experts.peek_check()
+    resume = load_distilled_set(args.resume) if args.resume else None
+    if resume is not None:
+        check_resume(resume, args, text_identity, args.resume)
+
+    data = load_retrieval_data(args, device, progress=args.progress)
+    if data.text_dim != meta["text_dim"]:
+        raise UserError(f"text embeddings have {data.text_dim} dimensions, the experts were trained on {meta['text_dim']}")
+    files = RunFiles(Path(args.save_dir or Path("runs") / args.dataset / args.name))
+    config = run_config(args, text_identity)
+    student_model = build_model(args, data.text_dim).to(device).train()
+    students = Students(ReparamModule(student_model.image_encoder), ReparamModule(student_model.text_projection))
+    images, texts = initial_synthetic_set(data, args.num_queries, args.image_size, args.pix_init, args.txt_init,
+                                          args.text_encoder, generator)
+    distiller = Distiller(args, images, texts, device, students)
+    start_it, best_r_mean, evaluated_at_start = 0, -1.0, False
+    if resume is not None:
+        distiller.restore(resume)
+        restore_rng(resume["state"]["rng"], generator)
+        experts.restore(resume["state"]["experts"])
+        start_it, best_r_mean = resume["iteration"], resume["state"]["best_r_mean"]
+        evaluated_at_start = bool(resume["metrics"])
+        print(f"resumed from {args.resume} at iteration {start_it}")
+
+    run = start_run(args, "distill", directory=str(files.dir))
+    eval_loader = eval_image_loader(data, args.image_size, args.batch_size_test, args.num_workers)
+    print(f"distilling {args.num_queries} pairs from {len(experts.files)} expert files in {directory} on {device}; "
+          f"saving to {files.dir}")
+
+    def save(path: Path, iteration: int, metrics: dict) -> None:
+        state = {"optimizers": distiller.state(), "rng": rng_state(generator), "experts": experts.state(),
+                 "best_r_mean": best_r_mean}
+        save_distilled_set(path, distiller.image_syn, distiller.text_syn, distiller.syn_lr_img.item(),
+                           distiller.syn_lr_txt.item(), iteration, config, metrics, state)
+
+    def evaluate_and_save(iteration: int) -> None:
+        nonlocal best_r_mean
+        lr = distiller.syn_lr_img.item()
+        summary = evaluate_pairs(args, distiller.image_syn, distiller.text_syn, lr, data, eval_loader, device,
+                                 args.num_eval, seed=args.seed + 1_000_003 + iteration, progress=args.progress)
+        tqdm.write(f"iteration {iteration}: {format_summary(summary)}  (eval lr {lr:.4g}, {args.num_eval} models)")
+        run.log({**{f"eval/{k}": v["mean"] for k, v in summary.items()},
+                 **{f"eval/{k}_std": v["std"] for k, v in summary.items()}}, step=iteration)
+        improved = summary["r_mean"]["mean"] > best_r_mean
+        best_r_mean = max(best_r_mean, summary["r_mean"]["mean"])
+        save(files.at(iteration), iteration, summary)
+        save(files.last, iteration, summary)
+        if improved:
+            save(files.best, iteration, summary)
+        if args.draw:
+            draw(iteration)
+
+    def draw(iteration: int) -> None:
+        grids = save_image_grids(distiller.image_syn, files.dir, f"{iteration:06d}")
+        nearest = nearest_captions(distiller.text_syn, data.train_text, data.train.captions)
+        write_nearest_captions(nearest, files.dir / f"nearest_captions_{iteration:06d}.txt")
+        if hasattr(run, "log") and args.wandb_mode != "disabled":
+            import wandb
+            run.log({"Synthetic_Images": wandb.Image(str(grids["plain"])),
+                     "Clipped_Synthetic_Images": wandb.Image(str(grids["clipped"])),
+                     "Nearest_Captions": wandb.Table(columns=["index", "cosine", "caption"],
+                                                     data=[[i, s, c] for i, (c, s) in enumerate(nearest)])},
+                    step=iteration)
+
+    completed = start_it
+    started = time.time()
+    bar = tqdm(range(start_it, args.Iteration + 1), desc="distill", unit="it", disable=not args.progress)
+    try:
+        for iteration in bar:
+            if (iteration % args.eval_it == 0 or iteration == args.Iteration) and not (
+                    iteration == start_it and evaluated_at_start):
+                evaluate_and_save(iteration)
+            if iteration == args.Iteration:
+                break
+            stats = distiller.step(experts, generator, iteration)
+            completed = iteration + 1
+            run.log(stats, step=iteration)
+            bar.set_postfix(loss=f"{stats['Grand_Loss']:.4f}", lr_img=f"{stats['Synthetic_LR_Image']:.4g}",
+                            lr_txt=f"{stats['Synthetic_LR_Text']:.4g}")
+    except NonFiniteLoss as err:
+        last = f"{files.last} (iteration {load_distilled_set(files.last)['iteration']})" if files.last.exists() else "none"
+        raise UserError(f"{err}; stopped. The last good distilled set is {last}. Lower --lr_img/--lr_txt/--lr_lr "
+                        f"or --syn_steps") from None
+    except KeyboardInterrupt:
+        save(files.last, completed, {})
+        print(f"\ninterrupted: saved iteration {completed} to {files.last}; continue with --resume {files.last}")
+        raise
+    run.finish()
+    print(f"done: {args.Iteration - start_it} iterations in {time.time() - started:.0f}s; best r_mean "
+          f"{best_r_mean:.2f} -> {files.best}; last -> {files.last}")
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,1 @@
+"""Trajectory matching: expert cycling, the synthetic set, and the matching loss."""

@@ -1,0 +1,51 @@
+"""Initial values of the learned synthetic set (SPEC §2 "Init")."""
+from __future__ import annotations
+
+import torch
+
+from data.build import RetrievalData
+from data.datasets import load_rgb
+from data.transforms import train_transform
+from utils.cli import UserError
+
+# Mean and std of BERT-base [CLS] embeddings used by the reference for `--txt_init noise`.
+BERT_TEXT_MEAN, BERT_TEXT_STD = -0.0094, 0.5253
+
+
+def real_pairs(data: RetrievalData, count: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """(image indices, caption indices) of `count` training pairs with distinct images, at random."""
+    num_images = len(data.train.image_paths)
+    if count > num_images:
+        raise UserError(f"--num_queries {count} is larger than the {num_images} training images")
+    images = torch.randperm(num_images, generator=generator)[:count]
+    captions = torch.tensor([data.train.img2txt[i][int(torch.randint(len(data.train.img2txt[i]), (1,),
+                                                                      generator=generator))]
+                             for i in images.tolist()], dtype=torch.long)
+    return images, captions
+
+
+def transformed_images(data: RetrievalData, image_indices: torch.Tensor, image_size: int) -> torch.Tensor:
+    """Training images through the training transform, as the reference's real initialisation."""
+    transform = train_transform(image_size)
+    return torch.stack([transform(load_rgb(data.train.image_paths[i])) for i in image_indices.tolist()])
+
+
+def initial_synthetic_set(data: RetrievalData, count: int, image_size: int, pix_init: str, txt_init: str,
+                          text_encoder: str, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """`real`: random training pairs; `noise`: Gaussian pixels with the real per-channel statistics and
+    Gaussian text embeddings (the reference's BERT statistics for bert, the cached ones otherwise)."""
+    image_indices, caption_indices = real_pairs(data, count, generator)
+    if pix_init == "real":
+        images = transformed_images(data, image_indices, image_size)
+    else:
+        sample = transformed_images(data, real_pairs(data, min(count, 256), generator)[0], image_size)
+        mean, std = sample.mean(dim=(0, 2, 3)), sample.std(dim=(0, 2, 3))
+        noise = torch.randn(count, 3, image_size, image_size, generator=generator)
+        images = noise * std.view(1, 3, 1, 1) + mean.view(1, 3, 1, 1)
+    if txt_init == "real":
+        texts = data.train_text[caption_indices].clone()
+    else:
+        mean, std = ((BERT_TEXT_MEAN, BERT_TEXT_STD) if text_encoder == "bert"
+                     else (data.train_text.mean().item(), data.train_text.std().item()))
+        texts = torch.randn(count, data.text_dim, generator=generator) * std + mean
+    return images, texts

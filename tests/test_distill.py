@@ -1,0 +1,141 @@
+"""distill.py end to end on a tiny buffer: saved sets, reload, evaluation, resume, bad inputs."""
+from __future__ import annotations
+
+import json
+from argparse import Namespace
+from pathlib import Path
+
+import pytest
+import torch
+
+import buffer
+import distill
+from data.build import eval_image_loader, load_retrieval_data
+from data.distilled_set import load_distilled_set
+from utils.cli import UserError
+from utils.evaluation import evaluate_pairs
+
+from conftest import tiny_flags
+
+
+@pytest.fixture(scope="module")
+def experts(tiny_shapes, cache_dir, tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("buffers")
+    buffer.main(tiny_flags(tiny_shapes, cache_dir, "--buffer_path", str(root), "--batch_train", "50",
+                           "--num_experts", "2", "--train_epochs", "3"))
+    return root
+
+
+def distill_flags(tiny_shapes, cache_dir, experts, save_dir, *extra):
+    return tiny_flags(tiny_shapes, cache_dir, "--buffer_path", str(experts), "--save_dir", str(save_dir),
+                      "--syn_steps", "2", "--expert_epochs", "1", "--max_start_epoch", "2", "--num_queries", "8",
+                      "--mini_batch_size", "4", "--lr_img", "100", "--lr_txt", "100", "--lr_lr", "1e-5",
+                      "--eval_it", "2", "--num_eval", "2", "--epoch_eval_train", "2", "--batch_train", "4", *extra)
+
+
+@pytest.fixture(scope="module")
+def run4(tiny_shapes, cache_dir, experts, tmp_path_factory) -> Path:
+    save_dir = tmp_path_factory.mktemp("run4")
+    assert distill.main(distill_flags(tiny_shapes, cache_dir, experts, save_dir, "--Iteration", "4")) == 0
+    return save_dir
+
+
+def test_saves_sets_grids_and_captions_that_reload_safely(run4):
+    names = {p.name for p in run4.iterdir()}
+    for it in ("000000", "000002", "000004"):
+        assert {f"distilled_{it}.pt", f"synthetic_images_plain_{it}.png", f"synthetic_images_clipped_{it}.png",
+                f"nearest_captions_{it}.txt"} <= names
+    assert {"distilled_last.pt", "distilled_best.pt"} <= names
+    raw = torch.load(run4 / "distilled_last.pt", weights_only=True)
+    assert raw["iteration"] == 4 and raw["image_syn"].shape == (8, 3, 16, 16) and raw["text_syn"].shape == (8, 384)
+    assert raw["config"]["image_encoder"] == "convnet" and raw["config"]["text_identity"].startswith("minilm")
+    assert isinstance(raw["syn_lr_img"], float) and set(raw["metrics"]) >= {"img_r1", "txt_r10", "r_mean"}
+    first = load_distilled_set(run4 / "distilled_000000.pt")
+    assert not torch.equal(first["image_syn"], raw["image_syn"])  # the pixels were learned
+    assert not torch.equal(first["text_syn"], raw["text_syn"])
+    assert raw["syn_lr_img"] != first["syn_lr_img"]
+    best = load_distilled_set(run4 / "distilled_best.pt")
+    assert best["metrics"]["r_mean"]["mean"] == max(
+        load_distilled_set(run4 / f"distilled_{i}.pt")["metrics"]["r_mean"]["mean"] for i in ("000000", "000002", "000004"))
+    lines = (run4 / "nearest_captions_000004.txt").read_text().splitlines()
+    assert len(lines) == 9 and lines[1].startswith("0\t")
+
+
+def test_reloaded_set_evaluates_to_the_same_metrics(run4, tiny_shapes, cache_dir):
+    payload = load_distilled_set(run4 / "distilled_000004.pt")
+    args = Namespace(**{**payload["config"]})
+    data = load_retrieval_data(args, torch.device("cpu"), progress=False)
+    loader = eval_image_loader(data, args.image_size, args.batch_size_test, 0)
+    summary = evaluate_pairs(args, payload["image_syn"], payload["text_syn"], payload["syn_lr_img"], data, loader,
+                             torch.device("cpu"), args.num_eval, seed=args.seed + 1_000_003 + 4, progress=False)
+    assert summary == payload["metrics"]
+
+
+def test_resume_continues_at_the_right_iteration_with_the_same_state(run4, tiny_shapes, cache_dir, experts, tmp_path):
+    first = tmp_path / "part"
+    assert distill.main(distill_flags(tiny_shapes, cache_dir, experts, first, "--Iteration", "2")) == 0
+    resumed = tmp_path / "resumed"
+    assert distill.main(distill_flags(tiny_shapes, cache_dir, experts, resumed, "--Iteration", "4",
+                                      "--resume", str(first / "distilled_last.pt"))) == 0
+    assert not (resumed / "distilled_000000.pt").exists()  # it did not start over
+    a, b = load_distilled_set(resumed / "distilled_last.pt"), load_distilled_set(run4 / "distilled_last.pt")
+    assert a["iteration"] == b["iteration"] == 4
+    assert torch.equal(a["image_syn"], b["image_syn"]) and torch.equal(a["text_syn"], b["text_syn"])
+    assert a["syn_lr_img"] == b["syn_lr_img"] and a["metrics"] == b["metrics"]
+    momentum = a["state"]["optimizers"]["img"]["state"][0]["momentum_buffer"]
+    assert torch.equal(momentum, b["state"]["optimizers"]["img"]["state"][0]["momentum_buffer"])
+
+
+@pytest.mark.parametrize("extra,message", [
+    (("--mini_batch_size", "9"), "--mini_batch_size 9 is larger than --num_queries 8"),
+    (("--lr_img", "0"), "--lr_img must be positive"),
+    (("--lr_lr", "-1"), "--lr_lr must be positive"),
+    (("--max_start_epoch", "3", "--expert_epochs", "2"), r"holds trajectories of 4 snapshots, but .*need 5"),
+    (("--image_size", "32"), r"do not fit this run \(image_size: buffer has 16, this run asks for 32"),
+])
+def test_bad_settings_are_refused_with_a_message(tiny_shapes, cache_dir, experts, tmp_path, extra, message):
+    with pytest.raises(UserError, match=message):
+        distill.main(distill_flags(tiny_shapes, cache_dir, experts, tmp_path, "--Iteration", "1", *extra))
+
+
+def test_missing_or_foreign_buffers_are_refused(tiny_shapes, cache_dir, experts, tmp_path):
+    with pytest.raises(UserError, match=r"no experts in .*run buffer.py"):
+        distill.main(distill_flags(tiny_shapes, cache_dir, tmp_path / "empty", tmp_path / "o", "--Iteration", "1"))
+    folder = experts / "shapes" / "convnet" / "minilm"
+    other = tmp_path / "other"
+    other.mkdir()
+    meta = json.loads((folder / "buffer_meta.json").read_text())
+    (other / "buffer_meta.json").write_text(json.dumps({**meta, "image_encoder": "resnet18"}))
+    with pytest.raises(UserError, match=r"image_encoder: buffer has 'resnet18', this run asks for 'convnet'"):
+        distill.main(distill_flags(tiny_shapes, cache_dir, other, tmp_path / "o", "--Iteration", "1"))
+    (other / "buffer_meta.json").write_text(json.dumps(meta))
+    with pytest.raises(UserError, match=r"no expert files .* run buffer.py first"):
+        distill.main(distill_flags(tiny_shapes, cache_dir, other, tmp_path / "o", "--Iteration", "1"))
+
+
+def test_resume_file_that_does_not_match_is_refused(run4, tiny_shapes, cache_dir, experts, tmp_path):
+    with pytest.raises(UserError, match=r"does not match this run \(num_queries: file has 8, this run has 6"):
+        distill.main(distill_flags(tiny_shapes, cache_dir, experts, tmp_path, "--Iteration", "4", "--num_queries", "6",
+                                   "--resume", str(run4 / "distilled_last.pt")))
+    (tmp_path / "junk.pt").write_bytes(b"junk")
+    with pytest.raises(UserError, match="corrupt"):
+        distill.main(distill_flags(tiny_shapes, cache_dir, experts, tmp_path, "--Iteration", "4",
+                                   "--resume", str(tmp_path / "junk.pt")))
+
+
+def test_nan_loss_stops_keeps_the_last_good_set_and_says_where(tiny_shapes, cache_dir, experts, tmp_path, monkeypatch):
+    real = distill.unrolled_matching_loss
+    calls = []
+
+    def nan_on_third(*args, **kwargs):
+        result = real(*args, **kwargs)
+        calls.append(1)
+        if len(calls) == 3:
+            result.image_term = result.image_term * float("nan")
+        return result
+
+    monkeypatch.setattr(distill, "unrolled_matching_loss", nan_on_third)
+    with pytest.raises(UserError, match=r"diverged at iteration 2 \(matching loss not finite: image term nan\).*"
+                                        r"distilled_last.pt \(iteration 2\)"):
+        distill.main(distill_flags(tiny_shapes, cache_dir, experts, tmp_path, "--Iteration", "6"))
+    assert load_distilled_set(tmp_path / "distilled_last.pt")["iteration"] == 2

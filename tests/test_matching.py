@@ -1,0 +1,102 @@
+"""The meta-gradient of one trajectory-matching iteration against an independent unrolled reference."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.func import functional_call
+
+from matching.trajectory import Segment, Students, draw_minibatches, unrolled_matching_loss
+from networks import ImageTextModel
+from networks.convnet import ConvNet
+from reparam_module import ReparamModule, flatten
+
+N, MINI, STEPS = 6, 4, 3
+
+
+def _setup():
+    torch.manual_seed(0)
+    model = ImageTextModel(ConvNet(8, width=4), text_dim=5).double().train()  # dropout active
+    image_syn = torch.randn(N, 3, 8, 8, dtype=torch.float64, requires_grad=True)
+    text_syn = torch.randn(N, 5, dtype=torch.float64, requires_grad=True)
+    lr_img = torch.tensor(0.05, dtype=torch.float64, requires_grad=True)
+    lr_txt = torch.tensor(0.08, dtype=torch.float64, requires_grad=True)
+    start = {part: [p.detach().clone() for p in getattr(model, part).parameters()]
+             for part in ("image_encoder", "text_projection")}
+    target = {part: [p + 0.1 * torch.randn_like(p) for p in ps] for part, ps in start.items()}
+    batches = draw_minibatches(N, MINI, STEPS, torch.Generator().manual_seed(1))
+    return model, image_syn, text_syn, lr_img, lr_txt, start, target, batches
+
+
+def _reference_loss(model, image_syn, text_syn, lr_img, lr_txt, start, target, batches):
+    """Straightforward unrolled loop over named parameter dicts with torch.func.functional_call."""
+    names = {part: [n for n, _ in getattr(model, part).named_parameters()] for part in start}
+    params = {part: dict(zip(names[part], [t.clone().requires_grad_(True) for t in start[part]])) for part in start}
+    lrs = {"image_encoder": lr_img, "text_projection": lr_txt}
+    for idx in batches:
+        img = functional_call(model.image_encoder, params["image_encoder"], (image_syn[idx],))
+        txt = functional_call(model.text_projection, params["text_projection"], (text_syn[idx],))
+        img, txt = img / img.norm(dim=1, keepdim=True), txt / txt.norm(dim=1, keepdim=True)
+        logits = img @ txt.t() / 0.07
+        labels = torch.arange(len(idx))
+        loss = (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels)) / 2
+        new = {}
+        for part in params:
+            grads = torch.autograd.grad(loss, list(params[part].values()), create_graph=True)
+            new[part] = {n: p - lrs[part] * g for (n, p), g in zip(params[part].items(), grads)}
+        params = new
+    total = 0
+    for part in params:
+        moved = sum(((params[part][n] - t) ** 2).sum() for n, t in zip(names[part], target[part]))
+        total = total + moved / sum(((s - t) ** 2).sum() for s, t in zip(start[part], target[part]))
+    return total
+
+
+def _project_loss(model, image_syn, text_syn, lr_img, lr_txt, start, target, batches):
+    students = Students(ReparamModule(model.image_encoder), ReparamModule(model.text_projection))
+    segment = Segment(flatten(start["image_encoder"]), flatten(start["text_projection"]),
+                      flatten(target["image_encoder"]), flatten(target["text_projection"]), 0)
+    return unrolled_matching_loss(students, image_syn, text_syn, lr_img, lr_txt, segment, batches).total
+
+
+def _grads(loss_fn, setup, seed=123):
+    model, image_syn, text_syn, lr_img, lr_txt, start, target, batches = setup
+    torch.manual_seed(seed)  # same dropout masks for both implementations
+    loss = loss_fn(model, image_syn, text_syn, lr_img, lr_txt, start, target, batches)
+    return loss.detach(), torch.autograd.grad(loss, (image_syn, text_syn, lr_img, lr_txt))
+
+
+def _assert_rel_close(a, b, tol):
+    assert (a - b).norm() <= tol * b.norm(), f"relative error {((a - b).norm() / b.norm()).item():.3e}"
+
+
+def test_meta_gradient_equals_the_independent_unrolled_reference():
+    setup = _setup()
+    loss, grads = _grads(_project_loss, setup)
+    ref_loss, ref_grads = _grads(_reference_loss, setup)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-12, atol=0)
+    for got, expected in zip(grads, ref_grads):
+        assert expected.abs().sum() > 0
+        _assert_rel_close(got, expected, 1e-8)
+
+
+def test_step_size_gradient_matches_a_finite_difference():
+    setup = _setup()
+    model, image_syn, text_syn, lr_img, lr_txt, start, target, batches = setup
+    _, grads = _grads(_project_loss, setup)
+
+    def loss_at(value):
+        torch.manual_seed(123)
+        lr = torch.tensor(value, dtype=torch.float64)
+        return _project_loss(model, image_syn, text_syn, lr, lr_txt, start, target, batches).item()
+
+    h = 1e-6
+    finite = (loss_at(lr_img.item() + h) - loss_at(lr_img.item() - h)) / (2 * h)
+    assert grads[2].item() == pytest.approx(finite, rel=1e-6)
+
+
+def test_minibatches_are_distinct_indices_of_the_right_size():
+    batches = draw_minibatches(10, 4, 5, torch.Generator().manual_seed(0))
+    assert len(batches) == 5 and all(len(set(b.tolist())) == 4 and max(b) < 10 for b in batches)
+    again = draw_minibatches(10, 4, 5, torch.Generator().manual_seed(0))
+    assert all(torch.equal(a, b) for a, b in zip(batches, again))

@@ -1,0 +1,67 @@
+"""Judging a set of image-text pairs (distilled or real): train fresh models on it, test retrieval.
+
+This is the evaluation protocol of SPEC §2, used by distill.py during distillation and by
+evaluate.py afterwards: `num_eval` fresh models (each from its own seed) are trained for
+`epoch_eval_train` epochs with SGD (momentum 0.9, weight decay 5e-4, the given learning rate for
+both the image encoder and the text head, ×0.1 half way through), batch `batch_train`, then
+evaluated on the evaluation split; every metric is reported as mean ± std over the models.
+"""
+from __future__ import annotations
+
+
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+from tqdm import tqdm
+
+from networks import build_model
+from utils.device import seed_everything
+from utils.dsa import dsa_augment
+from utils.metrics import summarize_runs
+from utils.training import evaluate_retrieval, scale_learning_rates, sgd_pair, train_one_epoch
+
+EVAL_MOMENTUM = 0.9
+EVAL_WEIGHT_DECAY = 5e-4
+
+
+
+def _pairs_loader(images, texts, batch_size: int, seed: int, dsa_strategy: str | None) -> DataLoader:
+    generator = torch.Generator().manual_seed(seed)
+    counter = iter(range(1 << 62))
+
+    def collate(items):
+        batch_images = torch.stack([i for i, _ in items])
+        batch_texts = torch.stack([t for _, t in items])
+        if dsa_strategy:
+            batch_images = dsa_augment(batch_images, dsa_strategy, seed * 7919 + next(counter))
+        return batch_images, batch_texts
+
+    drop_last = len(images) % batch_size == 1 and len(images) > 1  # a batch of one has no negatives
+    return DataLoader(TensorDataset(images, texts), batch_size=batch_size, shuffle=True, generator=generator,
+                      drop_last=drop_last, collate_fn=collate)
+
+
+def train_on_pairs(args, images: torch.Tensor, texts: torch.Tensor, lr: float, text_dim: int,
+                   device: torch.device, seed: int, progress: bool = False):
+    """A fresh model (encoders from `args`) trained on the pairs with the evaluation protocol."""
+    seed_everything(seed)
+    model = build_model(args, text_dim).to(device)
+    optimizers = sgd_pair(model, lr, lr, EVAL_MOMENTUM, EVAL_WEIGHT_DECAY)
+    loader = _pairs_loader(images.detach().cpu(), texts.detach().cpu(), args.batch_train, seed,
+                           args.dsa_strategy if getattr(args, "dsa", False) else None)
+    for epoch in range(args.epoch_eval_train):
+        if epoch == args.epoch_eval_train // 2:
+            scale_learning_rates(optimizers, 0.1)
+        train_one_epoch(model, loader, optimizers, device, progress=False)
+    return model
+
+
+def evaluate_pairs(args, images: torch.Tensor, texts: torch.Tensor, lr: float, data, eval_loader,
+                   device: torch.device, num_eval: int, seed: int, progress: bool = True) -> dict:
+    """Mean, std and per-run values of every retrieval metric over `num_eval` freshly trained models."""
+    runs = []
+    bar = tqdm(range(num_eval), desc="evaluation models", unit="model", leave=False, disable=not progress)
+    for run in bar:
+        model = train_on_pairs(args, images, texts, lr, data.text_dim, device, seed + run)
+        runs.append(evaluate_retrieval(model, eval_loader, data.eval_text, data.eval_txt2img, device, progress=False))
+        bar.set_postfix(r_mean=f"{runs[-1]['r_mean']:.2f}")
+    return summarize_runs(runs)
