@@ -28,7 +28,7 @@ def _setup():
     return model, image_syn, text_syn, lr_img, lr_txt, start, target, batches
 
 
-def _reference_loss(model, image_syn, text_syn, lr_img, lr_txt, start, target, batches):
+def reference_matching_loss(model, image_syn, text_syn, lr_img, lr_txt, start, target, batches):
     """Straightforward unrolled loop over named parameter dicts with torch.func.functional_call."""
     names = {part: [n for n, _ in getattr(model, part).named_parameters()] for part in start}
     params = {part: dict(zip(names[part], [t.clone().requires_grad_(True) for t in start[part]])) for part in start}
@@ -73,7 +73,7 @@ def _assert_rel_close(a, b, tol):
 def test_meta_gradient_equals_the_independent_unrolled_reference():
     setup = _setup()
     loss, grads = _grads(_project_loss, setup)
-    ref_loss, ref_grads = _grads(_reference_loss, setup)
+    ref_loss, ref_grads = _grads(reference_matching_loss, setup)
     torch.testing.assert_close(loss, ref_loss, rtol=1e-12, atol=0)
     for got, expected in zip(grads, ref_grads):
         assert expected.abs().sum() > 0
