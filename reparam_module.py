@@ -7,7 +7,10 @@ with its parameters replaced by views into `theta` (via `torch.func.functional_c
 through every step.
 
 The flat layout is `module.parameters()` order, each tensor flattened: exactly the layout of a
-buffer snapshot, so `flatten(snapshot)` is a valid `theta`.
+buffer snapshot, so `flatten(snapshot)` is a valid `theta`. The same call also accepts the
+parameters as a list (`params=split(theta)`, views into the vector): the unrolled matching loop
+steps each parameter tensor on its own, which keeps its memory use at the level of a plain
+per-parameter loop (one concatenated copy per step would fragment the CPU heap).
 
 Non-parameter buffers (BatchNorm running statistics): every call runs on a scratch copy of the
 module's buffers, so the unrolled student never changes the wrapped module's statistics. In train
@@ -49,6 +52,12 @@ class ReparamModule(nn.Module):
         chunks = torch.split(flat_param, self.param_numels)
         return {name: chunk.view(shape) for name, chunk, shape in zip(self.param_names, chunks, self.param_shapes)}
 
-    def forward(self, *inputs, flat_param: torch.Tensor):
+    def split(self, flat_param: torch.Tensor) -> list[torch.Tensor]:
+        """The flat vector as per-parameter views (snapshot layout)."""
+        return list(self.unflatten(flat_param).values())
+
+    def forward(self, *inputs, flat_param: torch.Tensor | None = None, params: list[torch.Tensor] | None = None):
+        """Run with `flat_param` (one vector) or `params` (per-parameter tensors in the same order)."""
+        named = self.unflatten(flat_param) if params is None else dict(zip(self.param_names, params))
         scratch_buffers = {name: b.clone() for name, b in self.module.named_buffers()}
-        return functional_call(self.module, (self.unflatten(flat_param), scratch_buffers), inputs)
+        return functional_call(self.module, (named, scratch_buffers), inputs)

@@ -38,7 +38,9 @@ def parse_args():
     parser.add_argument("--num_queries", type=int, default=100)
     parser.add_argument("--mini_batch_size", type=int, default=50)
     parser.add_argument("--steps", type=int, nargs="+", default=[2, 4, 8, 16])
-    parser.add_argument("--repeats", type=int, default=3, help="timed iterations per configuration (after a warm-up)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed iterations per process (after a warm-up)")
+    parser.add_argument("--processes", type=int, default=3,
+                        help="fresh processes per configuration; the table shows medians over them")
     parser.add_argument("--device", default=None)
     parser.add_argument("--worker", choices=("ours", "reference"), help=argparse.SUPPRESS)
     parser.add_argument("--syn_steps", type=int, help=argparse.SUPPRESS)
@@ -86,6 +88,12 @@ def one_configuration(args) -> dict:
 
 
 def run_fresh(args, worker: str, steps: int) -> dict:
+    """Median time and peak memory over `--processes` fresh processes (RSS peaks vary by a few %)."""
+    runs = [_one_process(args, worker, steps) for _ in range(args.processes)]
+    return {key: (statistics.median(r[key] for r in runs) if key != "device" else runs[0][key]) for key in runs[0]}
+
+
+def _one_process(args, worker: str, steps: int) -> dict:
     command = [sys.executable, __file__, "--worker", worker, "--syn_steps", str(steps)]
     for name in ("image_encoder", "image_size", "text_dim", "num_queries", "mini_batch_size", "repeats"):
         command += [f"--{name}", str(getattr(args, name))]
@@ -101,7 +109,7 @@ def main() -> None:
         print(json.dumps(one_configuration(args)))
         return
     print(f"{args.image_encoder} at {args.image_size}px, N={args.num_queries}, minibatch {args.mini_batch_size}, "
-          f"text dim {args.text_dim}; median of {args.repeats} iterations, each configuration in a fresh process")
+          f"text dim {args.text_dim}; medians over {args.processes} fresh processes x {args.repeats} iterations")
     rows, worst_time, worst_memory = [], 0.0, 0.0
     for steps in args.steps:
         ours, reference = run_fresh(args, "ours", steps), run_fresh(args, "reference", steps)

@@ -46,7 +46,7 @@ def draw_minibatches(num_queries: int, mini_batch_size: int, syn_steps: int,
 
 
 def student_step_loss(students: Students, images: torch.Tensor, texts: torch.Tensor,
-                      theta_img: torch.Tensor, theta_txt: torch.Tensor,
+                      params_img: list[torch.Tensor], params_txt: list[torch.Tensor],
                       augment: Callable[[torch.Tensor, int], torch.Tensor] | None = None,
                       step: int = 0) -> torch.Tensor:
     """Contrastive loss of student step `step` on a minibatch of synthetic pairs.
@@ -55,9 +55,14 @@ def student_step_loss(students: Students, images: torch.Tensor, texts: torch.Ten
     """
     if augment is not None:
         images = augment(images, step)
-    image_features = students.image(images, flat_param=theta_img)
-    text_features = students.text(texts, flat_param=theta_txt)
+    image_features = students.image(images, params=params_img)
+    text_features = students.text(texts, params=params_txt)
     return contrastive_loss(image_features, text_features)
+
+
+def sgd_update(theta: torch.Tensor, grad: torch.Tensor, lr: torch.Tensor) -> torch.Tensor:
+    """theta - lr * grad in one fused op (no temporary lr * grad vector), differentiable in all three."""
+    return torch.addcmul(theta, grad, lr, value=-1)
 
 
 @dataclass
@@ -67,9 +72,11 @@ class MatchingLoss:
     text_term: torch.Tensor
 
 
-def normalised_distance(final: torch.Tensor, start: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """||final - target||² / ||start - target||²."""
-    return (final - target).pow(2).sum() / (start - target).pow(2).sum()
+def normalised_distance(final: list[torch.Tensor], start: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """||final - target||² / ||start - target||², `final` given per parameter (no concatenated copy)."""
+    targets = torch.split(target, [p.numel() for p in final])
+    moved = sum((p.reshape(-1) - t).pow(2).sum() for p, t in zip(final, targets))
+    return moved / (start - target).pow(2).sum()
 
 
 def unrolled_matching_loss(students: Students, image_syn: torch.Tensor, text_syn: torch.Tensor,
@@ -81,15 +88,15 @@ def unrolled_matching_loss(students: Students, image_syn: torch.Tensor, text_syn
     Image and text parameters step in parallel, each with its own learnable step size; the
     returned loss is differentiable w.r.t. the synthetic images, texts and both step sizes.
     """
-    theta_img = segment.start_img.clone().requires_grad_(True)
-    theta_txt = segment.start_txt.clone().requires_grad_(True)
+    params_img = [p.requires_grad_(True) for p in students.image.split(segment.start_img.clone())]
+    params_txt = [p.requires_grad_(True) for p in students.text.split(segment.start_txt.clone())]
     for step, indices in enumerate(batches):
         indices = indices.to(image_syn.device)
-        loss = student_step_loss(students, image_syn[indices], text_syn[indices], theta_img, theta_txt,
+        loss = student_step_loss(students, image_syn[indices], text_syn[indices], params_img, params_txt,
                                  augment, step)
-        grad_img, grad_txt = torch.autograd.grad(loss, (theta_img, theta_txt), create_graph=True)
-        theta_img = theta_img - syn_lr_img * grad_img
-        theta_txt = theta_txt - syn_lr_txt * grad_txt
-    image_term = normalised_distance(theta_img, segment.start_img, segment.target_img)
-    text_term = normalised_distance(theta_txt, segment.start_txt, segment.target_txt)
+        grads = torch.autograd.grad(loss, params_img + params_txt, create_graph=True)
+        params_img = [sgd_update(p, g, syn_lr_img) for p, g in zip(params_img, grads[:len(params_img)])]
+        params_txt = [sgd_update(p, g, syn_lr_txt) for p, g in zip(params_txt, grads[len(params_img):])]
+    image_term = normalised_distance(params_img, segment.start_img, segment.target_img)
+    text_term = normalised_distance(params_txt, segment.start_txt, segment.target_txt)
     return MatchingLoss(image_term + text_term, image_term, text_term)
