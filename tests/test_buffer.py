@@ -116,3 +116,27 @@ def test_torchrun_splits_experts_over_two_processes(tiny_shapes, cache_dir, tmp_
     files = expert_files(directory)
     assert [n for n, _, _ in files] == [0, 1]
     assert all(len(torch.load(p, weights_only=True)[0]) == 2 for _, p, _ in files)
+
+
+@pytest.mark.parametrize("decay", [True, False])
+def test_decay_scales_both_learning_rates_after_epoch_half_plus_one(tiny_shapes, cache_dir, tmp_path, monkeypatch, decay):
+    seen, epochs_done = [], []
+    real_scale, real_epoch = buffer.scale_learning_rates, buffer.train_one_epoch
+
+    def record(optimizers, factor):
+        seen.append((len(epochs_done), factor, [g["lr"] for o in optimizers for g in o.param_groups]))
+        real_scale(optimizers, factor)
+
+    def count(model, loader, optimizers, *args, **kwargs):
+        epochs_done.append([g["lr"] for o in optimizers for g in o.param_groups])
+        return real_epoch(model, loader, optimizers, *args, **kwargs)
+
+    monkeypatch.setattr(buffer, "scale_learning_rates", record)
+    monkeypatch.setattr(buffer, "train_one_epoch", count)
+    flags = _flags(tiny_shapes, cache_dir, tmp_path, "--num_experts", "1", "--train_epochs", "5",
+                   "--lr_teacher_img", "0.2", "--lr_teacher_txt", "0.3")
+    assert buffer.main(flags + (["--decay"] if decay else [])) == 0
+    # 5 epochs: the decay comes after epoch index 5 // 2 + 1 = 3, so only the last epoch runs decayed
+    assert seen == ([(4, 0.1, [0.2, 0.3])] if decay else [])
+    assert epochs_done[-1] == pytest.approx([0.02, 0.03] if decay else [0.2, 0.3])
+    assert epochs_done[:4] == [[0.2, 0.3]] * 4

@@ -139,3 +139,14 @@ def test_nan_loss_stops_keeps_the_last_good_set_and_says_where(tiny_shapes, cach
                                         r"distilled_last.pt \(iteration 2\)"):
         distill.main(distill_flags(tiny_shapes, cache_dir, experts, tmp_path, "--Iteration", "6"))
     assert load_distilled_set(tmp_path / "distilled_last.pt")["iteration"] == 2
+
+
+def test_dsa_is_opt_in_and_changes_the_learned_pixels(run4, tiny_shapes, cache_dir, experts, tmp_path):
+    flags = ("--Iteration", "2", "--draw", "False")
+    assert distill.main(distill_flags(tiny_shapes, cache_dir, experts, tmp_path / "dsa", *flags, "--dsa", "True")) == 0
+    with_dsa = load_distilled_set(tmp_path / "dsa" / "distilled_last.pt")
+    plain = load_distilled_set(run4 / "distilled_000002.pt")  # same seed and flags, --dsa False (default)
+    assert with_dsa["config"]["dsa"] is True and plain["config"]["dsa"] is False
+    first = load_distilled_set(run4 / "distilled_000000.pt")
+    assert torch.equal(load_distilled_set(tmp_path / "dsa" / "distilled_000000.pt")["image_syn"], first["image_syn"])
+    assert not torch.equal(with_dsa["image_syn"], plain["image_syn"])
