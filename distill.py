@@ -282,19 +282,18 @@ def main(argv=None) -> int:
 
     completed = start_it
     started = time.time()
-    bar = tqdm(range(start_it, args.Iteration + 1), desc="distill", unit="it", disable=not args.progress)
+    bar = tqdm(range(start_it, args.Iteration), desc="distill", unit="it", disable=not args.progress)
     try:
         for iteration in bar:
-            if (iteration % args.eval_it == 0 or iteration == args.Iteration) and not (
-                    iteration == start_it and evaluated_at_start):
+            if iteration % args.eval_it == 0 and not (iteration == start_it and evaluated_at_start):
                 evaluate_and_save(iteration)
-            if iteration == args.Iteration:
-                break
             stats = distiller.step(experts, generator, iteration)
             completed = iteration + 1
             run.log(stats, step=iteration)
             bar.set_postfix(loss=f"{stats['Grand_Loss']:.4f}", lr_img=f"{stats['Synthetic_LR_Image']:.4g}",
                             lr_txt=f"{stats['Synthetic_LR_Text']:.4g}")
+        if not (args.Iteration == start_it and evaluated_at_start):
+            evaluate_and_save(args.Iteration)
     except NonFiniteLoss as err:
         last = f"{files.last} (iteration {load_distilled_set(files.last)['iteration']})" if files.last.exists() else "none"
         raise UserError(f"{err}; stopped. The last good distilled set is {last}. Lower --lr_img/--lr_txt/--lr_lr "
