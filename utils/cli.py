@@ -29,7 +29,7 @@ def str2bool(value) -> bool:
 def add_bool_flag(parser, name: str, default: bool, help: str) -> None:
     """`--name True/False`; a bare `--name` means True (so `--decay` and `--decay True` both work)."""
     parser.add_argument(name, type=str2bool, nargs="?", const=True, default=default,
-                        metavar="True|False", help=f"{help} (default: {default})")
+                        metavar="True|False", help=help)
 
 
 def user_message(err: BaseException) -> str:

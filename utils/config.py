@@ -29,7 +29,7 @@ def add_data_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--image_root", default=None,
                        help="folder the annotation 'image' paths are relative to (shapes: generated in --cache_dir)")
     group.add_argument("--ann_root", default=None,
-                       help="folder of the annotation JSON files (default: IMAGE_ROOT/annotations)")
+                       help="folder of the annotation JSON files (IMAGE_ROOT/annotations when not given)")
     group.add_argument("--eval_split", default="test", choices=("test", "val"), help="split to evaluate retrieval on")
     add_bool_flag(group, "--skip_bad_images", False, "leave out pairs whose image is missing instead of stopping")
     group.add_argument("--cache_dir", default=default_cache_dir(),
