@@ -31,7 +31,7 @@ from utils.device import pick_device, seed_everything
 from utils.dsa import check_strategy, dsa_augment
 from utils.evaluation import evaluate_pairs
 from utils.metrics import format_summary
-from utils.visualize import image_grids, nearest_captions, save_image_grids, write_nearest_captions
+from utils.visualize import nearest_captions, save_image_grids, write_nearest_captions
 from utils.wandb_logging import start_run
 
 # Settings a resumed run must share with the run that wrote the file.

@@ -12,7 +12,7 @@ from data.annotations import CaptionedImages, read_split
 from data.datasets import ImageDataset, PairDataset
 from data.text_cache import cache_path, cached_text_embeddings
 from data.transforms import test_transform, train_transform
-from networks.text_encoders import FrozenTextEncoder, resolve_text_model, text_encoder_identity
+from networks.text_encoders import FrozenTextEncoder, text_encoder_identity
 from utils.cli import UserError
 
 DATASETS = ("flickr", "coco", "flickr8k", "shapes")
@@ -74,7 +74,6 @@ def load_retrieval_data(args, device: torch.device, progress: bool = True) -> Re
 
     def make_encoder():
         if not encoder:
-            resolve_text_model(args.text_encoder, args.text_model)
             encoder.append(FrozenTextEncoder(args.text_encoder, args.text_model, device))
         return encoder[0]
 

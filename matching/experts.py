@@ -5,7 +5,7 @@ from pathlib import Path
 
 import torch
 
-from utils.buffers import COMPATIBILITY_KEYS, META_NAME, buffer_dir, expert_files, load_expert_pair, read_metadata
+from utils.buffers import COMPATIBILITY_KEYS, META_NAME, buffer_dir, expert_files, load_expert_pair
 from utils.cli import UserError
 
 

@@ -1,7 +1,6 @@
 """buffer.py end to end on the tiny data set: files, snapshots, metadata, re-runs, bad buffers, torchrun."""
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import subprocess
