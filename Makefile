@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 
 # Demo settings, in one place (see README "Demo").
 DEMO_OUT ?= outputs/demo
-DEMO_FLAGS ?= --dataset shapes --image_encoder convnet --image_pretrained False --text_encoder minilm \
+DEMO_FLAGS ?= --dataset shapes --image_encoder convnet_w32 --image_pretrained False --text_encoder minilm \
 	--image_size 32 --eval_split test
 DEMO_EXPERTS ?= 2
 DEMO_EPOCHS ?= 2

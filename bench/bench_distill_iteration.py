@@ -38,8 +38,8 @@ def parse_args():
     parser.add_argument("--num_queries", type=int, default=100)
     parser.add_argument("--mini_batch_size", type=int, default=50)
     parser.add_argument("--steps", type=int, nargs="+", default=[2, 4, 8, 16])
-    parser.add_argument("--repeats", type=int, default=3, help="timed iterations per process (after a warm-up)")
-    parser.add_argument("--processes", type=int, default=3,
+    parser.add_argument("--repeats", type=int, default=5, help="timed iterations per process (after a warm-up)")
+    parser.add_argument("--processes", type=int, default=5,
                         help="fresh processes per configuration; the table shows medians over them")
     parser.add_argument("--device", default=None)
     parser.add_argument("--worker", choices=("ours", "reference"), help=argparse.SUPPRESS)
@@ -87,10 +87,15 @@ def one_configuration(args) -> dict:
             "device": str(device)}
 
 
-def run_fresh(args, worker: str, steps: int) -> dict:
-    """Median time and peak memory over `--processes` fresh processes (RSS peaks vary by a few %)."""
-    runs = [_one_process(args, worker, steps) for _ in range(args.processes)]
-    return {key: (statistics.median(r[key] for r in runs) if key != "device" else runs[0][key]) for key in runs[0]}
+def run_pair(args, steps: int) -> tuple[dict, dict]:
+    """Median time and peak memory over `--processes` fresh processes per implementation, the two
+    implementations alternating so that slow drifts of the machine hit both alike."""
+    runs = {"ours": [], "reference": []}
+    for _ in range(args.processes):
+        for worker in runs:
+            runs[worker].append(_one_process(args, worker, steps))
+    return tuple({key: (statistics.median(r[key] for r in rs) if key != "device" else rs[0][key]) for key in rs[0]}
+                 for rs in runs.values())
 
 
 def _one_process(args, worker: str, steps: int) -> dict:
@@ -112,7 +117,7 @@ def main() -> None:
           f"text dim {args.text_dim}; medians over {args.processes} fresh processes x {args.repeats} iterations")
     rows, worst_time, worst_memory = [], 0.0, 0.0
     for steps in args.steps:
-        ours, reference = run_fresh(args, "ours", steps), run_fresh(args, "reference", steps)
+        ours, reference = run_pair(args, steps)
         time_ratio = ours["seconds"] / reference["seconds"]
         memory_ratio = ours["host_mb"] / reference["host_mb"]
         worst_time, worst_memory = max(worst_time, time_ratio), max(worst_memory, memory_ratio)
