@@ -272,7 +272,7 @@ def main(argv=None) -> int:
         grids = save_image_grids(distiller.image_syn, files.dir, f"{iteration:06d}")
         nearest = nearest_captions(distiller.text_syn, data.train_text, data.train.captions)
         write_nearest_captions(nearest, files.dir / f"nearest_captions_{iteration:06d}.txt")
-        if hasattr(run, "log") and args.wandb_mode != "disabled":
+        if args.wandb_mode != "disabled":
             import wandb
             run.log({"Synthetic_Images": wandb.Image(str(grids["plain"])),
                      "Clipped_Synthetic_Images": wandb.Image(str(grids["clipped"])),

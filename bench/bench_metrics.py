@@ -21,7 +21,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parents[1] / "tests")]
 
 import argparse  # noqa: E402
 import time  # noqa: E402
@@ -30,35 +30,8 @@ from collections.abc import Callable  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from test_metrics import reference_metrics  # noqa: E402  (the per-row argsort loop the tests trust)
 from utils.metrics import retrieval_metrics  # noqa: E402
-
-KS = (1, 5, 10)
-
-
-def reference_metrics(scores: np.ndarray, txt2img: np.ndarray) -> dict[str, float]:
-    """Reference-style implementation: one stable descending argsort per row and column."""
-    num_images, num_captions = scores.shape
-    txt_rank = np.empty(num_images, dtype=np.int64)
-    for i in range(num_images):
-        order = np.argsort(-scores[i], kind="stable")
-        position = np.empty(num_captions, dtype=np.int64)
-        position[order] = np.arange(num_captions)
-        txt_rank[i] = position[txt2img == i].min()
-    img_rank = np.empty(num_captions, dtype=np.int64)
-    for t in range(num_captions):
-        order = np.argsort(-scores[:, t], kind="stable")
-        img_rank[t] = int(np.flatnonzero(order == txt2img[t])[0])
-
-    out: dict[str, float] = {}
-    for k in KS:
-        out[f"txt_r{k}"] = 100.0 * int((txt_rank < k).sum()) / num_images
-    for k in KS:
-        out[f"img_r{k}"] = 100.0 * int((img_rank < k).sum()) / num_captions
-    out["txt_r_mean"] = sum(out[f"txt_r{k}"] for k in KS) / len(KS)
-    out["img_r_mean"] = sum(out[f"img_r{k}"] for k in KS) / len(KS)
-    out["r_mean"] = (out["txt_r_mean"] + out["img_r_mean"]) / 2
-    return out
-
 
 def best_time(fn: Callable[[], object], repeats: int) -> float:
     """Best wall-clock time of ``repeats`` calls, after one warm-up call."""
@@ -92,12 +65,12 @@ def main() -> None:
     scores = torch.from_numpy(scores_np)
     txt2img = torch.from_numpy(txt2img_np)
 
-    ours = retrieval_metrics(scores, txt2img, ks=KS)
+    ours = retrieval_metrics(scores, txt2img)
     ref = reference_metrics(scores_np, txt2img_np)
     assert ours == ref, f"mismatch:\n torch {ours}\n numpy {ref}"
 
     def run_ours() -> object:
-        return retrieval_metrics(scores, txt2img, ks=KS)
+        return retrieval_metrics(scores, txt2img)
 
     t_ref = best_time(lambda: reference_metrics(scores_np, txt2img_np), args.ref_repeats)
     torch.set_num_threads(args.threads)
