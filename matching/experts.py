@@ -5,7 +5,13 @@ from pathlib import Path
 
 import torch
 
-from utils.buffers import COMPATIBILITY_KEYS, META_NAME, buffer_dir, expert_files, load_expert_pair
+from utils.buffers import (
+    COMPATIBILITY_KEYS,
+    META_NAME,
+    buffer_dir,
+    expert_files,
+    load_expert_pair,
+)
 from utils.cli import UserError
 
 
@@ -93,3 +99,24 @@ class ExpertCycler:
             raise UserError(f"the buffer now has {len(self.files)} expert files, the resumed run used "
                             f"{state.get('num_files')}; resume with the same buffer (or --max_files)")
         self.order, self.file_pos, self.traj_pos = list(state["order"]), state["file_pos"], state["traj_pos"]
+
+
+def load_expert_weights(model, directory: Path, meta: dict, number: int | None = None,
+                        epoch: int | None = None) -> tuple[int, int]:
+    """Copy expert `number`'s snapshot at `epoch` (default: the first file's expert, its last snapshot)
+    into `model.image_encoder` and `model.text_projection`; returns (number, epoch) used."""
+    files = {n: (img, txt) for n, img, txt in expert_files(directory)}
+    if not files:
+        raise UserError(f"no expert files in {directory}: run buffer.py first")
+    number = min(files) if number is None else number
+    if number not in files:
+        raise UserError(f"no expert file pair number {number} in {directory} (have {sorted(files)})")
+    image_traj, text_traj = load_expert_pair(*files[number], meta)[0]
+    epoch = len(image_traj) - 1 if epoch is None else epoch
+    if not 0 <= epoch < len(image_traj):
+        raise UserError(f"expert {number} has snapshots 0..{len(image_traj) - 1}, asked for epoch {epoch}")
+    with torch.no_grad():
+        for module, snapshot in ((model.image_encoder, image_traj[epoch]), (model.text_projection, text_traj[epoch])):
+            for param, value in zip(module.parameters(), snapshot):
+                param.copy_(value)
+    return number, epoch

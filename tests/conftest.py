@@ -30,9 +30,37 @@ def dataset_copy(tiny_shapes, tmp_path) -> Path:
     return Path(shutil.copytree(tiny_shapes, tmp_path / "shapes"))
 
 
+@pytest.fixture(scope="session")
+def experts(tiny_shapes, cache_dir, tmp_path_factory) -> Path:
+    """Two experts of 3 epochs on the tiny data set (convnet, 16 px), as buffer.py writes them."""
+    import buffer
+
+    root = tmp_path_factory.mktemp("buffers")
+    buffer.main(tiny_flags(tiny_shapes, cache_dir, "--buffer_path", str(root), "--batch_train", "50",
+                           "--num_experts", "2", "--train_epochs", "3"))
+    return root
+
+
 def tiny_flags(image_root, cache_dir, *extra) -> list[str]:
     """Command-line flags for a fast run on the tiny data set (convnet, 16 px, minilm, no logging)."""
     return ["--dataset", "shapes", "--image_root", str(image_root), "--cache_dir", str(cache_dir),
             "--image_encoder", "convnet", "--image_size", "16", "--image_pretrained", "False",
             "--text_encoder", "minilm", "--num_workers", "0", "--wandb_mode", "disabled",
             "--progress", "False", *extra]
+
+
+def distill_flags(tiny_shapes, cache_dir, experts, save_dir, *extra):
+    return tiny_flags(tiny_shapes, cache_dir, "--buffer_path", str(experts), "--save_dir", str(save_dir),
+                      "--syn_steps", "2", "--expert_epochs", "1", "--max_start_epoch", "2", "--num_queries", "8",
+                      "--mini_batch_size", "4", "--lr_img", "100", "--lr_txt", "100", "--lr_lr", "1e-5",
+                      "--eval_it", "2", "--num_eval", "2", "--epoch_eval_train", "2", "--batch_train", "4", *extra)
+
+
+@pytest.fixture(scope="session")
+def run4(tiny_shapes, cache_dir, experts, tmp_path_factory) -> Path:
+    """A 4-iteration distill.py run on the tiny experts (8 pairs, evaluated at 0, 2 and 4)."""
+    import distill
+
+    save_dir = tmp_path_factory.mktemp("run4")
+    assert distill.main(distill_flags(tiny_shapes, cache_dir, experts, save_dir, "--Iteration", "4")) == 0
+    return save_dir

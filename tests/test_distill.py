@@ -3,41 +3,16 @@ from __future__ import annotations
 
 import json
 from argparse import Namespace
-from pathlib import Path
 
 import pytest
 import torch
+from conftest import distill_flags
 
-import buffer
 import distill
 from data.build import eval_image_loader, load_retrieval_data
 from data.distilled_set import load_distilled_set
 from utils.cli import UserError
 from utils.evaluation import evaluate_pairs
-
-from conftest import tiny_flags
-
-
-@pytest.fixture(scope="module")
-def experts(tiny_shapes, cache_dir, tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("buffers")
-    buffer.main(tiny_flags(tiny_shapes, cache_dir, "--buffer_path", str(root), "--batch_train", "50",
-                           "--num_experts", "2", "--train_epochs", "3"))
-    return root
-
-
-def distill_flags(tiny_shapes, cache_dir, experts, save_dir, *extra):
-    return tiny_flags(tiny_shapes, cache_dir, "--buffer_path", str(experts), "--save_dir", str(save_dir),
-                      "--syn_steps", "2", "--expert_epochs", "1", "--max_start_epoch", "2", "--num_queries", "8",
-                      "--mini_batch_size", "4", "--lr_img", "100", "--lr_txt", "100", "--lr_lr", "1e-5",
-                      "--eval_it", "2", "--num_eval", "2", "--epoch_eval_train", "2", "--batch_train", "4", *extra)
-
-
-@pytest.fixture(scope="module")
-def run4(tiny_shapes, cache_dir, experts, tmp_path_factory) -> Path:
-    save_dir = tmp_path_factory.mktemp("run4")
-    assert distill.main(distill_flags(tiny_shapes, cache_dir, experts, save_dir, "--Iteration", "4")) == 0
-    return save_dir
 
 
 def test_saves_sets_grids_and_captions_that_reload_safely(run4):

@@ -429,3 +429,16 @@ def test_summarize_runs_bad_input():
         summarize_runs([])
     with pytest.raises(ValueError, match=r"run 1 has keys"):
         summarize_runs([{"r_mean": 1.0}, {"img_r1": 1.0}])
+
+
+def test_format_table_rows_columns_and_alignment():
+    from utils.metrics import format_table
+
+    a = summarize_runs([{"img_r1": 1.0, "txt_r1": 3.0, "r_mean": 2.0}, {"img_r1": 3.0, "txt_r1": 5.0, "r_mean": 4.0}])
+    b = summarize_runs([{"img_r1": 10.0, "txt_r1": 30.0, "r_mean": 20.0}])
+    lines = format_table({"distilled-100": a, "full": b}).splitlines()
+    assert lines[0].split() == ["set", "IR@1", "TR@1", "r_mean"]
+    assert set(lines[1].replace(" ", "")) == {"-"}
+    assert lines[2].split() == ["distilled-100", "2.00", "±", "1.00", "4.00", "±", "1.00", "3.00", "±", "1.00"]
+    assert lines[3].split() == ["full", "10.00", "±", "0.00", "30.00", "±", "0.00", "20.00", "±", "0.00"]
+    assert len({len(line) for line in lines}) == 1  # every row padded to the same width

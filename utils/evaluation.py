@@ -8,20 +8,26 @@ evaluated on the evaluation split; every metric is reported as mean ± std over 
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 from tqdm import tqdm
 
+from data.build import train_loader
 from networks import build_model
 from utils.device import seed_everything
 from utils.dsa import dsa_augment
 from utils.metrics import summarize_runs
-from utils.training import evaluate_retrieval, scale_learning_rates, sgd_pair, train_one_epoch
+from utils.training import (
+    evaluate_retrieval,
+    scale_learning_rates,
+    sgd_pair,
+    train_one_epoch,
+)
 
 EVAL_MOMENTUM = 0.9
 EVAL_WEIGHT_DECAY = 5e-4
-
 
 
 def _pairs_loader(images, texts, batch_size: int, seed: int, dsa_strategy: str | None) -> DataLoader:
@@ -40,14 +46,11 @@ def _pairs_loader(images, texts, batch_size: int, seed: int, dsa_strategy: str |
                       drop_last=drop_last, collate_fn=collate)
 
 
-def train_on_pairs(args, images: torch.Tensor, texts: torch.Tensor, lr: float, text_dim: int,
-                   device: torch.device, seed: int, progress: bool = False):
-    """A fresh model (encoders from `args`) trained on the pairs with the evaluation protocol."""
+def train_fresh_model(args, loader, lr: float, text_dim: int, device: torch.device, seed: int):
+    """A fresh model (encoders from `args`) trained on `loader` batches with the evaluation protocol."""
     seed_everything(seed)
     model = build_model(args, text_dim).to(device)
     optimizers = sgd_pair(model, lr, lr, EVAL_MOMENTUM, EVAL_WEIGHT_DECAY)
-    loader = _pairs_loader(images.detach().cpu(), texts.detach().cpu(), args.batch_train, seed,
-                           args.dsa_strategy if getattr(args, "dsa", False) else None)
     for epoch in range(args.epoch_eval_train):
         if epoch == args.epoch_eval_train // 2:
             scale_learning_rates(optimizers, 0.1)
@@ -55,13 +58,30 @@ def train_on_pairs(args, images: torch.Tensor, texts: torch.Tensor, lr: float, t
     return model
 
 
-def evaluate_pairs(args, images: torch.Tensor, texts: torch.Tensor, lr: float, data, eval_loader,
-                   device: torch.device, num_eval: int, seed: int, progress: bool = True) -> dict:
-    """Mean, std and per-run values of every retrieval metric over `num_eval` freshly trained models."""
+def evaluate_models(args, make_loader: Callable[[int], DataLoader], lr: float, data, eval_loader,
+                    device: torch.device, num_eval: int, seed: int, progress: bool = True) -> dict:
+    """Mean, std and per-run values of every retrieval metric over `num_eval` freshly trained models;
+    model `k` is seeded with `seed + k` and trains on `make_loader(seed + k)`."""
     runs = []
     bar = tqdm(range(num_eval), desc="evaluation models", unit="model", leave=False, disable=not progress)
     for run in bar:
-        model = train_on_pairs(args, images, texts, lr, data.text_dim, device, seed + run)
+        model = train_fresh_model(args, make_loader(seed + run), lr, data.text_dim, device, seed + run)
         runs.append(evaluate_retrieval(model, eval_loader, data.eval_text, data.eval_txt2img, device, progress=False))
         bar.set_postfix(r_mean=f"{runs[-1]['r_mean']:.2f}")
     return summarize_runs(runs)
+
+
+def evaluate_pairs(args, images: torch.Tensor, texts: torch.Tensor, lr: float, data, eval_loader,
+                   device: torch.device, num_eval: int, seed: int, progress: bool = True) -> dict:
+    """The protocol on a fixed set of (image tensor, text embedding) pairs: a distilled set or a coreset."""
+    images, texts = images.detach().cpu(), texts.detach().cpu()
+    strategy = args.dsa_strategy if getattr(args, "dsa", False) else None
+    return evaluate_models(args, lambda s: _pairs_loader(images, texts, args.batch_train, s, strategy), lr, data,
+                           eval_loader, device, num_eval, seed, progress)
+
+
+def evaluate_full_data(args, data, lr: float, eval_loader, device: torch.device, num_eval: int, seed: int,
+                       progress: bool = True) -> dict:
+    """The protocol on the whole training split, streamed with the training augmentation (the upper bound)."""
+    return evaluate_models(args, lambda s: train_loader(data, args.image_size, args.batch_train, args.num_workers, s),
+                           lr, data, eval_loader, device, num_eval, seed, progress)

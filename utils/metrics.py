@@ -40,6 +40,7 @@ __all__ = [
     "format_metrics",
     "summarize_runs",
     "format_summary",
+    "format_table",
 ]
 
 DEFAULT_KS: tuple[int, ...] = (1, 5, 10)
@@ -354,3 +355,20 @@ def format_summary(summary: dict[str, dict]) -> str:
         f"{label} {summary[key]['mean']:.2f} ± {summary[key]['std']:.2f}"
         for key, label in _display_keys(list(summary))
     )
+
+
+def format_table(rows: dict[str, dict[str, dict]]) -> str:
+    """A text table, one row per labelled summary (from :func:`summarize_runs`), columns IR@K, TR@K,
+    r_mean as ``mean ± std``; the column set is that of the first row."""
+    if not rows:
+        raise ValueError("format_table needs at least one row")
+    columns = _display_keys(list(next(iter(rows.values()))))
+    cells = [[label] + [f"{summary[key]['mean']:.2f} ± {summary[key]['std']:.2f}" for key, _ in columns]
+             for label, summary in rows.items()]
+    header = ["set"] + [label for _, label in columns]
+    widths = [max(len(line[i]) for line in [header] + cells) for i in range(len(header))]
+
+    def line(values):
+        return "  ".join(v.ljust(w) if i == 0 else v.rjust(w) for i, (v, w) in enumerate(zip(values, widths)))
+
+    return "\n".join([line(header), line(["-" * w for w in widths])] + [line(c) for c in cells])

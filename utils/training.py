@@ -1,6 +1,8 @@
 """Training and evaluation loops shared by buffer.py, distill.py and evaluate.py."""
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 from tqdm import tqdm
@@ -23,8 +25,10 @@ def scale_learning_rates(optimizers: list[torch.optim.Optimizer], factor: float)
 
 
 def train_one_epoch(model: nn.Module, loader, optimizers: list[torch.optim.Optimizer], device: torch.device,
-                    progress: bool = True, desc: str = "train") -> dict[str, float]:
-    """One pass of contrastive SGD over `loader` batches of (images, text embeddings, ...)."""
+                    progress: bool = True, desc: str = "train",
+                    on_batch: Callable[[tuple, torch.Tensor, torch.Tensor], None] | None = None) -> dict[str, float]:
+    """One pass of contrastive SGD over `loader` batches of (images, text embeddings, ...);
+    `on_batch(batch, image_features, text_features)` sees each batch's (detached) features."""
     model.train()
     total_loss = total_acc = seen = 0.0
     bar = tqdm(loader, desc=desc, unit="batch", leave=False, disable=not progress)
@@ -32,6 +36,8 @@ def train_one_epoch(model: nn.Module, loader, optimizers: list[torch.optim.Optim
         images, texts = batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True)
         image_features, text_features = model(images, texts)
         loss = contrastive_loss(image_features, text_features)
+        if on_batch is not None:
+            on_batch(batch, image_features.detach(), text_features.detach())
         for optimizer in optimizers:
             optimizer.zero_grad(set_to_none=True)
         loss.backward()

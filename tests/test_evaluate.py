@@ -1,0 +1,146 @@
+"""evaluate.py on the tiny data set: JSON output, coresets as set files, one code path, bad inputs."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from conftest import tiny_flags
+
+import evaluate
+from data.distilled_set import load_distilled_set, save_distilled_set
+from utils.cli import UserError
+
+METRICS = {"img_r1", "img_r5", "img_r10", "txt_r1", "txt_r5", "txt_r10", "img_r_mean", "txt_r_mean", "r_mean"}
+QUICK = ("--num_eval", "2", "--epoch_eval_train", "2", "--batch_train", "4")
+
+
+def run(tiny_shapes, cache_dir, *extra) -> int:
+    return evaluate.main(tiny_flags(tiny_shapes, cache_dir, *QUICK, *extra))
+
+
+def coreset(tiny_shapes, cache_dir, experts, tmp_path, method, n, *extra):
+    out = tmp_path / f"{method}.json"
+    flags = ["--coreset", method, "--num_queries", str(n), "--buffer_path", str(experts),
+             "--coreset_file", str(tmp_path / f"{method}.pt"), "--out", str(out), *extra]
+    assert run(tiny_shapes, cache_dir, *flags) == 0
+    return load_distilled_set(tmp_path / f"{method}.pt"), json.loads(out.read_text())
+
+
+@pytest.mark.parametrize("method", ["random", "herding", "kcenter", "forgetting"])
+def test_coresets_are_seeded_distinct_and_saved_as_set_files(method, tiny_shapes, cache_dir, experts, tmp_path):
+    first, report = coreset(tiny_shapes, cache_dir, experts, tmp_path / "a", method, 12)
+    again, _ = coreset(tiny_shapes, cache_dir, experts, tmp_path / "b", method, 12)
+    other, _ = coreset(tiny_shapes, cache_dir, experts, tmp_path / "c", method, 12, "--seed", "1")
+    chosen = first["caption_indices"]
+    assert len(chosen) == 12 and len(set(chosen.tolist())) == 12
+    assert torch.equal(chosen, again["caption_indices"]) and torch.equal(first["image_syn"], again["image_syn"])
+    if method in ("random", "kcenter", "forgetting"):  # herding has no randomness given the expert
+        assert not torch.equal(chosen, other["caption_indices"])
+    assert first["image_syn"].shape == (12, 3, 16, 16) and first["text_syn"].shape == (12, 384)
+    assert first["config"]["source"] == f"coreset:{method}" and report["label"] == f"coreset:{method}-12"
+    if method in ("herding", "kcenter"):
+        assert first["config"]["expert_used"]["epoch"] == 3
+
+
+def test_json_has_every_metric_with_runs_and_population_std(tiny_shapes, cache_dir, experts, tmp_path):
+    _, report = coreset(tiny_shapes, cache_dir, experts, tmp_path, "random", 10)
+    assert set(report["metrics"]) == METRICS
+    for entry in report["metrics"].values():
+        runs = entry["runs"]
+        assert len(runs) == 2
+        mean = sum(runs) / 2
+        assert entry["mean"] == pytest.approx(mean) and entry["std"] == pytest.approx(math.sqrt(
+            sum((r - mean) ** 2 for r in runs) / 2))
+    config = report["config"]
+    assert config["num_eval"] == 2 and config["epoch_eval_train"] == 2 and config["lr_used"] == 0.1
+    assert config["set_size"] == 10 and config["dataset"] == "shapes" and config["text_identity"].startswith("minilm")
+    assert "--coreset" in config["command"]
+
+
+def test_a_saved_coreset_is_reused_and_evaluates_like_a_distilled_set(tiny_shapes, cache_dir, experts, tmp_path,
+                                                                      capsys):
+    _, by_coreset = coreset(tiny_shapes, cache_dir, experts, tmp_path, "kcenter", 10)
+    _, again = coreset(tiny_shapes, cache_dir, experts, tmp_path, "kcenter", 10)
+    assert "reusing the kcenter coreset" in capsys.readouterr().out
+    assert again["metrics"] == by_coreset["metrics"]
+    out = tmp_path / "as_distilled.json"
+    assert run(tiny_shapes, cache_dir, "--distilled", str(tmp_path / "kcenter.pt"), "--out", str(out)) == 0
+    assert json.loads(out.read_text())["metrics"] == by_coreset["metrics"]
+
+
+def test_evaluate_reproduces_the_evaluation_distill_stored(run4, tmp_path):
+    # distill.py seeds the models of its evaluation at iteration i with seed + 1_000_003 + i.
+    path = run4 / "distilled_000004.pt"
+    payload = load_distilled_set(path)
+    out = tmp_path / "eval.json"
+    assert evaluate.main(["--distilled", str(path), "--seed", str(1_000_003 + 4), "--progress", "False",
+                          "--wandb_mode", "disabled", "--num_workers", "0", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["metrics"] == payload["metrics"]
+    assert report["config"]["lr_used"] == payload["syn_lr_img"] and report["config"]["image_encoder"] == "convnet"
+    assert report["config"]["num_eval"] == 2 and report["config"]["batch_train"] == 4  # from the file
+
+
+def test_flags_override_the_file_and_cross_architecture_runs(run4, tmp_path, capsys):
+    path = run4 / "distilled_000004.pt"
+    out = tmp_path / "eval.json"
+    assert evaluate.main(["--distilled", str(path), "--num_eval", "1", "--eval_image_encoder", "convnet_w32",
+                          "--lr_eval", "0.05", "--progress", "False", "--wandb_mode", "disabled",
+                          "--num_workers", "0", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["config"]["image_encoder"] == "convnet_w32" and report["config"]["image_encoder_of_set"] == "convnet"
+    assert report["config"]["lr_used"] == 0.05 and len(report["metrics"]["r_mean"]["runs"]) == 1
+    assert "on convnet_w32" in report["label"]
+
+
+def test_full_data_training(tiny_shapes, cache_dir, tmp_path):
+    out = tmp_path / "full.json"
+    assert run(tiny_shapes, cache_dir, "--full", "--out", str(out)) == 0
+    report = json.loads(out.read_text())
+    assert report["label"] == "full-200" and set(report["metrics"]) == METRICS
+    assert report["config"]["set_size"] == 200 and report["config"]["lr_used"] == 0.1
+
+
+def test_bad_inputs_get_clear_messages(tiny_shapes, cache_dir, experts, tmp_path, run4):
+    with pytest.raises(UserError, match="not found"):
+        run(tiny_shapes, cache_dir, "--distilled", str(tmp_path / "missing.pt"))
+    torch.save({"image_syn": torch.zeros(2, 3, 16, 16)}, tmp_path / "other.pt")
+    with pytest.raises(UserError, match="not a vl-distill distilled set"):
+        run(tiny_shapes, cache_dir, "--distilled", str(tmp_path / "other.pt"))
+    with pytest.raises(UserError, match="larger than the 200 training pairs"):
+        run(tiny_shapes, cache_dir, "--coreset", "random", "--num_queries", "201")
+    with pytest.raises(UserError, match="needs --num_queries"):
+        run(tiny_shapes, cache_dir, "--coreset", "random")
+    with pytest.raises(UserError, match="seen twice"):
+        run(tiny_shapes, cache_dir, "--coreset", "forgetting", "--num_queries", "4", "--forgetting_epochs", "1")
+    with pytest.raises(UserError, match="no experts in"):
+        run(tiny_shapes, cache_dir, "--coreset", "herding", "--num_queries", "4", "--buffer_path", str(tmp_path))
+    with pytest.raises(UserError, match="images are 16x16 px but --image_size is 32"):
+        evaluate.main(["--distilled", str(run4 / "distilled_last.pt"), "--image_size", "32"])
+    with pytest.raises(UserError, match="vit needs --image_size divisible by its patch size"):
+        payload = load_distilled_set(run4 / "distilled_last.pt")
+        save_distilled_set(tmp_path / "small.pt", payload["image_syn"][:, :, :12, :12], payload["text_syn"], 0.1, 0.1,
+                           0, {**payload["config"], "image_size": 12})
+        evaluate.main(["--distilled", str(tmp_path / "small.pt"), "--eval_image_encoder", "vit",
+                       "--image_pretrained", "False"])
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate.main(["--distilled", str(run4 / "distilled_last.pt"), "--eval_image_encoder", "resnet_9000"])
+    assert exit_info.value.code == 2
+    with pytest.raises(SystemExit):
+        evaluate.main(["--distilled", "x.pt", "--full"])  # two things to evaluate at once
+
+
+def test_unknown_encoder_message_names_the_choices(capsys):
+    with pytest.raises(SystemExit):
+        evaluate.main(["--full", "--eval_image_encoder", "resnet_9000"])
+    assert "invalid choice: 'resnet_9000'" in capsys.readouterr().err
+
+
+def test_help_lists_the_modes(capsys):
+    with pytest.raises(SystemExit):
+        evaluate.main(["--help"])
+    text = capsys.readouterr().out
+    for flag in ("--distilled", "--coreset", "--full", "--num_queries", "--eval_image_encoder", "--out", "--lr_eval"):
+        assert flag in text

@@ -1,0 +1,158 @@
+"""Coresets of real training pairs, the baselines a distilled set is compared with (SPEC §1, §2).
+
+A pair is one training caption with its image. Four ways to choose N of them:
+- `random`: uniform without replacement.
+- `herding`: greedy; each pick keeps the running mean of the chosen pairs' joint embeddings as
+  close as possible to the mean over all pairs.
+- `kcenter`: greedy farthest-point traversal of the joint embeddings (the k-center heuristic).
+- `forgetting`: the pairs forgotten most often (correct -> incorrect retrieval of their partner
+  inside the training batch) while a fresh expert trains on the whole training set.
+The joint embedding of a pair is [normalised image embedding, normalised projected text
+embedding] under a trained expert from the buffer. The selected pairs become tensors (images
+through the deterministic test transform, cached text embeddings) and are saved in the
+distilled-set file format, so evaluation treats a coreset exactly like a distilled set.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch.nn import functional as F
+from torch.optim.swa_utils import update_bn
+from tqdm import tqdm
+
+from data.build import RetrievalData, train_loader
+from data.datasets import ImageDataset, load_rgb
+from data.transforms import test_transform
+from networks.contrastive import similarity_logits
+from utils.cli import UserError
+from utils.training import sgd_pair, train_one_epoch
+
+METHODS = ("random", "herding", "kcenter", "forgetting")
+
+
+def select_random(num_pairs: int, count: int, generator: torch.Generator) -> torch.Tensor:
+    return torch.randperm(num_pairs, generator=generator)[:count]
+
+
+def select_herding(features: torch.Tensor, count: int) -> torch.Tensor:
+    """Greedy herding: pick k+1 minimises ‖mean(all) − (sum of picks + x_i)/(k+1)‖ over unpicked i."""
+    features = features.double()
+    mean = features.mean(dim=0)
+    norms = (features * features).sum(dim=1)
+    total = torch.zeros_like(mean)
+    taken = torch.zeros(len(features), dtype=torch.bool)
+    picks = []
+    for k in range(count):
+        # ‖(total + x)/(k+1) − mean‖² up to terms that do not depend on x, times (k+1)².
+        cost = norms + 2 * features @ (total - (k + 1) * mean)
+        cost[taken] = float("inf")
+        i = int(torch.argmin(cost))
+        picks.append(i)
+        taken[i] = True
+        total += features[i]
+    return torch.tensor(picks, dtype=torch.long)
+
+
+def select_kcenter(features: torch.Tensor, count: int, first: int) -> torch.Tensor:
+    """Farthest-point order from `first`: each pick is the point farthest from all earlier picks."""
+    features = features.double()
+    norms = (features * features).sum(dim=1)
+
+    def squared_distance_to(i: int) -> torch.Tensor:
+        return (norms - 2 * features @ features[i] + norms[i]).clamp_min_(0)
+
+    picks = [first]
+    distance = squared_distance_to(first)
+    for _ in range(count - 1):
+        i = int(torch.argmax(distance))
+        picks.append(i)
+        distance = torch.minimum(distance, squared_distance_to(i))
+    return torch.tensor(picks, dtype=torch.long)
+
+
+def select_most_forgotten(events: torch.Tensor, ever_learned: torch.Tensor, count: int,
+                          generator: torch.Generator) -> torch.Tensor:
+    """The `count` pairs forgotten most often; pairs never retrieved at all rank first (as if forgotten
+    infinitely often, as Toneva et al. count them); ties are broken at random (under `generator`)."""
+    score = torch.where(ever_learned, events.double(), torch.tensor(float("inf"), dtype=torch.double))
+    order = torch.randperm(len(events), generator=generator)
+    ranked = order[torch.sort(score[order], descending=True, stable=True).indices]
+    return ranked[:count]
+
+
+class ForgettingCounter:
+    """Counts, per pair, transitions from 'partner retrieved' to 'partner not retrieved' in its batch.
+
+    A pair counts as retrieved when, inside its training batch, its image's most similar text is its
+    own caption and its caption's most similar image is its own image.
+    """
+
+    def __init__(self, num_pairs: int):
+        self.events = torch.zeros(num_pairs, dtype=torch.long)
+        self.was_correct = torch.zeros(num_pairs, dtype=torch.bool)
+        self.ever_learned = torch.zeros(num_pairs, dtype=torch.bool)
+
+    def update(self, pair_indices: torch.Tensor, image_features: torch.Tensor, text_features: torch.Tensor) -> None:
+        logits = similarity_logits(image_features, text_features)
+        target = torch.arange(len(logits), device=logits.device)
+        correct = ((logits.argmax(dim=1) == target) & (logits.argmax(dim=0) == target)).cpu()
+        pair_indices = pair_indices.cpu()
+        self.events[pair_indices] += (self.was_correct[pair_indices] & ~correct).long()
+        self.was_correct[pair_indices] = correct
+        self.ever_learned[pair_indices] |= correct
+
+
+def count_forgetting(args, data: RetrievalData, model, device: torch.device, epochs: int, seed: int,
+                     progress: bool = True) -> ForgettingCounter:
+    """Train `model` on all training pairs like an expert (--lr_teacher_img/txt, --forgetting_batch,
+    plain SGD) and count each pair's forgetting events."""
+    counter = ForgettingCounter(len(data.train.captions))
+    optimizers = sgd_pair(model, args.lr_teacher_img, args.lr_teacher_txt)
+    loader = train_loader(data, args.image_size, args.forgetting_batch, args.num_workers, seed)
+    for epoch in tqdm(range(epochs), desc="forgetting expert", unit="epoch", disable=not progress):
+        train_one_epoch(model, loader, optimizers, device, progress, desc=f"epoch {epoch}",
+                        on_batch=lambda batch, img, txt: counter.update(batch[2], img, txt))
+    return counter
+
+
+@torch.no_grad()
+def pair_features(model, data: RetrievalData, image_size: int, batch_size: int, workers: int,
+                  device: torch.device, progress: bool = True) -> torch.Tensor:
+    """[pairs, 2·image_dim] joint embeddings: normalised image features beside normalised projected texts.
+
+    Parameter snapshots hold no normalisation statistics, so encoders with BatchNorm first get
+    their running statistics recomputed on the training images."""
+    loader = torch.utils.data.DataLoader(ImageDataset(data.train, test_transform(image_size)), batch_size=batch_size,
+                                         shuffle=False, num_workers=workers)
+    model.to(device)
+    if any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.image_encoder.modules()):
+        update_bn(tqdm(loader, desc="BatchNorm statistics", unit="batch", leave=False, disable=not progress),
+                  model.image_encoder, device)
+    model.eval()
+    images = torch.cat([model.image_encoder(x.to(device)).cpu() for x, _ in
+                        tqdm(loader, desc="embed train images", unit="batch", leave=False, disable=not progress)])
+    texts = torch.cat([model.text_projection(t.to(device)).cpu() for t in data.train_text.split(4096)])
+    txt2img = torch.tensor(data.train.txt2img, dtype=torch.long)
+    return torch.cat([F.normalize(images, dim=1)[txt2img], F.normalize(texts, dim=1)], dim=1)
+
+
+@dataclass
+class Coreset:
+    caption_indices: torch.Tensor  # training pairs chosen, in selection order
+    images: torch.Tensor  # [N, 3, H, W] test-transformed pixels
+    texts: torch.Tensor  # [N, text_dim] cached text embeddings
+
+
+def coreset_pairs(data: RetrievalData, caption_indices: torch.Tensor, image_size: int) -> Coreset:
+    transform = test_transform(image_size)
+    images = torch.stack([transform(load_rgb(data.train.image_paths[data.train.txt2img[c]]))
+                          for c in caption_indices.tolist()])
+    return Coreset(caption_indices, images, data.train_text[caption_indices].clone())
+
+
+def check_count(count: int, num_pairs: int) -> None:
+    if count < 1:
+        raise UserError(f"--num_queries must be at least 1, got {count}")
+    if count > num_pairs:
+        raise UserError(f"--num_queries {count} is larger than the {num_pairs} training pairs")
