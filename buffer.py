@@ -20,7 +20,8 @@ from tqdm import tqdm
 from data.build import eval_image_loader, load_retrieval_data, train_loader
 from networks import build_model
 from utils import distributed
-from utils.buffers import buffer_dir, claim_metadata, describe_experts, next_free_index, save_expert
+from utils.buffers import (buffer_dir, claim_metadata, describe_experts, next_free_index, save_expert,
+                           save_expert_metrics)
 from utils.cli import add_bool_flag, run_cli
 from utils.config import add_data_args, add_model_args, add_runtime_args, new_parser
 from utils.device import pick_device, seed_everything
@@ -69,14 +70,14 @@ def main_process_first(group: distributed.ProcessGroupInfo):
 
 
 def train_expert(args, data, device, seed: int, label: str, run, eval_loader):
-    """Train one expert; returns its image and text trajectories and its last evaluation."""
+    """Train one expert; returns its image and text trajectories and its per-epoch statistics."""
     seed_everything(seed)
     model = build_model(args, data.text_dim).to(device)
     optimizers = sgd_pair(model, args.lr_teacher_img, args.lr_teacher_txt, args.mom, args.l2)
     loader = train_loader(data, args.image_size, args.batch_train, args.num_workers, seed)
     image_traj, text_traj = [snapshot(model.image_encoder)], [snapshot(model.text_projection)]
     decay_after = args.train_epochs // 2 + 1
-    metrics = {}
+    history = []
     epochs = tqdm(range(args.train_epochs), desc=label, unit="epoch", disable=not args.progress)
     for epoch in epochs:
         stats = train_one_epoch(model, loader, optimizers, device, args.progress, desc=f"epoch {epoch}")
@@ -84,11 +85,12 @@ def train_expert(args, data, device, seed: int, label: str, run, eval_loader):
         image_traj.append(snapshot(model.image_encoder))
         text_traj.append(snapshot(model.text_projection))
         run.log({**stats, **metrics, "epoch": epoch})
+        history.append({"epoch": epoch + 1, **stats, **metrics})
         epochs.write(f"{label} epoch {epoch}: loss {stats['train_loss']:.4f} acc {stats['train_acc']:.3f} | "
                      f"{format_metrics(metrics)}")
         if args.decay and epoch == decay_after:
             scale_learning_rates(optimizers, 0.1)
-    return image_traj, text_traj, metrics
+    return image_traj, text_traj, history
 
 
 def main(argv=None) -> int:
@@ -113,10 +115,13 @@ def main(argv=None) -> int:
     for index in group.my_share(args.num_experts):
         number = first + index
         label = f"expert {number}"
-        image_traj, text_traj, metrics = train_expert(args, data, device, args.seed * 100_003 + number,
+        started = time.time()
+        image_traj, text_traj, history = train_expert(args, data, device, args.seed * 100_003 + number,
                                                       label, run, eval_loader)
         saved = save_expert(directory, number, image_traj, text_traj)
-        finals.append(metrics)
+        save_expert_metrics(directory, saved, history, {"eval_split": args.eval_split,
+                                                        "seconds": round(time.time() - started, 1)})
+        finals.append({k: v for k, v in history[-1].items() if k not in ("epoch", "train_loss", "train_acc")})
         print(f"saved {label} -> {directory}/{{img,txt}}_replay_buffer_{saved}.pt")
     if finals:
         print(f"[rank {group.rank}] {len(finals)} experts in {time.time() - start:.0f}s; final retrieval "

@@ -38,13 +38,17 @@ from utils.config import (
 )
 from utils.device import pick_device, seed_everything
 from utils.evaluation import evaluate_full_data, evaluate_pairs
-from utils.io import atomic_write_json
+from utils.io import atomic_torch_save, atomic_write_json, safe_torch_load
 from utils.metrics import format_table
 
 # Settings a distilled-set file supplies unless the command line gives them.
 FILE_SETTINGS = ("dataset", "image_root", "ann_root", "cache_dir", "eval_split", "text_encoder", "text_model",
                  "image_encoder", "image_size", "image_pretrained", "image_weights", "num_eval",
                  "epoch_eval_train", "batch_train", "dsa", "dsa_strategy")
+# Settings that decide the forgetting counts (shared by coresets of every size).
+FORGETTING_KEYS = ("seed", "dataset", "text_identity", "image_encoder", "image_size", "image_pretrained",
+                   "image_weights", "forgetting_epochs", "forgetting_batch", "lr_teacher_img", "lr_teacher_txt",
+                   "num_train_pairs")
 # Settings that decide which pairs a coreset holds; a saved coreset is reused only when all agree.
 SELECTION_KEYS = ("source", "num_queries", "seed", "dataset", "text_identity", "image_encoder", "image_size",
                   "image_pretrained", "image_weights", "buffer_path", "expert_number", "expert_epoch",
@@ -149,6 +153,21 @@ def selection_config(args, data) -> dict:
     return config
 
 
+def forgetting_counts(args, data, model, device: torch.device, config: dict) -> coresets.ForgettingCounter:
+    """Forgetting events of an expert trained for the purpose; cached beside the coreset file, since
+    coresets of every size (and their re-runs) can share one count."""
+    path = coreset_path(args).parent / f"forgetting_counts_seed{args.seed}.pt"
+    key = {k: config[k] for k in FORGETTING_KEYS}
+    if path.exists():
+        saved = safe_torch_load(path, "forgetting counts")
+        if isinstance(saved, dict) and saved.get("key") == key:
+            print(f"reusing the forgetting counts in {path}")
+            return coresets.ForgettingCounter.from_counts(saved["events"], saved["ever_learned"])
+    counter = coresets.count_forgetting(args, data, model, device, args.forgetting_epochs, args.seed, args.progress)
+    atomic_torch_save({"key": key, "events": counter.events, "ever_learned": counter.ever_learned}, path)
+    return counter
+
+
 def select_coreset(args, data, device: torch.device, config: dict) -> torch.Tensor:
     """Indices of the chosen training pairs (captions); fills the expert used into `config`."""
     # One random stream per method, so that e.g. forgetting's tie-breaks are not the random coreset.
@@ -159,8 +178,7 @@ def select_coreset(args, data, device: torch.device, config: dict) -> torch.Tens
     seed_everything(args.seed)
     model = build_model(args, data.text_dim).to(device)
     if args.coreset == "forgetting":
-        counter = coresets.count_forgetting(args, data, model, device, args.forgetting_epochs, args.seed,
-                                            args.progress)
+        counter = forgetting_counts(args, data, model, device, config)
         config["forgetting"] = {"pairs_with_events": int((counter.events > 0).sum()),
                                 "never_learned": int((~counter.ever_learned).sum())}
         return coresets.select_most_forgotten(counter.events, counter.ever_learned, args.num_queries, generator)

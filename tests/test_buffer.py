@@ -53,6 +53,18 @@ def test_writes_one_expert_per_file_pair_with_epochs_plus_one_snapshots(two_expe
     assert not torch.equal(first[0], second[0])  # each expert starts from its own initialisation
 
 
+def test_each_expert_writes_its_per_epoch_retrieval(two_experts):
+    from utils.buffers import read_expert_metrics
+
+    found = read_expert_metrics(two_experts)
+    assert sorted(found) == [0, 1]
+    for n, report in found.items():
+        assert report["expert"] == n and [e["epoch"] for e in report["epochs"]] == [1, 2]
+        assert {"train_loss", "img_r1", "txt_r10", "r_mean"} <= set(report["epochs"][-1])
+        assert report["eval_split"] == "test" and report["seconds"] > 0
+    assert found[0]["epochs"][-1]["r_mean"] != found[1]["epochs"][-1]["r_mean"]
+
+
 def test_metadata_describes_the_experts(two_experts):
     meta = read_metadata(two_experts)
     assert meta["image_encoder"] == "convnet" and meta["text_encoder"] == "minilm"

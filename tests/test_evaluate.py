@@ -44,6 +44,16 @@ def test_coresets_are_seeded_distinct_and_saved_as_set_files(method, tiny_shapes
         assert first["config"]["expert_used"]["epoch"] == 3
 
 
+def test_forgetting_counts_are_shared_by_coreset_sizes(tiny_shapes, cache_dir, experts, tmp_path, capsys):
+    small, _ = coreset(tiny_shapes, cache_dir, experts, tmp_path, "forgetting", 6)
+    (tmp_path / "forgetting.pt").unlink()
+    large, _ = coreset(tiny_shapes, cache_dir, experts, tmp_path, "forgetting", 12)
+    assert "reusing the forgetting counts" in capsys.readouterr().out
+    assert torch.equal(large["caption_indices"][:6], small["caption_indices"])  # one ranking, two cut-offs
+    coreset(tiny_shapes, cache_dir, experts, tmp_path, "forgetting", 12, "--forgetting_epochs", "3")
+    assert "reusing the forgetting counts" not in capsys.readouterr().out
+
+
 def test_json_has_every_metric_with_runs_and_population_std(tiny_shapes, cache_dir, experts, tmp_path):
     _, report = coreset(tiny_shapes, cache_dir, experts, tmp_path, "random", 10)
     assert set(report["metrics"]) == METRICS

@@ -120,6 +120,21 @@ def save_expert(directory: Path, n: int, image_trajectory, text_trajectory) -> i
     return n
 
 
+def save_expert_metrics(directory: Path, n: int, history: list[dict], info: dict) -> Path:
+    """`metrics_<n>.json` beside expert n: its evaluation after every epoch (the full-data reference)."""
+    return atomic_write_json({"expert": n, **info, "epochs": history}, Path(directory) / f"metrics_{n}.json")
+
+
+def read_expert_metrics(directory: Path) -> dict[int, dict]:
+    """The metrics files of the complete experts in `directory`, by expert number."""
+    found = {}
+    for n, _, _ in expert_files(directory):
+        path = Path(directory) / f"metrics_{n}.json"
+        if path.is_file():
+            found[n] = json.loads(path.read_text())
+    return found
+
+
 def _check_trajectories(trajectories, shapes: list[list[int]], path: Path) -> None:
     if not isinstance(trajectories, list) or not trajectories:
         raise UserError(f"buffer file {path} does not hold a list of trajectories")

@@ -93,6 +93,12 @@ class ForgettingCounter:
         self.was_correct = torch.zeros(num_pairs, dtype=torch.bool)
         self.ever_learned = torch.zeros(num_pairs, dtype=torch.bool)
 
+    @classmethod
+    def from_counts(cls, events: torch.Tensor, ever_learned: torch.Tensor) -> "ForgettingCounter":
+        counter = cls(len(events))
+        counter.events, counter.ever_learned = events.clone(), ever_learned.clone()
+        return counter
+
     def update(self, pair_indices: torch.Tensor, image_features: torch.Tensor, text_features: torch.Tensor) -> None:
         logits = similarity_logits(image_features, text_features)
         target = torch.arange(len(logits), device=logits.device)

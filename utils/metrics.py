@@ -41,6 +41,7 @@ __all__ = [
     "summarize_runs",
     "format_summary",
     "format_table",
+    "table_cells",
 ]
 
 DEFAULT_KS: tuple[int, ...] = (1, 5, 10)
@@ -357,15 +358,20 @@ def format_summary(summary: dict[str, dict]) -> str:
     )
 
 
-def format_table(rows: dict[str, dict[str, dict]]) -> str:
-    """A text table, one row per labelled summary (from :func:`summarize_runs`), columns IR@K, TR@K,
-    r_mean as ``mean ± std``; the column set is that of the first row."""
+def table_cells(rows: dict[str, dict[str, dict]]) -> tuple[list[str], list[list[str]]]:
+    """Header and rows of a comparison table: one row per labelled summary (from
+    :func:`summarize_runs`), columns IR@K, TR@K, r_mean as ``mean ± std`` (those of the first row)."""
     if not rows:
-        raise ValueError("format_table needs at least one row")
+        raise ValueError("a table needs at least one row")
     columns = _display_keys(list(next(iter(rows.values()))))
     cells = [[label] + [f"{summary[key]['mean']:.2f} ± {summary[key]['std']:.2f}" for key, _ in columns]
              for label, summary in rows.items()]
-    header = ["set"] + [label for _, label in columns]
+    return ["set"] + [label for _, label in columns], cells
+
+
+def format_table(rows: dict[str, dict[str, dict]]) -> str:
+    """:func:`table_cells` as aligned plain text."""
+    header, cells = table_cells(rows)
     widths = [max(len(line[i]) for line in [header] + cells) for i in range(len(header))]
 
     def line(values):
