@@ -103,7 +103,8 @@ def main(argv=None) -> int:
     with main_process_first(group):
         if group.is_main:
             probe = build_model(args, data.text_dim)
-            claim_metadata(directory, describe_experts(args, probe, data.text_identity, data.text_dim))
+            claim_metadata(directory, describe_experts(args, probe, data.text_identity, data.text_dim,
+                                                              len(data.train.captions)))
         first = next_free_index(directory)
     distributed.barrier()  # every rank has read `first` before anyone writes an expert
 

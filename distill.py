@@ -222,6 +222,9 @@ def main(argv=None) -> int:
         check_resume(resume, args, text_identity, args.resume)
 
     data = load_retrieval_data(args, device, progress=args.progress)
+    if meta.get("train_pairs") not in (None, len(data.train.captions)):
+        raise UserError(f"the experts in {directory} were trained on {meta['train_pairs']} pairs, this run's training "
+                        f"split has {len(data.train.captions)} (same --max_train_images as buffer.py?)")
     if data.text_dim != meta["text_dim"]:
         raise UserError(f"text embeddings have {data.text_dim} dimensions, the experts were trained on {meta['text_dim']}")
     files = RunFiles(Path(args.save_dir or Path("runs") / args.dataset / args.name))

@@ -42,7 +42,7 @@ from utils.io import atomic_torch_save, atomic_write_json, safe_torch_load
 from utils.metrics import format_table
 
 # Settings a distilled-set file supplies unless the command line gives them.
-FILE_SETTINGS = ("dataset", "image_root", "ann_root", "cache_dir", "eval_split", "text_encoder", "text_model",
+FILE_SETTINGS = ("dataset", "image_root", "ann_root", "cache_dir", "eval_split", "max_train_images", "text_encoder", "text_model",
                  "image_encoder", "image_size", "image_pretrained", "image_weights", "num_eval",
                  "epoch_eval_train", "batch_train", "dsa", "dsa_strategy")
 # Settings that decide the forgetting counts (shared by coresets of every size).
@@ -186,7 +186,10 @@ def select_coreset(args, data, device: torch.device, config: dict) -> torch.Tens
     meta = read_metadata(directory)
     check_buffer_matches(meta, directory, {"dataset": args.dataset, "image_encoder": args.image_encoder,
                                            "text_encoder": args.text_encoder, "text_model": data.text_identity,
-                                           "image_size": args.image_size, "text_dim": data.text_dim})
+                                           "image_size": args.image_size, "text_dim": data.text_dim,
+                                           # buffers written before the key existed do not record it
+                                           "train_pairs": meta.get("train_pairs", len(data.train.captions))
+                                           if meta else None})
     number, epoch = load_expert_weights(model, directory, meta, args.expert_number, args.expert_epoch)
     config["expert_used"] = {"directory": str(directory.resolve()), "number": number, "epoch": epoch}
     features = coresets.pair_features(model, data, args.image_size, args.batch_size_test, args.num_workers, device,

@@ -114,3 +114,12 @@ def read_split(dataset: str, split: str, ann_root, image_root, skip_bad_images: 
     if not keep:
         raise UserError(f"no usable image in {path} (all {len(paths)} skipped)")
     return CaptionedImages([paths[i] for i in keep], captions, txt2img, skipped_images=len(bad))
+
+
+def first_images(split: CaptionedImages, count: int) -> CaptionedImages:
+    """The first `count` images of a split (annotation order) with all their captions."""
+    if count >= len(split.image_paths):
+        return split
+    pairs = [(c, i) for c, i in zip(split.captions, split.txt2img) if i < count]
+    return CaptionedImages(split.image_paths[:count], [c for c, _ in pairs], [i for _, i in pairs],
+                           skipped_images=split.skipped_images)

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
-from data.annotations import CaptionedImages, read_split
+from data.annotations import CaptionedImages, first_images, read_split
 from data.datasets import ImageDataset, PairDataset
 from data.text_cache import cache_path, cached_text_embeddings
 from data.transforms import test_transform, train_transform
@@ -66,6 +66,11 @@ def load_retrieval_data(args, device: torch.device, progress: bool = True) -> Re
     splits = {}
     for role, split in (("train", "train"), ("eval", args.eval_split)):
         parsed = read_split(args.dataset, split, ann_root, image_root, args.skip_bad_images)
+        limit = getattr(args, "max_train_images", None)
+        if role == "train" and limit is not None:
+            if limit < 1:
+                raise UserError(f"--max_train_images must be at least 1, got {limit}")
+            parsed = first_images(parsed, limit)
         if parsed.skipped_images:
             print(f"--skip_bad_images: left out {parsed.skipped_images} missing images of the {split} split")
         splits[role] = (split, parsed)

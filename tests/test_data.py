@@ -122,3 +122,17 @@ def test_load_retrieval_data_embeds_with_minilm_and_reuses_the_cache(tiny_shapes
     assert batch[0].shape == (8, 3, 16, 16) and torch.equal(batch[1], again.train_text[batch[2]])
     images, index = next(iter(eval_image_loader(again, 16, 4, 0)))
     assert images.shape == (4, 3, 16, 16) and index.tolist() == [0, 1, 2, 3]
+
+
+def test_max_train_images_keeps_the_first_images_with_all_their_captions(tiny_shapes, cache_dir):
+    base = dict(dataset="shapes", image_root=str(tiny_shapes), ann_root=None, eval_split="val",
+                skip_bad_images=False, cache_dir=str(cache_dir), text_encoder="minilm", text_model=None)
+    full = load_retrieval_data(Namespace(**base), torch.device("cpu"), progress=False)
+    part = load_retrieval_data(Namespace(**base, max_train_images=7), torch.device("cpu"), progress=False)
+    assert part.train.image_paths == full.train.image_paths[:7]
+    kept = [c for c, i in enumerate(full.train.txt2img) if i < 7]
+    assert part.train.captions == [full.train.captions[c] for c in kept] and len(kept) == 35
+    torch.testing.assert_close(part.train_text, full.train_text[kept], atol=1e-5, rtol=1e-4)  # other padding
+    assert part.eval.captions == full.eval.captions  # the evaluation split is untouched
+    with pytest.raises(UserError, match="--max_train_images must be at least 1"):
+        load_retrieval_data(Namespace(**base, max_train_images=0), torch.device("cpu"), progress=False)

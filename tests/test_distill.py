@@ -67,6 +67,7 @@ def test_resume_continues_at_the_right_iteration_with_the_same_state(run4, tiny_
     (("--lr_lr", "-1"), "--lr_lr must be positive"),
     (("--max_start_epoch", "3", "--expert_epochs", "2"), r"holds trajectories of 4 snapshots, but .*need 5"),
     (("--image_size", "32"), r"do not fit this run \(image_size: buffer has 16, this run asks for 32"),
+    (("--max_train_images", "10"), "trained on 200 pairs, this run's training split has 50"),
 ])
 def test_bad_settings_are_refused_with_a_message(tiny_shapes, cache_dir, experts, tmp_path, extra, message):
     with pytest.raises(UserError, match=message):

@@ -21,7 +21,7 @@ META_NAME = "buffer_meta.json"
 FORMAT_VERSION = 1
 _FILE = re.compile(r"img_replay_buffer_(\d+)\.pt")
 # Metadata entries that must agree for two sets of experts to share a folder or be matched against.
-COMPATIBILITY_KEYS = ("dataset", "image_encoder", "text_encoder", "text_model", "image_size", "text_dim",
+COMPATIBILITY_KEYS = ("dataset", "train_pairs", "image_encoder", "text_encoder", "text_model", "image_size", "text_dim",
                       "image_dim", "trainable_parts", "image_param_shapes", "text_param_shapes")
 
 
@@ -33,11 +33,12 @@ def parameter_shapes(module: nn.Module) -> list[list[int]]:
     return [list(p.shape) for p in module.parameters()]
 
 
-def describe_experts(args, model, text_identity: str, text_dim: int) -> dict:
-    """Metadata for experts of `model` trained with `args`."""
+def describe_experts(args, model, text_identity: str, text_dim: int, train_pairs: int) -> dict:
+    """Metadata for experts of `model` trained with `args` on `train_pairs` training pairs."""
     return {
         "format": FORMAT_VERSION,
         "dataset": args.dataset,
+        "train_pairs": train_pairs,
         "image_encoder": args.image_encoder,
         "text_encoder": args.text_encoder,
         "text_model": text_identity,

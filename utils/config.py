@@ -31,6 +31,8 @@ def add_data_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--ann_root", default=None,
                        help="folder of the annotation JSON files (IMAGE_ROOT/annotations when not given)")
     group.add_argument("--eval_split", default="test", choices=("test", "val"), help="split to evaluate retrieval on")
+    group.add_argument("--max_train_images", type=int, default=None,
+                       help="train on the first K training images only (with all their captions): CPU-sized runs")
     add_bool_flag(group, "--skip_bad_images", False, "leave out pairs whose image is missing instead of stopping")
     group.add_argument("--cache_dir", default=default_cache_dir(),
                        help="where the generated shapes data set and text-embedding caches live "
