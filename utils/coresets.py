@@ -37,7 +37,8 @@ def select_random(num_pairs: int, count: int, generator: torch.Generator) -> tor
 
 def select_herding(features: torch.Tensor, count: int) -> torch.Tensor:
     """Greedy herding: pick k+1 minimises ‖mean(all) − (sum of picks + x_i)/(k+1)‖ over unpicked i."""
-    features = features.double()
+    # In the features' own dtype: one pass over [pairs, dim] per pick is the whole cost (memory-bound).
+    features = features.contiguous()
     mean = features.mean(dim=0)
     norms = (features * features).sum(dim=1)
     total = torch.zeros_like(mean)
@@ -56,7 +57,8 @@ def select_herding(features: torch.Tensor, count: int) -> torch.Tensor:
 
 def select_kcenter(features: torch.Tensor, count: int, first: int) -> torch.Tensor:
     """Farthest-point order from `first`: each pick is the point farthest from all earlier picks."""
-    features = features.double()
+    # In the features' own dtype: one pass over [pairs, dim] per pick is the whole cost (memory-bound).
+    features = features.contiguous()
     norms = (features * features).sum(dim=1)
 
     def squared_distance_to(i: int) -> torch.Tensor:
