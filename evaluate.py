@@ -184,12 +184,11 @@ def select_coreset(args, data, device: torch.device, config: dict) -> torch.Tens
         return coresets.select_most_forgotten(counter.events, counter.ever_learned, args.num_queries, generator)
     directory = locate_buffer(args.buffer_path, args.dataset, args.image_encoder, args.text_encoder)
     meta = read_metadata(directory)
-    check_buffer_matches(meta, directory, {"dataset": args.dataset, "image_encoder": args.image_encoder,
-                                           "text_encoder": args.text_encoder, "text_model": data.text_identity,
-                                           "image_size": args.image_size, "text_dim": data.text_dim,
-                                           # buffers written before the key existed do not record it
-                                           "train_pairs": meta.get("train_pairs", len(data.train.captions))
-                                           if meta else None})
+    expected = {"dataset": args.dataset, "image_encoder": args.image_encoder, "text_encoder": args.text_encoder,
+                "text_model": data.text_identity, "image_size": args.image_size, "text_dim": data.text_dim}
+    if meta and "train_pairs" in meta:  # buffers written before the key existed do not record it
+        expected["train_pairs"] = len(data.train.captions)
+    check_buffer_matches(meta, directory, expected)
     number, epoch = load_expert_weights(model, directory, meta, args.expert_number, args.expert_epoch)
     config["expert_used"] = {"directory": str(directory.resolve()), "number": number, "epoch": epoch}
     features = coresets.pair_features(model, data, args.image_size, args.batch_size_test, args.num_workers, device,

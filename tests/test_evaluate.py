@@ -69,6 +69,18 @@ def test_json_has_every_metric_with_runs_and_population_std(tiny_shapes, cache_d
     assert "--coreset" in config["command"]
 
 
+def test_buffers_without_a_training_pair_count_still_serve(tiny_shapes, cache_dir, experts, tmp_path):
+    import shutil
+
+    old = tmp_path / "old"
+    shutil.copytree(experts / "shapes" / "convnet" / "minilm", old)
+    meta = json.loads((old / "buffer_meta.json").read_text())
+    del meta["train_pairs"]  # as buffer.py wrote it before the key existed
+    (old / "buffer_meta.json").write_text(json.dumps(meta))
+    chosen, _ = coreset(tiny_shapes, cache_dir, old, tmp_path, "kcenter", 5)
+    assert len(chosen["caption_indices"]) == 5
+
+
 def test_a_saved_coreset_is_reused_and_evaluates_like_a_distilled_set(tiny_shapes, cache_dir, experts, tmp_path,
                                                                       capsys):
     _, by_coreset = coreset(tiny_shapes, cache_dir, experts, tmp_path, "kcenter", 10)
@@ -127,6 +139,9 @@ def test_bad_inputs_get_clear_messages(tiny_shapes, cache_dir, experts, tmp_path
         run(tiny_shapes, cache_dir, "--coreset", "forgetting", "--num_queries", "4", "--forgetting_epochs", "1")
     with pytest.raises(UserError, match="no experts in"):
         run(tiny_shapes, cache_dir, "--coreset", "herding", "--num_queries", "4", "--buffer_path", str(tmp_path))
+    with pytest.raises(UserError, match="train_pairs: buffer has 200, this run asks for 50"):
+        run(tiny_shapes, cache_dir, "--coreset", "kcenter", "--num_queries", "4", "--buffer_path", str(experts),
+            "--max_train_images", "10")
     with pytest.raises(UserError, match="images are 16x16 px but --image_size is 32"):
         evaluate.main(["--distilled", str(run4 / "distilled_last.pt"), "--image_size", "32"])
     with pytest.raises(UserError, match="vit needs --image_size divisible by its patch size"):
