@@ -56,7 +56,9 @@ def parse_args(argv=None):
     group.add_argument("--lr_lr", type=float, default=1e-3, help="learning rate of the two learned step sizes")
     group.add_argument("--lr_teacher_img", type=float, default=0.1, help="initial student step size, image encoder")
     group.add_argument("--lr_teacher_txt", type=float, default=0.1, help="initial student step size, text head")
-    group.add_argument("--pix_init", default="real", choices=("real", "noise"), help="synthetic image initialisation")
+    group.add_argument("--pix_init", default="real", choices=("real", "clean", "noise"),
+                       help="synthetic image initialisation: real = random training images through the training "
+                            "augmentation (the reference), clean = the same without augmentation, noise = Gaussian")
     group.add_argument("--txt_init", default="real", choices=("real", "noise"), help="synthetic text initialisation")
     group.add_argument("--max_files", type=int, default=None, help="use only this many expert files")
     group.add_argument("--max_experts", type=int, default=None, help="use only this many experts per file")

@@ -5,7 +5,7 @@ import torch
 
 from data.build import RetrievalData
 from data.datasets import load_rgb
-from data.transforms import train_transform
+from data.transforms import test_transform, train_transform
 from utils.cli import UserError
 
 # Mean and std of BERT-base [CLS] embeddings used by the reference for `--txt_init noise`.
@@ -24,19 +24,22 @@ def real_pairs(data: RetrievalData, count: int, generator: torch.Generator) -> t
     return images, captions
 
 
-def transformed_images(data: RetrievalData, image_indices: torch.Tensor, image_size: int) -> torch.Tensor:
-    """Training images through the training transform, as the reference's real initialisation."""
-    transform = train_transform(image_size)
+def transformed_images(data: RetrievalData, image_indices: torch.Tensor, image_size: int,
+                       augment: bool = True) -> torch.Tensor:
+    """Training images through the training transform (the reference's real initialisation), or
+    through the deterministic test transform with `augment=False`."""
+    transform = train_transform(image_size) if augment else test_transform(image_size)
     return torch.stack([transform(load_rgb(data.train.image_paths[i])) for i in image_indices.tolist()])
 
 
 def initial_synthetic_set(data: RetrievalData, count: int, image_size: int, pix_init: str, txt_init: str,
                           text_encoder: str, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """`real`: random training pairs; `noise`: Gaussian pixels with the real per-channel statistics and
+    """`real`: random training pairs (augmented images, as the reference); `clean`: the same pairs
+    through the test transform (no augmentation); `noise`: Gaussian pixels with the real per-channel statistics and
     Gaussian text embeddings (the reference's BERT statistics for bert, the cached ones otherwise)."""
     image_indices, caption_indices = real_pairs(data, count, generator)
-    if pix_init == "real":
-        images = transformed_images(data, image_indices, image_size)
+    if pix_init in ("real", "clean"):
+        images = transformed_images(data, image_indices, image_size, augment=pix_init == "real")
     else:
         sample = transformed_images(data, real_pairs(data, min(count, 256), generator)[0], image_size)
         mean, std = sample.mean(dim=(0, 2, 3)), sample.std(dim=(0, 2, 3))

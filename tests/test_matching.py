@@ -100,3 +100,23 @@ def test_minibatches_are_distinct_indices_of_the_right_size():
     assert len(batches) == 5 and all(len(set(b.tolist())) == 4 and max(b) < 10 for b in batches)
     again = draw_minibatches(10, 4, 5, torch.Generator().manual_seed(0))
     assert all(torch.equal(a, b) for a, b in zip(batches, again))
+
+
+def test_real_and_clean_initialisation_share_the_pairs_and_differ_in_augmentation(tiny_shapes, cache_dir):
+    from argparse import Namespace
+
+    from data.build import load_retrieval_data
+    from data.datasets import load_rgb
+    from data.transforms import test_transform
+    from matching.synthetic import initial_synthetic_set, real_pairs
+
+    args = Namespace(dataset="shapes", image_root=str(tiny_shapes), ann_root=None, eval_split="val",
+                     skip_bad_images=False, cache_dir=str(cache_dir), text_encoder="minilm", text_model=None)
+    data = load_retrieval_data(args, torch.device("cpu"), progress=False)
+    sets = {init: initial_synthetic_set(data, 5, 16, init, "real", "minilm", torch.Generator().manual_seed(4))
+            for init in ("real", "clean")}
+    images, captions = real_pairs(data, 5, torch.Generator().manual_seed(4))
+    expected = torch.stack([test_transform(16)(load_rgb(data.train.image_paths[i])) for i in images.tolist()])
+    assert torch.equal(sets["clean"][0], expected)
+    assert not torch.allclose(sets["real"][0], expected, atol=1e-3)  # cropped, flipped, RandAugment-ed
+    assert torch.equal(sets["real"][1], sets["clean"][1]) and torch.equal(sets["clean"][1], data.train_text[captions])
