@@ -5,12 +5,10 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-# Demo settings, in one place (see README "Demo").
-DEMO_OUT ?= outputs/demo
-DEMO_FLAGS ?= --dataset shapes --image_encoder convnet_w32 --image_pretrained False --text_encoder minilm \
-	--image_size 32 --eval_split test
-DEMO_EXPERTS ?= 2
-DEMO_EPOCHS ?= 2
+# `make demo` settings live in configs/demo.toml (see README "Demo"); DEMO_ARGS adds pipeline options,
+# e.g. `make demo DEMO_ARGS=--fresh` to start over.
+DEMO_CONFIG ?= configs/demo.toml
+DEMO_ARGS ?=
 
 .PHONY: demo test install clean-venv
 
@@ -28,8 +26,7 @@ test: $(STAMP)
 	$(PY) -m pytest
 
 demo: $(STAMP)
-	$(PY) buffer.py $(DEMO_FLAGS) --buffer_path $(DEMO_OUT)/buffers --num_experts $(DEMO_EXPERTS) \
-		--train_epochs $(DEMO_EPOCHS) --wandb_mode offline --name demo-buffer
+	$(PY) bench/pipeline.py $(DEMO_CONFIG) $(DEMO_ARGS)
 
 clean-venv:
 	rm -rf $(VENV)

@@ -1,0 +1,118 @@
+"""The whole chain (bench/pipeline.py, what `make demo` runs) at toy size: table, artefacts, reuse."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from bench import pipeline
+from data.distilled_set import load_distilled_set
+from utils.cli import UserError
+
+TOY = """
+out_dir = "{out}"
+[common]
+dataset = "shapes"
+image_root = "{root}"
+cache_dir = "{cache}"
+image_encoder = "convnet"
+image_size = 16
+image_pretrained = false
+text_encoder = "minilm"
+eval_split = "test"
+num_workers = 0
+wandb_mode = "disabled"
+progress = false
+[buffer]
+num_experts = 2
+train_epochs = 2
+batch_train = 50
+[distill]
+num_queries = 6
+syn_steps = 2
+expert_epochs = 1
+max_start_epoch = 1
+mini_batch_size = 3
+lr_img = 10
+lr_txt = 10
+lr_lr = 1e-6
+Iteration = 2
+eval_it = 2
+num_eval = 1
+epoch_eval_train = 1
+batch_train = 3
+[evaluate]
+num_eval = 2
+epoch_eval_train = 1
+batch_train = 4
+[compare]
+coreset_methods = ["random"]
+coreset_sizes = [6, 12]
+full = "experts"
+epochs_per_size = {{12 = 2}}
+"""
+
+
+@pytest.fixture(scope="module")
+def toy_run(tiny_shapes, cache_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("pipeline")
+    config = out / "toy.toml"
+    config.write_text(TOY.format(out=out / "run", root=tiny_shapes, cache=cache_dir))
+    assert pipeline.main([str(config)]) == 0
+    return config, out / "run"
+
+
+def test_table_has_every_row_and_metric(toy_run):
+    _, out = toy_run
+    lines = (out / "results.md").read_text().splitlines()
+    assert lines[0] == "| set | IR@1 | IR@5 | IR@10 | TR@1 | TR@5 | TR@10 | r_mean |"
+    labels = [line.split("|")[1].strip() for line in lines[2:]]
+    assert labels == ["distilled-6", "random-6", "random-12", "full data (2 experts, 2 ep)"]
+    for line in lines[2:]:
+        assert all(" ± " in cell for cell in line.strip("|").split("|")[1:])
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    assert list(rows) == labels
+    assert len(rows["distilled-6"]["r_mean"]["runs"]) == 2 and len(rows[labels[-1]]["r_mean"]["runs"]) == 2
+    epochs = {label: json.loads((out / "results" / f"{label}.json").read_text())["config"]["epoch_eval_train"]
+              for label in labels[:3]}
+    assert epochs == {"distilled-6": 1, "random-6": 1, "random-12": 2}
+
+
+def test_every_artefact_is_written_and_reloads(toy_run):
+    _, out = toy_run
+    distilled = load_distilled_set(out / "distill" / "distilled_last.pt")
+    assert distilled["iteration"] == 2 and distilled["image_syn"].shape == (6, 3, 16, 16)
+    for label in ("random-6", "random-12"):
+        coreset = load_distilled_set(out / "results" / "coresets" / f"{label}.pt")
+        assert coreset["config"]["source"] == "coreset:random"
+    report = json.loads((out / "results" / "distilled-6.json").read_text())
+    assert report["metrics"] == json.loads((out / "results.json").read_text())["rows"]["distilled-6"]
+    with Image.open(out / "synthetic_images_plain.png") as image:
+        assert image.size[0] > 16
+    assert len((out / "nearest_captions.txt").read_text().splitlines()) == 7
+    assert torch.load(out / "distill" / "distilled_last.pt", weights_only=True)["config"]["source"] == "distilled"
+
+
+def test_a_rerun_reuses_every_stage(toy_run, capsys):
+    config, out = toy_run
+    before = (out / "results" / "random-12.json").stat().st_mtime_ns
+    assert pipeline.main([str(config)]) == 0
+    text = capsys.readouterr().out
+    assert "experts: 2 of 2 trained, reusing them" in text and "distillation: reusing" in text
+    assert "buffer.py" not in text and "distill.py" not in text and "done before" in text
+    assert (out / "results" / "random-12.json").stat().st_mtime_ns == before
+
+
+def test_bad_config_is_a_clear_error(tmp_path):
+    with pytest.raises(UserError, match="config file not found"):
+        pipeline.main([str(tmp_path / "none.toml")])
+    (tmp_path / "bad.toml").write_text("[common\n")
+    with pytest.raises(UserError, match="not valid TOML"):
+        pipeline.main([str(tmp_path / "bad.toml")])
+    (tmp_path / "odd.toml").write_text("[distil]\nsyn_steps = 2\n")
+    with pytest.raises(UserError, match="unknown sections"):
+        pipeline.main([str(tmp_path / "odd.toml")])
+    assert not Path(tmp_path / "outputs").exists()
