@@ -40,6 +40,7 @@ from utils.device import pick_device, seed_everything
 from utils.evaluation import evaluate_full_data, evaluate_pairs
 from utils.io import atomic_torch_save, atomic_write_json, safe_torch_load
 from utils.metrics import format_table
+from utils.wandb_logging import start_run
 
 # Settings a distilled-set file supplies unless the command line gives them.
 FILE_SETTINGS = ("dataset", "image_root", "ann_root", "cache_dir", "eval_split", "max_train_images", "text_encoder", "text_model",
@@ -49,10 +50,13 @@ FILE_SETTINGS = ("dataset", "image_root", "ann_root", "cache_dir", "eval_split",
 FORGETTING_KEYS = ("seed", "dataset", "text_identity", "image_encoder", "image_size", "image_pretrained",
                    "image_weights", "forgetting_epochs", "forgetting_batch", "lr_teacher_img", "lr_teacher_txt",
                    "num_train_pairs")
-# Settings that decide which pairs a coreset holds; a saved coreset is reused only when all agree.
-SELECTION_KEYS = ("source", "num_queries", "seed", "dataset", "text_identity", "image_encoder", "image_size",
-                  "image_pretrained", "image_weights", "buffer_path", "expert_number", "expert_epoch",
-                  "forgetting_epochs", "forgetting_batch", "lr_teacher_img", "lr_teacher_txt", "num_train_pairs")
+# Settings that decide which pairs a coreset holds (per method); a saved coreset is reused only when
+# all of them agree.
+SELECTION_KEYS = ("source", "num_queries", "seed", "dataset", "text_identity", "image_size", "num_train_pairs")
+MODEL_KEYS = ("image_encoder", "image_pretrained", "image_weights")
+METHOD_KEYS = {"random": (), "herding": MODEL_KEYS + ("buffer_path", "expert_number", "expert_epoch"),
+               "kcenter": MODEL_KEYS + ("buffer_path", "expert_number", "expert_epoch"),
+               "forgetting": MODEL_KEYS + ("forgetting_epochs", "forgetting_batch", "lr_teacher_img", "lr_teacher_txt")}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -107,7 +111,7 @@ def parse_args(argv=None):
     parser = build_parser()
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
-    args.explicit = explicit_flags(parser, argv)
+    args.explicit = sorted(explicit_flags(parser, argv))
     return args
 
 
@@ -143,13 +147,6 @@ def selection_config(args, data) -> dict:
     config = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, type(None)))}
     config.update(source=f"coreset:{args.coreset}", text_identity=data.text_identity,
                   num_train_pairs=len(data.train.captions))
-    # Leave out the settings the method does not use, so they do not block reusing a saved coreset.
-    if args.coreset not in ("herding", "kcenter"):
-        config.update(buffer_path=None, expert_number=None, expert_epoch=None)
-    if args.coreset != "forgetting":
-        config.update(forgetting_epochs=None, forgetting_batch=None, lr_teacher_img=None, lr_teacher_txt=None)
-    if args.coreset == "random":
-        config.update(image_encoder=None, image_pretrained=None, image_weights=None)
     return config
 
 
@@ -206,7 +203,7 @@ def coreset_set(args, data, device: torch.device) -> tuple[dict, Path]:
     config = selection_config(args, data)
     if path.exists():
         saved = load_distilled_set(path)
-        if all(saved["config"].get(k) == config.get(k) for k in SELECTION_KEYS):
+        if all(saved["config"].get(k) == config.get(k) for k in SELECTION_KEYS + METHOD_KEYS[args.coreset]):
             print(f"reusing the {args.coreset} coreset in {path}")
             return saved, path
         print(f"{path} was selected with other settings; selecting again")
@@ -276,6 +273,10 @@ def main(argv=None) -> int:
         summary = evaluate_full_data(args, data, lr, eval_loader, device, args.num_eval, args.seed, args.progress)
         label = f"full-{len(data.train.captions)}"
     seconds = time.time() - started
+    run = start_run(args, "evaluate")
+    run.log({**{f"eval/{k}": v["mean"] for k, v in summary.items()},
+             **{f"eval/{k}_std": v["std"] for k, v in summary.items()}})
+    run.finish()
     print(format_table({label: summary}))
     print(f"{args.num_eval} models, {seconds:.0f}s")
     if args.out:

@@ -81,15 +81,20 @@ def test_buffers_without_a_training_pair_count_still_serve(tiny_shapes, cache_di
     assert len(chosen["caption_indices"]) == 5
 
 
-def test_a_saved_coreset_is_reused_and_evaluates_like_a_distilled_set(tiny_shapes, cache_dir, experts, tmp_path,
-                                                                      capsys):
-    _, by_coreset = coreset(tiny_shapes, cache_dir, experts, tmp_path, "kcenter", 10)
-    _, again = coreset(tiny_shapes, cache_dir, experts, tmp_path, "kcenter", 10)
-    assert "reusing the kcenter coreset" in capsys.readouterr().out
+@pytest.mark.parametrize("method", ["random", "kcenter"])
+def test_a_saved_coreset_is_reused_and_evaluates_like_a_distilled_set(method, tiny_shapes, cache_dir, experts,
+                                                                      tmp_path, capsys):
+    _, by_coreset = coreset(tiny_shapes, cache_dir, experts, tmp_path, method, 10)
+    _, again = coreset(tiny_shapes, cache_dir, experts, tmp_path, method, 10, "--lr_teacher_txt", "0.3")
+    assert f"reusing the {method} coreset" in capsys.readouterr().out  # that lr does not enter the selection
     assert again["metrics"] == by_coreset["metrics"]
     out = tmp_path / "as_distilled.json"
-    assert run(tiny_shapes, cache_dir, "--distilled", str(tmp_path / "kcenter.pt"), "--out", str(out)) == 0
+    # Only the file: every setting comes from it, as for a distilled set.
+    assert evaluate.main(["--distilled", str(tmp_path / f"{method}.pt"), "--num_workers", "0", "--progress", "False",
+                          "--wandb_mode", "disabled", "--out", str(out)]) == 0
     assert json.loads(out.read_text())["metrics"] == by_coreset["metrics"]
+    coreset(tiny_shapes, cache_dir, experts, tmp_path, method, 10, "--seed", "5")
+    assert "reusing" not in capsys.readouterr().out
 
 
 def test_evaluate_reproduces_the_evaluation_distill_stored(run4, tmp_path):
