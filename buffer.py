@@ -20,13 +20,24 @@ from tqdm import tqdm
 from data.build import eval_image_loader, load_retrieval_data, train_loader
 from networks import build_model
 from utils import distributed
-from utils.buffers import (buffer_dir, claim_metadata, describe_experts, next_free_index, save_expert,
-                           save_expert_metrics)
+from utils.buffers import (
+    buffer_dir,
+    claim_metadata,
+    describe_experts,
+    next_free_index,
+    save_expert,
+    save_expert_metrics,
+)
 from utils.cli import add_bool_flag, run_cli
 from utils.config import add_data_args, add_model_args, add_runtime_args, new_parser
 from utils.device import pick_device, seed_everything
-from utils.metrics import format_metrics, summarize_runs, format_summary
-from utils.training import evaluate_retrieval, scale_learning_rates, sgd_pair, train_one_epoch
+from utils.metrics import format_metrics, format_summary, summarize_runs
+from utils.training import (
+    evaluate_retrieval,
+    scale_learning_rates,
+    sgd_pair,
+    train_one_epoch,
+)
 from utils.wandb_logging import start_run
 
 

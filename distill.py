@@ -21,12 +21,23 @@ from data.build import eval_image_loader, load_retrieval_data
 from data.distilled_set import load_distilled_set, save_distilled_set
 from matching.experts import ExpertCycler, check_buffer_matches, locate_buffer
 from matching.synthetic import initial_synthetic_set
-from matching.trajectory import Students, draw_minibatches, pick_segment, unrolled_matching_loss
+from matching.trajectory import (
+    Students,
+    draw_minibatches,
+    pick_segment,
+    unrolled_matching_loss,
+)
 from networks import build_model, text_encoder_identity
 from reparam_module import ReparamModule
 from utils.buffers import read_metadata
 from utils.cli import UserError, add_bool_flag, run_cli
-from utils.config import add_data_args, add_eval_args, add_model_args, add_runtime_args, new_parser
+from utils.config import (
+    add_data_args,
+    add_eval_args,
+    add_model_args,
+    add_runtime_args,
+    new_parser,
+)
 from utils.device import pick_device, seed_everything
 from utils.dsa import check_strategy, dsa_augment
 from utils.evaluation import evaluate_pairs

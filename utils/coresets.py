@@ -96,7 +96,7 @@ class ForgettingCounter:
         self.ever_learned = torch.zeros(num_pairs, dtype=torch.bool)
 
     @classmethod
-    def from_counts(cls, events: torch.Tensor, ever_learned: torch.Tensor) -> "ForgettingCounter":
+    def from_counts(cls, events: torch.Tensor, ever_learned: torch.Tensor) -> ForgettingCounter:
         counter = cls(len(events))
         counter.events, counter.ever_learned = events.clone(), ever_learned.clone()
         return counter
