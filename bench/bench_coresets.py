@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from utils.coresets import METHODS  # noqa: E402
-from utils.metrics import table_cells  # noqa: E402
+from utils.metrics import markdown_table, table_cells  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -83,14 +83,11 @@ def run_configuration(label: str, flags: list[str], shared: list[str], out: Path
     return report
 
 
-def markdown_table(reports: dict[str, dict]) -> str:
+def results_table(reports: dict[str, dict]) -> str:
     header, cells = table_cells({label: r["metrics"] for label, r in reports.items()})
-    rows = ["| " + " | ".join(header + ["epochs", "models", "wall time"]) + " |", "|" + "---|" * (len(header) + 3)]
-    for row, report in zip(cells, reports.values()):
-        config = report["config"]
-        rows.append("| " + " | ".join(row + [str(config["epoch_eval_train"]), str(config["num_eval"]),
-                                             f"{report['wall_seconds'] / 60:.1f} min"]) + " |")
-    return "\n".join(rows)
+    rows = [row + [str(r["config"]["epoch_eval_train"]), str(r["config"]["num_eval"]), f"{r['wall_seconds'] / 60:.1f} min"]
+            for row, r in zip(cells, reports.values())]
+    return markdown_table(header + ["epochs", "models", "wall time"], rows)
 
 
 def main(argv=None) -> int:
@@ -100,7 +97,7 @@ def main(argv=None) -> int:
     started = time.time()
     reports = {label: run_configuration(label, flags, args.evaluate_flags, out)
                for label, flags in configurations(args)}
-    table = markdown_table(reports)
+    table = results_table(reports)
     (out / "table.md").write_text(table + "\n")
     print(table)
     print(f"total {(time.time() - started) / 60:.1f} min this invocation; table -> {out / 'table.md'}")

@@ -33,7 +33,7 @@ from bench.bench_coresets import run_configuration  # noqa: E402
 from data.distilled_set import load_distilled_set  # noqa: E402
 from utils.buffers import expert_files, read_expert_metrics  # noqa: E402
 from utils.cli import UserError, run_cli  # noqa: E402
-from utils.metrics import format_table, summarize_runs, table_cells  # noqa: E402
+from utils.metrics import format_table, markdown_table, summarize_runs, table_cells  # noqa: E402
 
 SECTIONS = ("common", "buffer", "distill", "evaluate", "compare")
 NOT_METRICS = ("epoch", "train_loss", "train_acc")
@@ -205,10 +205,7 @@ def main(argv=None) -> int:
 
 def write_outputs(out: Path, distilled: Path, reports: dict[str, dict], times: dict[str, float]) -> None:
     summaries = {label: r["metrics"] for label, r in reports.items()}
-    header, cells = table_cells(summaries)
-    markdown = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    markdown += ["| " + " | ".join(row) + " |" for row in cells]
-    (out / "results.md").write_text("\n".join(markdown) + "\n")
+    (out / "results.md").write_text(markdown_table(*table_cells(summaries)) + "\n")
     (out / "results.json").write_text(json.dumps({"rows": summaries, "stage_seconds": times}, indent=1))
     tag = f"{load_distilled_set(distilled)['iteration']:06d}"
     for name in (f"synthetic_images_plain_{tag}.png", f"synthetic_images_clipped_{tag}.png",

@@ -42,6 +42,7 @@ __all__ = [
     "format_summary",
     "format_table",
     "table_cells",
+    "markdown_table",
 ]
 
 DEFAULT_KS: tuple[int, ...] = (1, 5, 10)
@@ -378,3 +379,9 @@ def format_table(rows: dict[str, dict[str, dict]]) -> str:
         return "  ".join(v.ljust(w) if i == 0 else v.rjust(w) for i, (v, w) in enumerate(zip(values, widths)))
 
     return "\n".join([line(header), line(["-" * w for w in widths])] + [line(c) for c in cells])
+
+
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    """A GitHub-markdown table of the given header and rows (e.g. from :func:`table_cells`)."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
