@@ -10,6 +10,7 @@ models are trained on the synthetic set and tested; the set is saved to --save_d
 """
 from __future__ import annotations
 
+import copy
 import math
 import time
 from pathlib import Path
@@ -156,11 +157,14 @@ class Distiller:
         for optimizer in self.optimizers.values():
             optimizer.zero_grad(set_to_none=True)
         loss.total.backward()
+        before = self.snapshot()
         for optimizer in self.optimizers.values():
             optimizer.step()
         for name, lr in (("syn_lr_img", self.syn_lr_img), ("syn_lr_txt", self.syn_lr_txt)):
-            if not lr.item() > 0:  # also catches NaN
-                raise NonFiniteLoss(iteration, f"the learned step size {name} became {lr.item():.4g}; "
+            value = lr.item()
+            if not value > 0:  # also catches NaN
+                self.restore(before)  # keep the last good state, so that it can be saved and resumed
+                raise NonFiniteLoss(iteration, f"the learned step size {name} became {value:.4g}; "
                                                f"training with it is impossible")
         return {"Grand_Loss": terms["image"] + terms["text"], "img_param_loss": terms["image"],
                 "txt_param_loss": terms["text"], "Start_Epoch": segment.start_epoch,
@@ -168,6 +172,12 @@ class Distiller:
 
     def state(self) -> dict:
         return {name: opt.state_dict() for name, opt in self.optimizers.items()}
+
+    def snapshot(self) -> dict:
+        """The synthetic set, step sizes and optimiser states, copied (the format `restore` takes)."""
+        return {"image_syn": self.image_syn.detach().clone(), "text_syn": self.text_syn.detach().clone(),
+                "syn_lr_img": self.syn_lr_img.item(), "syn_lr_txt": self.syn_lr_txt.item(),
+                "state": {"optimizers": copy.deepcopy(self.state())}}
 
     def restore(self, payload: dict) -> None:
         with torch.no_grad():
@@ -311,9 +321,9 @@ def main(argv=None) -> int:
         if not (args.Iteration == start_it and evaluated_at_start):
             evaluate_and_save(args.Iteration)
     except NonFiniteLoss as err:
-        last = f"{files.last} (iteration {load_distilled_set(files.last)['iteration']})" if files.last.exists() else "none"
-        raise UserError(f"{err}; stopped. The last good distilled set is {last}. Lower --lr_img/--lr_txt/--lr_lr "
-                        f"or --syn_steps") from None
+        save(files.last, err.iteration, {})  # the state before the step that diverged
+        raise UserError(f"{err}; stopped. The last good distilled set is {files.last} (iteration {err.iteration}); "
+                        f"continue from it with --resume and lower --lr_img/--lr_txt/--lr_lr or --syn_steps") from None
     except KeyboardInterrupt:
         save(files.last, completed, {})
         print(f"\ninterrupted: saved iteration {completed} to {files.last}; continue with --resume {files.last}")

@@ -117,6 +117,28 @@ def test_nan_loss_stops_keeps_the_last_good_set_and_says_where(tiny_shapes, cach
     assert load_distilled_set(tmp_path / "distilled_last.pt")["iteration"] == 2
 
 
+def test_a_step_size_turning_negative_saves_the_state_before_that_step(run4, tiny_shapes, cache_dir, experts,
+                                                                       tmp_path, monkeypatch):
+    real = distill.unrolled_matching_loss
+    calls = []
+
+    def push_lr_below_zero_on_third(students, image_syn, text_syn, syn_lr_img, *rest, **kwargs):
+        result = real(students, image_syn, text_syn, syn_lr_img, *rest, **kwargs)
+        calls.append(1)
+        if len(calls) == 3:  # a gradient of 1e6 on syn_lr_img: one SGD step takes it far below zero
+            result.total = result.total + 1e6 * syn_lr_img
+        return result
+
+    monkeypatch.setattr(distill, "unrolled_matching_loss", push_lr_below_zero_on_third)
+    with pytest.raises(UserError, match=r"diverged at iteration 2 \(the learned step size syn_lr_img became -.*"
+                                        r"distilled_last.pt \(iteration 2\); continue from it with --resume"):
+        distill.main(distill_flags(tiny_shapes, cache_dir, experts, tmp_path, "--Iteration", "6", "--eval_it", "5"))
+    saved, reference = load_distilled_set(tmp_path / "distilled_last.pt"), load_distilled_set(run4 / "distilled_000002.pt")
+    assert saved["iteration"] == 2  # evaluations at 0 and 5 only: this file was written by the failure itself
+    assert torch.equal(saved["image_syn"], reference["image_syn"]) and saved["syn_lr_img"] == reference["syn_lr_img"]
+    assert torch.equal(saved["text_syn"], reference["text_syn"])
+
+
 def test_dsa_is_opt_in_and_changes_the_learned_pixels(run4, tiny_shapes, cache_dir, experts, tmp_path):
     flags = ("--Iteration", "2", "--draw", "False")
     assert distill.main(distill_flags(tiny_shapes, cache_dir, experts, tmp_path / "dsa", *flags, "--dsa", "True")) == 0
