@@ -93,9 +93,14 @@ class Stage:
                 path.unlink()
         self.stamp.unlink(missing_ok=True)
 
-    def done(self) -> None:
-        self.stamp.parent.mkdir(parents=True, exist_ok=True)
-        self.stamp.write_text(json.dumps(self.flags))
+    def begin(self) -> None:
+        """Outputs made with other flags are deleted; the stamp is written before any work, so that
+        whatever an interrupted run leaves behind (finished experts, a resumable distilled set,
+        finished rows) is known to belong to these flags and is reused by the next run."""
+        if not self.unchanged():
+            self.invalidate()
+            self.stamp.parent.mkdir(parents=True, exist_ok=True)
+            self.stamp.write_text(json.dumps(self.flags))
 
 
 def banner(text: str) -> None:
@@ -114,16 +119,13 @@ def experts_stage(config: dict, out: Path) -> Path:
     common, settings = as_flags(config["common"]), dict(config["buffer"])
     wanted = int(settings.pop("num_experts", 3))
     buffers = out / "buffers"
-    stage = Stage(out, "experts", common + as_flags(settings), [buffers])
-    if not stage.unchanged():
-        stage.invalidate()
+    Stage(out, "experts", common + as_flags(settings), [buffers]).begin()
     meta_dirs = [p.parent for p in buffers.glob("**/buffer_meta.json")]
     have = len(expert_files(meta_dirs[0])) if meta_dirs else 0
     banner(f"experts: {have} of {wanted} trained" + ("" if have < wanted else ", reusing them"))
     if have < wanted:
         run("buffer.py", common + as_flags(settings) + ["--buffer_path", str(buffers), "--num_experts",
                                                           str(wanted - have)])
-    stage.done()
     return next(p.parent for p in buffers.glob("**/buffer_meta.json"))
 
 
@@ -137,12 +139,10 @@ def distill_stage(config: dict, out: Path, expert_dir: Path) -> tuple[Path, bool
     if stage.unchanged() and final.is_file() and load_distilled_set(final)["iteration"] == iterations:
         banner(f"distillation: reusing {final}")
         return final, False
-    if not stage.unchanged():
-        stage.invalidate()
+    stage.begin()
     resume = ["--resume", str(final)] if final.is_file() else []
     banner("distillation" + (f": resuming {final}" if resume else ""))
     run("distill.py", flags + ["--buffer_path", str(expert_dir), "--save_dir", str(save_dir), *resume])
-    stage.done()
     return final, True
 
 
@@ -177,9 +177,7 @@ def main(argv=None) -> int:
     # fails or is retuned never costs them.
     results = out / "results"
     evaluate_flags = as_flags(config["common"]) + as_flags(config["evaluate"]) + ["--buffer_path", str(expert_dir)]
-    stage = Stage(out, "evaluate", evaluate_flags + [str(config["compare"])], [results])
-    if not stage.unchanged():
-        stage.invalidate()
+    Stage(out, "evaluate", evaluate_flags + [str(config["compare"])], [results]).begin()
     (results / "coresets").mkdir(parents=True, exist_ok=True)
     banner("evaluation: coresets and full data")
     size = int(config["distill"].get("num_queries", 100))
@@ -194,7 +192,6 @@ def main(argv=None) -> int:
             reports[label] = run_configuration(label, flags, evaluate_flags, results)
     label, reports_full = full_data_row(config, out, expert_dir, evaluate_flags)
     reports[label] = reports_full
-    stage.done()
     times["coresets + full data"] = time.time() - started - sum(times.values())
 
     distilled, remade = distill_stage(config, out, expert_dir)

@@ -116,3 +116,36 @@ def test_bad_config_is_a_clear_error(tmp_path):
     with pytest.raises(UserError, match="unknown sections"):
         pipeline.main([str(tmp_path / "odd.toml")])
     assert not Path(tmp_path / "outputs").exists()
+
+
+def fresh_run(tiny_shapes, cache_dir, tmp_path) -> tuple[Path, Path]:
+    """A toy run of its own, for tests that change it."""
+    config = tmp_path / "toy.toml"
+    config.write_text(TOY.format(out=tmp_path / "run", root=tiny_shapes, cache=cache_dir))
+    assert pipeline.main([str(config)]) == 0
+    return config, tmp_path / "run"
+
+
+def test_interrupted_experts_resume_and_a_distill_change_redoes_only_its_row(tiny_shapes, cache_dir, tmp_path,
+                                                                               capsys):
+    config, out = fresh_run(tiny_shapes, cache_dir, tmp_path)
+    expert_dir = next(out.glob("buffers/**/buffer_meta.json")).parent
+    kept = (expert_dir / "img_replay_buffer_0.pt").read_bytes()
+    for name in ("img_replay_buffer_1.pt", "txt_replay_buffer_1.pt"):
+        (expert_dir / name).unlink()  # as if the run stopped during the second expert
+    capsys.readouterr()
+    assert pipeline.main([str(config)]) == 0
+    assert "experts: 1 of 2 trained" in capsys.readouterr().out
+    assert (expert_dir / "img_replay_buffer_0.pt").read_bytes() == kept
+    assert (expert_dir / "img_replay_buffer_1.pt").is_file()
+
+    coreset_row = (out / "results" / "random-12.json").read_text()
+    old_row = json.loads((out / "results" / "distilled-6.json").read_text())
+    config.write_text(config.read_text().replace("lr_img = 10\n", "lr_img = 1000\n"))
+    assert pipeline.main([str(config)]) == 0
+    text = capsys.readouterr().out
+    assert "distill.py" in text and "buffer.py" not in text
+    assert (out / "results" / "random-12.json").read_text() == coreset_row  # not redone
+    new_row = json.loads((out / "results" / "distilled-6.json").read_text())
+    assert old_row["config"]["set_config"]["lr_img"] == 10 and new_row["config"]["set_config"]["lr_img"] == 1000
+    assert json.loads((out / "results.json").read_text())["rows"]["distilled-6"] == new_row["metrics"]
