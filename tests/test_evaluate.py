@@ -174,3 +174,35 @@ def test_help_lists_the_modes(capsys):
     text = capsys.readouterr().out
     for flag in ("--distilled", "--coreset", "--full", "--num_queries", "--eval_image_encoder", "--out", "--lr_eval"):
         assert flag in text
+
+
+def test_evaluation_models_never_start_from_an_experts_initialisation(tiny_shapes, cache_dir, experts, monkeypatch):
+    """Expert n starts from seed n (buffer.py, --seed 0); evaluation model k must not (utils/evaluation.py)."""
+    from matching.experts import load_expert_weights
+    from networks import build_model
+    from utils import evaluation
+    from utils.buffers import read_metadata
+    from utils.device import seed_everything
+
+    args = evaluate.parse_args(tiny_flags(tiny_shapes, cache_dir, "--coreset", "random", "--num_queries", "4",
+                                          "--epoch_eval_train", "1"))
+    directory = next(experts.glob("**/buffer_meta.json")).parent
+    meta = read_metadata(directory)
+
+    def initial(seed=None, number=None):
+        if number is not None:
+            model = build_model(args, meta["text_dim"])
+            load_expert_weights(model, directory, meta, number, epoch=0)
+        else:
+            seed_everything(seed)
+            model = build_model(args, meta["text_dim"])
+        return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+    expert0 = initial(number=0)
+    assert torch.equal(initial(seed=0), expert0)  # seed 0 is expert 0's initialisation ...
+    captured = []
+    monkeypatch.setattr(evaluation, "train_one_epoch", lambda model, *a, **k: captured.append(
+        torch.cat([p.detach().reshape(-1) for p in model.parameters()])))
+    evaluation.train_fresh_model(args, None, 0.1, meta["text_dim"], torch.device("cpu"), seed=0)
+    assert not torch.equal(captured[0], expert0)  # ... but evaluation model 0 starts elsewhere
+    assert not torch.equal(captured[0], initial(number=1))
