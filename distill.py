@@ -21,13 +21,9 @@ from tqdm import tqdm
 from data.build import eval_image_loader, load_retrieval_data
 from data.distilled_set import load_distilled_set, save_distilled_set
 from matching.experts import ExpertCycler, check_buffer_matches, locate_buffer
+from matching.meta_gradient import MATCHING_MODES, matching_gradients
 from matching.synthetic import initial_synthetic_set
-from matching.trajectory import (
-    Students,
-    draw_minibatches,
-    pick_segment,
-    unrolled_matching_loss,
-)
+from matching.trajectory import Students, contrastive_step_loss, draw_minibatches, pick_segment
 from networks import build_model, text_encoder_identity
 from reparam_module import ReparamModule
 from utils.buffers import read_metadata
@@ -58,6 +54,11 @@ def parse_args(argv=None):
     group.add_argument("--buffer_path", default="./buffers",
                        help="buffer root (dataset/image_encoder/text_encoder is appended) or the folder of the files")
     group.add_argument("--syn_steps", type=int, default=20, help="student SGD steps per iteration")
+    group.add_argument("--matching", default="unroll", choices=MATCHING_MODES,
+                       help="how the meta-gradient is computed: unroll = one graph through all student steps (the "
+                            "reference; memory grows with --syn_steps); exact_lowmem = the same gradient by a reverse "
+                            "sweep that rebuilds one step at a time (memory flat in --syn_steps, ~1.3x the time); "
+                            "tesla = TESLA/LoRS's approximation of that sweep without the Hessian terms")
     group.add_argument("--expert_epochs", type=int, default=3, help="expert epochs between start and target")
     group.add_argument("--max_start_epoch", type=int, default=25, help="start epoch is drawn from 0..max_start_epoch-1")
     group.add_argument("--num_queries", type=int, default=100, help="synthetic pairs N")
@@ -148,15 +149,16 @@ class Distiller:
         segment = pick_segment(image_traj, text_traj, args.max_start_epoch, args.expert_epochs, generator, self.device)
         batches = draw_minibatches(args.num_queries, args.mini_batch_size, args.syn_steps, generator)
         augment = self.augment(int(torch.randint(0, 2**31 - 1, (1,), generator=generator)))
-        loss = unrolled_matching_loss(self.students, self.image_syn, self.text_syn, self.syn_lr_img,
-                                      self.syn_lr_txt, segment, batches, augment)
-        terms = {"image": loss.image_term.item(), "text": loss.text_term.item()}
+        step_loss = contrastive_step_loss(self.students, batches, augment)
+        result = matching_gradients(args.matching, self.students, step_loss, len(batches),
+                                    (self.image_syn, self.text_syn), self.syn_lr_img, self.syn_lr_txt, segment)
+        terms = {"image": result.image_term.item(), "text": result.text_term.item()}
         bad = [f"{name} term {value}" for name, value in terms.items() if not math.isfinite(value)]
         if bad:
             raise NonFiniteLoss(iteration, "matching loss not finite: " + ", ".join(bad))
-        for optimizer in self.optimizers.values():
-            optimizer.zero_grad(set_to_none=True)
-        loss.total.backward()
+        gradients = (*result.learned_grads, result.lr_img_grad, result.lr_txt_grad)
+        for tensor, gradient in zip((self.image_syn, self.text_syn, self.syn_lr_img, self.syn_lr_txt), gradients):
+            tensor.grad = gradient
         before = self.snapshot()
         for optimizer in self.optimizers.values():
             optimizer.step()

@@ -13,9 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -23,25 +21,24 @@ sys.path[:0] = [str(HERE.parent), str(HERE.parent / "tests"), str(HERE)]
 
 import torch  # noqa: E402
 
-from matching.trajectory import Segment, Students, draw_minibatches, unrolled_matching_loss  # noqa: E402
-from networks import ImageTextModel, create_image_encoder  # noqa: E402
-from peak_memory import PeakMemory  # noqa: E402
-from reparam_module import ReparamModule, flatten  # noqa: E402
+from matching.trajectory import draw_minibatches, unrolled_matching_loss  # noqa: E402
+from matching_problem import (  # noqa: E402
+    add_problem_args,
+    measure_iteration,
+    problem_flags,
+    random_problem,
+    run_worker,
+)
 from utils.device import pick_device  # noqa: E402
 
 
 def parse_args():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--image_encoder", default="convnet_w32")
-    parser.add_argument("--image_size", type=int, default=32)
-    parser.add_argument("--text_dim", type=int, default=384)
-    parser.add_argument("--num_queries", type=int, default=100)
-    parser.add_argument("--mini_batch_size", type=int, default=50)
+    add_problem_args(parser, mini_batch_size=50)
     parser.add_argument("--steps", type=int, nargs="+", default=[2, 4, 8, 16])
     parser.add_argument("--repeats", type=int, default=5, help="timed iterations per process (after a warm-up)")
     parser.add_argument("--processes", type=int, default=5,
                         help="fresh processes per configuration; the table shows medians over them")
-    parser.add_argument("--device", default=None)
     parser.add_argument("--worker", choices=("ours", "reference"), help=argparse.SUPPRESS)
     parser.add_argument("--syn_steps", type=int, help=argparse.SUPPRESS)
     return parser.parse_args()
@@ -52,18 +49,10 @@ def one_configuration(args) -> dict:
     from test_matching import reference_matching_loss
 
     device = pick_device(args.device)
-    torch.manual_seed(0)
-    model = ImageTextModel(create_image_encoder(args.image_encoder, args.image_size), args.text_dim).to(device).train()
-    image_syn = torch.randn(args.num_queries, 3, args.image_size, args.image_size, device=device, requires_grad=True)
-    text_syn = torch.randn(args.num_queries, args.text_dim, device=device, requires_grad=True)
-    lr_img = torch.tensor(0.01, device=device, requires_grad=True)
-    lr_txt = torch.tensor(0.01, device=device, requires_grad=True)
-    start = {part: [p.detach().clone() for p in getattr(model, part).parameters()]
-             for part in ("image_encoder", "text_projection")}
-    target = {part: [p + 0.01 * torch.randn_like(p) for p in ps] for part, ps in start.items()}
-    students = Students(ReparamModule(model.image_encoder), ReparamModule(model.text_projection))
-    segment = Segment(flatten(start["image_encoder"]), flatten(start["text_projection"]),
-                      flatten(target["image_encoder"]), flatten(target["text_projection"]), 0)
+    problem = random_problem(args.image_encoder, args.image_size, args.text_dim, args.num_queries, device)
+    model, students, segment = problem.model, problem.students, problem.segment
+    image_syn, text_syn, lr_img, lr_txt = problem.image_syn, problem.text_syn, problem.lr_img, problem.lr_txt
+    start, target = problem.start, problem.target
     generator = torch.Generator().manual_seed(0)
 
     def iteration():
@@ -73,18 +62,8 @@ def one_configuration(args) -> dict:
         else:
             loss = reference_matching_loss(model, image_syn, text_syn, lr_img, lr_txt, start, target, batches)
         torch.autograd.grad(loss, (image_syn, text_syn, lr_img, lr_txt))
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
 
-    with PeakMemory(device) as memory:
-        iteration()
-    times = []
-    for _ in range(args.repeats):
-        began = time.perf_counter()
-        iteration()
-        times.append(time.perf_counter() - began)
-    return {"seconds": statistics.median(times), "host_mb": memory.host_mb, "cuda_mb": memory.cuda_mb,
-            "device": str(device)}
+    return measure_iteration(iteration, device, args.repeats)
 
 
 def run_pair(args, steps: int) -> tuple[dict, dict]:
@@ -99,13 +78,8 @@ def run_pair(args, steps: int) -> tuple[dict, dict]:
 
 
 def _one_process(args, worker: str, steps: int) -> dict:
-    command = [sys.executable, __file__, "--worker", worker, "--syn_steps", str(steps)]
-    for name in ("image_encoder", "image_size", "text_dim", "num_queries", "mini_batch_size", "repeats"):
-        command += [f"--{name}", str(getattr(args, name))]
-    if args.device:
-        command += ["--device", args.device]
-    output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
-    return json.loads(output.strip().splitlines()[-1])
+    return run_worker(__file__, ["--worker", worker, "--syn_steps", str(steps), "--repeats", str(args.repeats),
+                                 *problem_flags(args)])
 
 
 def main() -> None:

@@ -1,8 +1,8 @@
 """The trajectory-matching objective of SPEC §2 (steps 2-4), unrolled through the student's SGD steps."""
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
@@ -16,6 +16,11 @@ class Students:
 
     image: ReparamModule
     text: ReparamModule
+
+
+# step_loss(step, params_img, params_txt, learned) -> the loss of student step `step`, run with the
+# given per-parameter tensors on the learned tensors (synthetic images, texts, ...).
+StepLoss = Callable[[int, list[torch.Tensor], list[torch.Tensor], Sequence[torch.Tensor]], torch.Tensor]
 
 
 @dataclass
@@ -79,24 +84,41 @@ def normalised_distance(final: list[torch.Tensor], start: torch.Tensor, target: 
     return moved / (start - target).pow(2).sum()
 
 
-def unrolled_matching_loss(students: Students, image_syn: torch.Tensor, text_syn: torch.Tensor,
-                           syn_lr_img: torch.Tensor, syn_lr_txt: torch.Tensor, segment: Segment,
-                           batches: list[torch.Tensor],
-                           augment: Callable[[torch.Tensor, int], torch.Tensor] | None = None) -> MatchingLoss:
-    """Unroll one student step per minibatch from the segment's start, keeping the whole graph.
+def contrastive_step_loss(students: Students, batches: list[torch.Tensor],
+                          augment: Callable[[torch.Tensor, int], torch.Tensor] | None = None) -> StepLoss:
+    """The paper's student step: the contrastive loss on minibatch `batches[step]` of (images, texts)."""
+    def step_loss(step: int, params_img: list[torch.Tensor], params_txt: list[torch.Tensor],
+                  learned: Sequence[torch.Tensor]) -> torch.Tensor:
+        image_syn, text_syn = learned[0], learned[1]
+        indices = batches[step].to(image_syn.device)
+        return student_step_loss(students, image_syn[indices], text_syn[indices], params_img, params_txt,
+                                 augment, step)
+    return step_loss
+
+
+def unroll(students: Students, step_loss: StepLoss, num_steps: int, learned: Sequence[torch.Tensor],
+           syn_lr_img: torch.Tensor, syn_lr_txt: torch.Tensor, segment: Segment) -> MatchingLoss:
+    """Unroll `num_steps` student steps from the segment's start, keeping the whole graph.
 
     Image and text parameters step in parallel, each with its own learnable step size; the
-    returned loss is differentiable w.r.t. the synthetic images, texts and both step sizes.
+    returned loss is differentiable w.r.t. the learned tensors and both step sizes.
     """
     params_img = [p.requires_grad_(True) for p in students.image.split(segment.start_img.clone())]
     params_txt = [p.requires_grad_(True) for p in students.text.split(segment.start_txt.clone())]
-    for step, indices in enumerate(batches):
-        indices = indices.to(image_syn.device)
-        loss = student_step_loss(students, image_syn[indices], text_syn[indices], params_img, params_txt,
-                                 augment, step)
+    for step in range(num_steps):
+        loss = step_loss(step, params_img, params_txt, learned)
         grads = torch.autograd.grad(loss, params_img + params_txt, create_graph=True)
         params_img = [sgd_update(p, g, syn_lr_img) for p, g in zip(params_img, grads[:len(params_img)])]
         params_txt = [sgd_update(p, g, syn_lr_txt) for p, g in zip(params_txt, grads[len(params_img):])]
     image_term = normalised_distance(params_img, segment.start_img, segment.target_img)
     text_term = normalised_distance(params_txt, segment.start_txt, segment.target_txt)
     return MatchingLoss(image_term + text_term, image_term, text_term)
+
+
+def unrolled_matching_loss(students: Students, image_syn: torch.Tensor, text_syn: torch.Tensor,
+                           syn_lr_img: torch.Tensor, syn_lr_txt: torch.Tensor, segment: Segment,
+                           batches: list[torch.Tensor],
+                           augment: Callable[[torch.Tensor, int], torch.Tensor] | None = None) -> MatchingLoss:
+    """The paper's objective: one student step per minibatch of (images, texts), the whole graph kept."""
+    return unroll(students, contrastive_step_loss(students, batches, augment), len(batches), (image_syn, text_syn),
+                  syn_lr_img, syn_lr_txt, segment)

@@ -100,7 +100,7 @@ def test_resume_file_that_does_not_match_is_refused(run4, tiny_shapes, cache_dir
 
 
 def test_nan_loss_stops_keeps_the_last_good_set_and_says_where(tiny_shapes, cache_dir, experts, tmp_path, monkeypatch):
-    real = distill.unrolled_matching_loss
+    real = distill.matching_gradients
     calls = []
 
     def nan_on_third(*args, **kwargs):
@@ -110,7 +110,7 @@ def test_nan_loss_stops_keeps_the_last_good_set_and_says_where(tiny_shapes, cach
             result.image_term = result.image_term * float("nan")
         return result
 
-    monkeypatch.setattr(distill, "unrolled_matching_loss", nan_on_third)
+    monkeypatch.setattr(distill, "matching_gradients", nan_on_third)
     with pytest.raises(UserError, match=r"diverged at iteration 2 \(matching loss not finite: image term nan\).*"
                                         r"distilled_last.pt \(iteration 2\)"):
         distill.main(distill_flags(tiny_shapes, cache_dir, experts, tmp_path, "--Iteration", "6"))
@@ -119,17 +119,17 @@ def test_nan_loss_stops_keeps_the_last_good_set_and_says_where(tiny_shapes, cach
 
 def test_a_step_size_turning_negative_saves_the_state_before_that_step(run4, tiny_shapes, cache_dir, experts,
                                                                        tmp_path, monkeypatch):
-    real = distill.unrolled_matching_loss
+    real = distill.matching_gradients
     calls = []
 
-    def push_lr_below_zero_on_third(students, image_syn, text_syn, syn_lr_img, *rest, **kwargs):
-        result = real(students, image_syn, text_syn, syn_lr_img, *rest, **kwargs)
+    def push_lr_below_zero_on_third(*args, **kwargs):
+        result = real(*args, **kwargs)
         calls.append(1)
         if len(calls) == 3:  # a gradient of 1e6 on syn_lr_img: one SGD step takes it far below zero
-            result.total = result.total + 1e6 * syn_lr_img
+            result.lr_img_grad = result.lr_img_grad + 1e6
         return result
 
-    monkeypatch.setattr(distill, "unrolled_matching_loss", push_lr_below_zero_on_third)
+    monkeypatch.setattr(distill, "matching_gradients", push_lr_below_zero_on_third)
     with pytest.raises(UserError, match=r"diverged at iteration 2 \(the learned step size syn_lr_img became -.*"
                                         r"distilled_last.pt \(iteration 2\); continue from it with --resume"):
         distill.main(distill_flags(tiny_shapes, cache_dir, experts, tmp_path, "--Iteration", "6", "--eval_it", "5"))
@@ -148,3 +148,21 @@ def test_dsa_is_opt_in_and_changes_the_learned_pixels(run4, tiny_shapes, cache_d
     first = load_distilled_set(run4 / "distilled_000000.pt")
     assert torch.equal(load_distilled_set(tmp_path / "dsa" / "distilled_000000.pt")["image_syn"], first["image_syn"])
     assert not torch.equal(with_dsa["image_syn"], plain["image_syn"])
+
+
+def test_exact_lowmem_matching_learns_the_same_set_as_unroll(run4, tiny_shapes, cache_dir, experts, tmp_path):
+    flags = ("--Iteration", "2", "--draw", "False")
+    for mode in ("exact_lowmem", "tesla"):
+        assert distill.main(distill_flags(tiny_shapes, cache_dir, experts, tmp_path / mode, *flags,
+                                          "--matching", mode)) == 0
+    exact, tesla = (load_distilled_set(tmp_path / mode / "distilled_last.pt") for mode in ("exact_lowmem", "tesla"))
+    unrolled = load_distilled_set(run4 / "distilled_000002.pt")  # same seed and flags, --matching unroll
+    assert exact["config"]["matching"] == "exact_lowmem" and unrolled["config"]["matching"] == "unroll"
+    start = load_distilled_set(run4 / "distilled_000000.pt")
+    for key in ("image_syn", "text_syn"):
+        moved = (unrolled[key] - start[key]).norm()
+        assert moved > 0
+        assert (exact[key] - unrolled[key]).norm() < 1e-4 * moved  # float32: equal up to summation order
+        assert (tesla[key] - unrolled[key]).norm() > 1e-3 * moved  # the approximation changes the result
+    assert exact["syn_lr_img"] == pytest.approx(unrolled["syn_lr_img"], rel=1e-6)
+    assert exact["syn_lr_txt"] == pytest.approx(unrolled["syn_lr_txt"], rel=1e-6)

@@ -120,3 +120,68 @@ def test_real_and_clean_initialisation_share_the_pairs_and_differ_in_augmentatio
     assert torch.equal(sets["clean"][0], expected)
     assert not torch.allclose(sets["real"][0], expected, atol=1e-3)  # cropped, flipped, RandAugment-ed
     assert torch.equal(sets["real"][1], sets["clean"][1]) and torch.equal(sets["clean"][1], data.train_text[captions])
+
+
+def _mode_gradients(mode, setup, steps, augment=None):
+    """Loss terms, the meta-gradient (images, texts, both step sizes) and the next random number after it."""
+    from matching.meta_gradient import matching_gradients
+    from matching.trajectory import contrastive_step_loss
+
+    model, image_syn, text_syn, lr_img, lr_txt, start, target, _ = setup
+    batches = draw_minibatches(N, MINI, steps, torch.Generator().manual_seed(steps))
+    students = Students(ReparamModule(model.image_encoder), ReparamModule(model.text_projection))
+    segment = Segment(flatten(start["image_encoder"]), flatten(start["text_projection"]),
+                      flatten(target["image_encoder"]), flatten(target["text_projection"]), 0)
+    torch.manual_seed(123)  # the dropout masks of every step come from here
+    result = matching_gradients(mode, students, contrastive_step_loss(students, batches, augment), steps,
+                                (image_syn, text_syn), lr_img, lr_txt, segment)
+    grads = (*result.learned_grads, result.lr_img_grad, result.lr_txt_grad)
+    return (result.image_term, result.text_term), grads, torch.rand(1)
+
+
+@pytest.mark.parametrize("steps", [1, 3, 8])
+def test_exact_lowmem_gives_the_unrolled_meta_gradient(steps):
+    setup = _setup()
+    assert MINI < N and setup[0].text_projection.dropout.p > 0 and setup[0].training
+    terms, grads, after = _mode_gradients("exact_lowmem", setup, steps)
+    ref_terms, ref_grads, ref_after = _mode_gradients("unroll", setup, steps)
+    for got, expected in zip(terms, ref_terms):
+        torch.testing.assert_close(got, expected, rtol=1e-12, atol=0)
+    for got, expected in zip(grads, ref_grads):
+        assert expected.abs().sum() > 0
+        _assert_rel_close(got, expected, 1e-6)
+    assert torch.equal(after, ref_after)  # the sweep leaves the global RNG where the forward pass left it
+
+
+def test_exact_lowmem_replays_the_augmentation_of_every_step():
+    from utils.dsa import dsa_augment
+
+    def augment(images, step):
+        return dsa_augment(images, "color_crop_flip_scale", 1000 + step)
+
+    setup = _setup()
+    _, grads, _ = _mode_gradients("exact_lowmem", setup, 3, augment)
+    _, ref_grads, _ = _mode_gradients("unroll", setup, 3, augment)
+    _, plain_grads, _ = _mode_gradients("unroll", setup, 3)
+    assert (ref_grads[0] - plain_grads[0]).norm() > 1e-3 * plain_grads[0].norm()  # augmentation mattered
+    for got, expected in zip(grads, ref_grads):
+        _assert_rel_close(got, expected, 1e-6)
+
+
+@pytest.mark.parametrize("steps", [1, 3, 8])
+def test_tesla_is_exact_for_one_step_and_drops_the_hessian_terms_after(steps):
+    setup = _setup()
+    _, grads, _ = _mode_gradients("tesla", setup, steps)
+    _, ref_grads, _ = _mode_gradients("unroll", setup, steps)
+    errors = [((got - expected).norm() / expected.norm()).item() for got, expected in zip(grads, ref_grads)]
+    if steps == 1:
+        assert max(errors) < 1e-10
+    else:
+        assert min(errors) > 1e-3, errors  # every gradient differs: the approximation is really in use
+
+
+def test_unknown_matching_mode_is_refused():
+    from matching.meta_gradient import matching_gradients
+
+    with pytest.raises(ValueError, match="unknown matching mode 'fast'"):
+        matching_gradients("fast", None, None, 1, (), None, None, None)
