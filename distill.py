@@ -57,8 +57,9 @@ def parse_args(argv=None):
     group.add_argument("--matching", default="unroll", choices=MATCHING_MODES,
                        help="how the meta-gradient is computed: unroll = one graph through all student steps (the "
                             "reference; memory grows with --syn_steps); exact_lowmem = the same gradient by a reverse "
-                            "sweep that rebuilds one step at a time (memory flat in --syn_steps, ~1.3x the time); "
-                            "tesla = TESLA/LoRS's approximation of that sweep without the Hessian terms")
+                            "sweep that rebuilds one step at a time (memory flat in --syn_steps, 1.0-1.3x the time in "
+                            "BENCHMARKS.md 8); tesla = TESLA/LoRS's approximation: that sweep without the Hessian "
+                            "terms")
     group.add_argument("--expert_epochs", type=int, default=3, help="expert epochs between start and target")
     group.add_argument("--max_start_epoch", type=int, default=25, help="start epoch is drawn from 0..max_start_epoch-1")
     group.add_argument("--num_queries", type=int, default=100, help="synthetic pairs N")
