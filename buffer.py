@@ -18,7 +18,7 @@ import torch
 from tqdm import tqdm
 
 from data.build import eval_image_loader, load_retrieval_data, train_loader
-from networks import build_model
+from networks import build_model, trainable_parameters
 from utils import distributed
 from utils.buffers import (
     buffer_dir,
@@ -29,7 +29,7 @@ from utils.buffers import (
     save_expert_metrics,
 )
 from utils.cli import add_bool_flag, run_cli
-from utils.config import add_data_args, add_model_args, add_runtime_args, new_parser
+from utils.config import add_data_args, add_model_args, add_runtime_args, check_model_args, new_parser
 from utils.device import pick_device, seed_everything
 from utils.metrics import format_metrics, format_summary, summarize_runs
 from utils.training import (
@@ -67,7 +67,7 @@ def parse_args(argv=None):
 
 
 def snapshot(module: torch.nn.Module) -> list[torch.Tensor]:
-    return [p.detach().to("cpu", copy=True) for p in module.parameters()]
+    return [p.detach().to("cpu", copy=True) for p in trainable_parameters(module)]
 
 
 @contextmanager
@@ -86,14 +86,15 @@ def train_expert(args, data, device, seed: int, label: str, run, eval_loader):
     model = build_model(args, data.text_dim).to(device)
     optimizers = sgd_pair(model, args.lr_teacher_img, args.lr_teacher_txt, args.mom, args.l2)
     loader = train_loader(data, args.image_size, args.batch_train, args.num_workers, seed)
-    image_traj, text_traj = [snapshot(model.image_encoder)], [snapshot(model.text_projection)]
+    image_traj, text_traj = [snapshot(model.image_part)], [snapshot(model.text_projection)]
     decay_after = args.train_epochs // 2 + 1
     history = []
     epochs = tqdm(range(args.train_epochs), desc=label, unit="epoch", disable=not args.progress)
     for epoch in epochs:
-        stats = train_one_epoch(model, loader, optimizers, device, args.progress, desc=f"epoch {epoch}")
+        stats = train_one_epoch(model, loader, optimizers, device, args.progress, desc=f"epoch {epoch}",
+                                loss_type=args.loss_type)
         metrics = evaluate_retrieval(model, eval_loader, data.eval_text, data.eval_txt2img, device, args.progress)
-        image_traj.append(snapshot(model.image_encoder))
+        image_traj.append(snapshot(model.image_part))
         text_traj.append(snapshot(model.text_projection))
         run.log({**stats, **metrics, "epoch": epoch})
         history.append({"epoch": epoch + 1, **stats, **metrics})
@@ -106,6 +107,7 @@ def train_expert(args, data, device, seed: int, label: str, run, eval_loader):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    check_model_args(args)
     device = pick_device(args.device)
     group = distributed.init_from_env(device)
     with main_process_first(group):

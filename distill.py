@@ -23,8 +23,9 @@ from data.distilled_set import load_distilled_set, save_distilled_set
 from matching.experts import ExpertCycler, check_buffer_matches, locate_buffer
 from matching.meta_gradient import MATCHING_MODES, matching_gradients
 from matching.synthetic import initial_synthetic_set
-from matching.trajectory import Students, contrastive_step_loss, draw_minibatches, pick_segment
-from networks import build_model, text_encoder_identity
+from matching.trajectory import Students, contrastive_step_loss, draw_blends, draw_minibatches, pick_segment
+from networks import build_model, text_encoder_identity, trainable_parts
+from networks.similarity import SIM_TYPES, similarity_from_args
 from reparam_module import ReparamModule
 from utils.buffers import read_metadata
 from utils.cli import UserError, add_bool_flag, run_cli
@@ -33,6 +34,7 @@ from utils.config import (
     add_eval_args,
     add_model_args,
     add_runtime_args,
+    check_model_args,
     new_parser,
 )
 from utils.device import pick_device, seed_everything
@@ -74,6 +76,16 @@ def parse_args(argv=None):
                        help="synthetic image initialisation: real = random training images through the training "
                             "augmentation (the reference), clean = the same without augmentation, noise = Gaussian")
     group.add_argument("--txt_init", default="real", choices=("real", "noise"), help="synthetic text initialisation")
+    group.add_argument("--sim_type", default="none", choices=SIM_TYPES,
+                       help="LoRS: learn the target similarity between synthetic images and texts: none = identity "
+                            "(the paper), full = an N x N matrix, lowrank = diag(a) + (sim_alpha / sim_rank) L R^T; "
+                            "saved with the set and used by evaluate.py")
+    group.add_argument("--sim_rank", type=int, default=10, help="rank r of the low-rank similarity")
+    group.add_argument("--sim_alpha", type=float, default=1.0, help="scale alpha of the low-rank part")
+    group.add_argument("--lr_sim", type=float, default=10.0, help="learning rate of the similarity (SGD momentum 0.5)")
+    group.add_argument("--blend_alpha", type=float, default=0.0,
+                       help="RepBlend: in every student step blend the minibatch's image and text representations "
+                            "with a shuffled copy, lambda ~ Beta(A, A) (0 = off)")
     group.add_argument("--max_files", type=int, default=None, help="use only this many expert files")
     group.add_argument("--max_experts", type=int, default=None, help="use only this many experts per file")
     group.add_argument("--eval_it", type=int, default=50, help="evaluate and save every this many iterations")
@@ -91,9 +103,12 @@ def check_args(args) -> None:
                  "eval_it", "num_eval", "epoch_eval_train", "batch_train", "image_size"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name} must be at least 1, got {getattr(args, name)}")
-    for name in ("lr_img", "lr_txt", "lr_lr", "lr_teacher_img", "lr_teacher_txt"):
+    for name in ("lr_img", "lr_txt", "lr_lr", "lr_teacher_img", "lr_teacher_txt", "lr_sim", "sim_rank"):
         if not getattr(args, name) > 0:
             raise UserError(f"--{name} must be positive, got {getattr(args, name)}")
+    if args.blend_alpha < 0:
+        raise UserError(f"--blend_alpha must be 0 (off) or positive, got {args.blend_alpha}")
+    check_model_args(args)
     if args.mini_batch_size > args.num_queries:
         raise UserError(f"--mini_batch_size {args.mini_batch_size} is larger than --num_queries {args.num_queries}")
     if args.dsa:
@@ -125,24 +140,35 @@ def check_resume(payload: dict, args, text_identity: str, path) -> None:
 
 
 class Distiller:
-    """The learned state of a run and one trajectory-matching iteration on it."""
+    """The learned state of a run (pixels, text embeddings, step sizes, a similarity's parameters) and
+    one trajectory-matching iteration on it."""
 
-    def __init__(self, args, images: torch.Tensor, texts: torch.Tensor, device: torch.device, students: Students):
+    def __init__(self, args, images: torch.Tensor, texts: torch.Tensor, device: torch.device, students: Students,
+                 generator: torch.Generator):
         self.args, self.device, self.students = args, device, students
         self.image_syn = images.to(device).requires_grad_(True)
         self.text_syn = texts.to(device).requires_grad_(True)
         self.syn_lr_img = torch.tensor(float(args.lr_teacher_img), device=device, requires_grad=True)
         self.syn_lr_txt = torch.tensor(float(args.lr_teacher_txt), device=device, requires_grad=True)
+        self.similarity = similarity_from_args(args, args.num_queries) if args.sim_type != "none" else None
+        self.sim_params = ([t.requires_grad_(True) for t in self.similarity.initial_params(generator, device)]
+                           if self.similarity else [])
         self.optimizers = {
             "img": torch.optim.SGD([self.image_syn], lr=args.lr_img, momentum=0.5),
             "txt": torch.optim.SGD([self.text_syn], lr=args.lr_txt, momentum=0.5),
             "lr": torch.optim.SGD([self.syn_lr_img, self.syn_lr_txt], lr=args.lr_lr, momentum=0.5),
         }
+        if self.sim_params:
+            self.optimizers["sim"] = torch.optim.SGD(self.sim_params, lr=args.lr_sim, momentum=0.5)
 
     def augment(self, seed_base: int):
         if not self.args.dsa:
             return None
         return lambda images, step: dsa_augment(images, self.args.dsa_strategy, seed_base + step)
+
+    def similarity_matrix(self) -> torch.Tensor | None:
+        """The learned N x N target similarity (None: identity)."""
+        return None if self.similarity is None else self.similarity.submatrix(self.sim_params).detach()
 
     def step(self, experts: ExpertCycler, generator: torch.Generator, iteration: int) -> dict:
         args = self.args
@@ -150,15 +176,31 @@ class Distiller:
         segment = pick_segment(image_traj, text_traj, args.max_start_epoch, args.expert_epochs, generator, self.device)
         batches = draw_minibatches(args.num_queries, args.mini_batch_size, args.syn_steps, generator)
         augment = self.augment(int(torch.randint(0, 2**31 - 1, (1,), generator=generator)))
-        step_loss = contrastive_step_loss(self.students, batches, augment)
+        blends = draw_blends(args.syn_steps, args.mini_batch_size, args.blend_alpha, generator) \
+            if args.blend_alpha > 0 else None
+        # A frozen image encoder runs once per iteration on every synthetic image (RepBlend); the
+        # student steps then see its features, and their gradient flows back through it at the end.
+        features_given = self.students.frozen_encoder is not None and augment is None
+        if features_given:
+            features = self.students.frozen_encoder(self.image_syn)
+            image_input = features.detach().requires_grad_(True)
+        else:
+            image_input = self.image_syn
+        step_loss = contrastive_step_loss(self.students, batches, augment, self.similarity, args.loss_type, blends,
+                                          features_given)
         result = matching_gradients(args.matching, self.students, step_loss, len(batches),
-                                    (self.image_syn, self.text_syn), self.syn_lr_img, self.syn_lr_txt, segment)
+                                    (image_input, self.text_syn, *self.sim_params), self.syn_lr_img,
+                                    self.syn_lr_txt, segment)
         terms = {"image": result.image_term.item(), "text": result.text_term.item()}
         bad = [f"{name} term {value}" for name, value in terms.items() if not math.isfinite(value)]
         if bad:
             raise NonFiniteLoss(iteration, "matching loss not finite: " + ", ".join(bad))
-        gradients = (*result.learned_grads, result.lr_img_grad, result.lr_txt_grad)
-        for tensor, gradient in zip((self.image_syn, self.text_syn, self.syn_lr_img, self.syn_lr_txt), gradients):
+        image_grad, text_grad, *sim_grads = result.learned_grads
+        if features_given:
+            (image_grad,) = torch.autograd.grad(features, self.image_syn, image_grad)
+        learned = (self.image_syn, self.text_syn, self.syn_lr_img, self.syn_lr_txt, *self.sim_params)
+        for tensor, gradient in zip(learned, (image_grad, text_grad, result.lr_img_grad, result.lr_txt_grad,
+                                              *sim_grads)):
             tensor.grad = gradient
         before = self.snapshot()
         for optimizer in self.optimizers.values():
@@ -177,9 +219,10 @@ class Distiller:
         return {name: opt.state_dict() for name, opt in self.optimizers.items()}
 
     def snapshot(self) -> dict:
-        """The synthetic set, step sizes and optimiser states, copied (the format `restore` takes)."""
+        """The learned tensors, step sizes and optimiser states, copied (the format `restore` takes)."""
         return {"image_syn": self.image_syn.detach().clone(), "text_syn": self.text_syn.detach().clone(),
                 "syn_lr_img": self.syn_lr_img.item(), "syn_lr_txt": self.syn_lr_txt.item(),
+                "sim_params": [t.detach().clone() for t in self.sim_params],
                 "state": {"optimizers": copy.deepcopy(self.state())}}
 
     def restore(self, payload: dict) -> None:
@@ -188,6 +231,8 @@ class Distiller:
             self.text_syn.copy_(payload["text_syn"])
             self.syn_lr_img.fill_(payload["syn_lr_img"])
             self.syn_lr_txt.fill_(payload["syn_lr_txt"])
+            for tensor, saved in zip(self.sim_params, payload.get("sim_params", [])):
+                tensor.copy_(saved)
         for name, optimizer in self.optimizers.items():
             optimizer.load_state_dict(payload["state"]["optimizers"][name])
 
@@ -239,7 +284,7 @@ def main(argv=None) -> int:
     meta = read_metadata(directory)
     check_buffer_matches(meta, directory, {"dataset": args.dataset, "image_encoder": args.image_encoder,
                                            "text_encoder": args.text_encoder, "text_model": text_identity,
-                                           "image_size": args.image_size})
+                                           "image_size": args.image_size, "trainable_parts": trainable_parts(args)})
     experts = ExpertCycler(directory, meta, generator, args.max_start_epoch + args.expert_epochs,
                            args.max_files, args.max_experts)
     experts.peek_check()
@@ -256,10 +301,11 @@ def main(argv=None) -> int:
     files = RunFiles(Path(args.save_dir or Path("runs") / args.dataset / args.name))
     config = run_config(args, text_identity)
     student_model = build_model(args, data.text_dim).to(device).train()
-    students = Students(ReparamModule(student_model.image_encoder), ReparamModule(student_model.text_projection))
+    students = Students(ReparamModule(student_model.image_part), ReparamModule(student_model.text_projection),
+                        student_model.image_encoder if args.image_projection else None)
     images, texts = initial_synthetic_set(data, args.num_queries, args.image_size, args.pix_init, args.txt_init,
                                           args.text_encoder, generator)
-    distiller = Distiller(args, images, texts, device, students)
+    distiller = Distiller(args, images, texts, device, students, generator)
     start_it, best_r_mean, evaluated_at_start = 0, -1.0, False
     if resume is not None:
         distiller.restore(resume)
@@ -277,14 +323,18 @@ def main(argv=None) -> int:
     def save(path: Path, iteration: int, metrics: dict) -> None:
         state = {"optimizers": distiller.state(), "rng": rng_state(generator), "experts": experts.state(),
                  "best_r_mean": best_r_mean}
+        similarity = distiller.similarity_matrix()
+        extra = {} if similarity is None else {"similarity": similarity,
+                                                "sim_params": [t.detach().cpu() for t in distiller.sim_params]}
         save_distilled_set(path, distiller.image_syn, distiller.text_syn, distiller.syn_lr_img.item(),
-                           distiller.syn_lr_txt.item(), iteration, config, metrics, state)
+                           distiller.syn_lr_txt.item(), iteration, config, metrics, state, **extra)
 
     def evaluate_and_save(iteration: int) -> None:
         nonlocal best_r_mean
         lr = distiller.syn_lr_img.item()
         summary = evaluate_pairs(args, distiller.image_syn, distiller.text_syn, lr, data, eval_loader, device,
-                                 args.num_eval, seed=args.seed + 1_000_003 + iteration, progress=args.progress)
+                                 args.num_eval, seed=args.seed + 1_000_003 + iteration, progress=args.progress,
+                                 similarity=distiller.similarity_matrix())
         tqdm.write(f"iteration {iteration}: {format_summary(summary)}  (eval lr {lr:.4g}, {args.num_eval} models)")
         run.log({**{f"eval/{k}": v["mean"] for k, v in summary.items()},
                  **{f"eval/{k}_std": v["std"] for k, v in summary.items()}}, step=iteration)

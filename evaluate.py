@@ -34,6 +34,7 @@ from utils.config import (
     add_eval_args,
     add_model_args,
     add_runtime_args,
+    check_model_args,
     new_parser,
 )
 from utils.device import pick_device, seed_everything
@@ -45,7 +46,8 @@ from utils.wandb_logging import start_run
 # Settings a distilled-set file supplies unless the command line gives them.
 FILE_SETTINGS = ("dataset", "image_root", "ann_root", "cache_dir", "eval_split", "max_train_images", "text_encoder", "text_model",
                  "image_encoder", "image_size", "image_pretrained", "image_weights", "num_eval",
-                 "epoch_eval_train", "batch_train", "dsa", "dsa_strategy")
+                 "epoch_eval_train", "batch_train", "dsa", "dsa_strategy", "image_projection", "lora_rank",
+                 "loss_type")
 # Settings that decide the forgetting counts (shared by coresets of every size).
 FORGETTING_KEYS = ("seed", "dataset", "text_identity", "image_encoder", "image_size", "image_pretrained",
                    "image_weights", "forgetting_epochs", "forgetting_batch", "lr_teacher_img", "lr_teacher_txt",
@@ -235,6 +237,7 @@ def evaluation_model_check(args, text_dim: int, images: torch.Tensor) -> None:
 def main(argv=None) -> int:
     args = parse_args(argv)
     check_args(args)
+    check_model_args(args)
     device = pick_device(args.device)
     started = time.time()
     payload, set_path = None, None
@@ -264,7 +267,7 @@ def main(argv=None) -> int:
         what = f"{len(payload['image_syn'])} pairs from {set_path} ({payload['config'].get('source', 'distilled')})"
         print(f"evaluating {what} with {args.num_eval} x {args.image_encoder} on {args.eval_split}, lr {lr:.4g}")
         summary = evaluate_pairs(args, payload["image_syn"], payload["text_syn"], lr, data, eval_loader, device,
-                                 args.num_eval, args.seed, args.progress)
+                                 args.num_eval, args.seed, args.progress, similarity=payload.get("similarity"))
         label = f"{payload['config'].get('source', 'distilled')}-{len(payload['image_syn'])}"
         label += f" on {args.image_encoder}" if args.eval_image_encoder else ""
     else:

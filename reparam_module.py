@@ -6,8 +6,9 @@ with its parameters replaced by views into `theta` (via `torch.func.functional_c
 `theta - lr * grad(loss, theta)` is itself a valid parameter vector and gradients flow back
 through every step.
 
-The flat layout is `module.parameters()` order, each tensor flattened: exactly the layout of a
-buffer snapshot, so `flatten(snapshot)` is a valid `theta`. The same call also accepts the
+The flat layout is `module.parameters()` order of the trainable parameters (`requires_grad`), each
+tensor flattened: exactly the layout of a buffer snapshot, so `flatten(snapshot)` is a valid `theta`.
+Frozen parameters (a frozen backbone under LoRA adapters) are taken from the module itself. The same call also accepts the
 parameters as a list (`params=split(theta)`, views into the vector): the unrolled matching loop
 steps each parameter tensor on its own, which keeps its memory use at the level of a plain
 per-parameter loop (one concatenated copy per step would fragment the CPU heap).
@@ -35,7 +36,7 @@ class ReparamModule(nn.Module):
     def __init__(self, module: nn.Module):
         super().__init__()
         self.module = module
-        named = list(module.named_parameters())
+        named = [(name, p) for name, p in module.named_parameters() if p.requires_grad]  # frozen ones stay put
         self.param_names = [name for name, _ in named]
         self.param_shapes = [p.shape for _, p in named]
         self.param_numels = [p.numel() for _, p in named]
@@ -43,7 +44,7 @@ class ReparamModule(nn.Module):
 
     def flat_param(self) -> torch.Tensor:
         """The module's current parameters as one detached flat vector."""
-        return flatten([p.detach() for p in self.module.parameters()]).clone()
+        return flatten([p.detach() for p in self.module.parameters() if p.requires_grad]).clone()
 
     def unflatten(self, flat_param: torch.Tensor) -> dict[str, torch.Tensor]:
         if flat_param.dim() != 1 or flat_param.numel() != self.num_params:

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import torch
 
+from networks import trainable_parameters
 from utils.buffers import (
     COMPATIBILITY_KEYS,
     META_NAME,
@@ -23,15 +24,22 @@ def locate_buffer(buffer_path, dataset: str, image_encoder: str, text_encoder: s
     return buffer_dir(given, dataset, image_encoder, text_encoder)
 
 
+# What buffers written before a metadata entry existed hold.
+LEGACY_DEFAULTS = {"trainable_parts": ["image_encoder", "text_projection"]}
+
+
 def check_buffer_matches(meta: dict | None, directory: Path, expected: dict) -> None:
     """Refuse a buffer made with other encoders, image size, text dimension or data set than asked."""
     if meta is None:
         raise UserError(f"no experts in {directory} (no {META_NAME}): run buffer.py with the same --dataset, "
                         f"--image_encoder and --text_encoder first, or point --buffer_path at its output")
-    problems = [f"{key}: buffer has {meta.get(key)!r}, this run asks for {expected[key]!r}"
-                for key in COMPATIBILITY_KEYS if key in expected and meta.get(key) != expected[key]]
+    found = {**LEGACY_DEFAULTS, **meta}
+    problems = [f"{key}: buffer has {found.get(key)!r}, this run asks for {expected[key]!r}"
+                for key in COMPATIBILITY_KEYS if key in expected and found.get(key) != expected[key]]
     if problems:
-        raise UserError(f"the experts in {directory} do not fit this run ({'; '.join(problems[:3])})")
+        hint = (" (the experts must train what distillation matches: the same --image_projection and --lora_rank)"
+                if any(p.startswith("trainable_parts") for p in problems) else "")
+        raise UserError(f"the experts in {directory} do not fit this run ({'; '.join(problems[:3])}){hint}")
 
 
 class ExpertCycler:
@@ -104,7 +112,7 @@ class ExpertCycler:
 def load_expert_weights(model, directory: Path, meta: dict, number: int | None = None,
                         epoch: int | None = None) -> tuple[int, int]:
     """Copy expert `number`'s snapshot at `epoch` (default: the first file's expert, its last snapshot)
-    into `model.image_encoder` and `model.text_projection`; returns (number, epoch) used."""
+    into the trainable parameters of `model.image_part` and `model.text_projection`; returns (number, epoch) used."""
     files = {n: (img, txt) for n, img, txt in expert_files(directory)}
     if not files:
         raise UserError(f"no expert files in {directory}: run buffer.py first")
@@ -116,7 +124,7 @@ def load_expert_weights(model, directory: Path, meta: dict, number: int | None =
     if not 0 <= epoch < len(image_traj):
         raise UserError(f"expert {number} has snapshots 0..{len(image_traj) - 1}, asked for epoch {epoch}")
     with torch.no_grad():
-        for module, snapshot in ((model.image_encoder, image_traj[epoch]), (model.text_projection, text_traj[epoch])):
-            for param, value in zip(module.parameters(), snapshot):
+        for module, snapshot in ((model.image_part, image_traj[epoch]), (model.text_projection, text_traj[epoch])):
+            for param, value in zip(trainable_parameters(module), snapshot):
                 param.copy_(value)
     return number, epoch

@@ -4,18 +4,22 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from networks.contrastive import contrastive_loss
+from networks.similarity import TargetSimilarity
 from reparam_module import ReparamModule, flatten
 
 
 @dataclass
 class Students:
-    """The functional image encoder and text projection head the student steps run through."""
+    """The functional models the student steps run through: the trainable image part (the image
+    encoder, or its LoRA adapters, or with a frozen encoder the image projection head) and the text head."""
 
     image: ReparamModule
     text: ReparamModule
+    frozen_encoder: torch.nn.Module | None = None  # set when `image` is a head over a frozen encoder
 
 
 # step_loss(step, params_img, params_txt, learned) -> the loss of student step `step`, run with the
@@ -50,19 +54,48 @@ def draw_minibatches(num_queries: int, mini_batch_size: int, syn_steps: int,
     return [torch.randperm(num_queries, generator=generator)[:mini_batch_size] for _ in range(syn_steps)]
 
 
+def draw_blends(syn_steps: int, mini_batch_size: int, alpha: float,
+                generator: torch.Generator) -> list[tuple[float, torch.Tensor]]:
+    """RepBlend: per student step, λ ~ Beta(alpha, alpha) and a permutation of the minibatch."""
+    blends = []
+    for _ in range(syn_steps):
+        seed = int(torch.randint(0, 2**63 - 1, (1,), generator=generator))
+        blends.append((float(np.random.default_rng(seed).beta(alpha, alpha)),
+                       torch.randperm(mini_batch_size, generator=generator)))
+    return blends
+
+
+def blend(images: torch.Tensor, texts: torch.Tensor, mix: tuple[float, torch.Tensor]):
+    """x ← λx + (1−λ)x[perm] and y ← λy + (1−λ)y[perm], one λ and one permutation for both modalities."""
+    lam, perm = mix
+    perm = perm.to(images.device)
+    return lam * images + (1 - lam) * images[perm], lam * texts + (1 - lam) * texts[perm]
+
+
 def student_step_loss(students: Students, images: torch.Tensor, texts: torch.Tensor,
                       params_img: list[torch.Tensor], params_txt: list[torch.Tensor],
                       augment: Callable[[torch.Tensor, int], torch.Tensor] | None = None,
-                      step: int = 0) -> torch.Tensor:
+                      step: int = 0, targets: torch.Tensor | None = None, loss_type: str = "infonce",
+                      mix: tuple[float, torch.Tensor] | None = None, features_given: bool = False) -> torch.Tensor:
     """Contrastive loss of student step `step` on a minibatch of synthetic pairs.
 
+    Images go through the image encoder (the student's, or the frozen one), then with `mix` are
+    blended with the texts (after the encoders, before the heads), then through the image head when
+    there is one. `features_given`: `images` are already the frozen encoder's features.
     `augment(images, step)`, if given, must be deterministic in `step` (see utils/dsa.py).
     """
-    if augment is not None:
-        images = augment(images, step)
-    image_features = students.image(images, params=params_img)
+    if not features_given:
+        if augment is not None:
+            images = augment(images, step)
+        if students.frozen_encoder is not None:
+            images = students.frozen_encoder(images)
+        else:
+            images = students.image(images, params=params_img)
+    if mix is not None:
+        images, texts = blend(images, texts, mix)
+    image_features = students.image(images, params=params_img) if students.frozen_encoder is not None else images
     text_features = students.text(texts, params=params_txt)
-    return contrastive_loss(image_features, text_features)
+    return contrastive_loss(image_features, text_features, targets, loss_type)
 
 
 def sgd_update(theta: torch.Tensor, grad: torch.Tensor, lr: torch.Tensor) -> torch.Tensor:
@@ -85,14 +118,20 @@ def normalised_distance(final: list[torch.Tensor], start: torch.Tensor, target: 
 
 
 def contrastive_step_loss(students: Students, batches: list[torch.Tensor],
-                          augment: Callable[[torch.Tensor, int], torch.Tensor] | None = None) -> StepLoss:
-    """The paper's student step: the contrastive loss on minibatch `batches[step]` of (images, texts)."""
+                          augment: Callable[[torch.Tensor, int], torch.Tensor] | None = None,
+                          similarity: TargetSimilarity | None = None, loss_type: str = "infonce",
+                          blends: list[tuple[float, torch.Tensor]] | None = None,
+                          features_given: bool = False) -> StepLoss:
+    """The student step: the contrastive loss on minibatch `batches[step]` of the learned tensors
+    (images or their frozen-encoder features, texts, then the similarity's parameters), against
+    S[idx, idx] when a similarity is learned, with the step's blend when given."""
     def step_loss(step: int, params_img: list[torch.Tensor], params_txt: list[torch.Tensor],
                   learned: Sequence[torch.Tensor]) -> torch.Tensor:
-        image_syn, text_syn = learned[0], learned[1]
-        indices = batches[step].to(image_syn.device)
-        return student_step_loss(students, image_syn[indices], text_syn[indices], params_img, params_txt,
-                                 augment, step)
+        images, texts, *sim_params = learned
+        indices = batches[step].to(images.device)
+        targets = similarity.submatrix(sim_params, indices) if similarity is not None else None
+        return student_step_loss(students, images[indices], texts[indices], params_img, params_txt, augment, step,
+                                 targets, loss_type, blends[step] if blends else None, features_given)
     return step_loss
 
 

@@ -39,7 +39,13 @@ def _build(name: str, image_size: int) -> nn.Module:
         if image_size % 16:
             raise UserError(f"vit needs --image_size divisible by its patch size 16, got {image_size}")
         kwargs["img_size"] = image_size
-    return timm.create_model(TIMM_NAMES[name], **kwargs)
+    model = timm.create_model(TIMM_NAMES[name], **kwargs)
+    for module in model.modules():
+        if hasattr(module, "fused_attn"):
+            # Trajectory matching differentiates twice through every layer; the fused attention
+            # kernels have no double backward, the explicit softmax(q kᵀ) v has.
+            module.fused_attn = False
+    return model
 
 
 def create_image_encoder(name: str, image_size: int, pretrained: bool = False,

@@ -185,3 +185,32 @@ def test_unknown_matching_mode_is_refused():
 
     with pytest.raises(ValueError, match="unknown matching mode 'fast'"):
         matching_gradients("fast", None, None, 1, (), None, None, None)
+
+
+def test_exact_lowmem_matches_unroll_with_a_learned_similarity_and_blending():
+    from matching.meta_gradient import matching_gradients
+    from matching.trajectory import contrastive_step_loss, draw_blends
+    from networks.similarity import TargetSimilarity
+
+    model, image_syn, text_syn, lr_img, lr_txt, start, target, _ = _setup()
+    similarity = TargetSimilarity("lowrank", N, rank=2)
+    generator = torch.Generator().manual_seed(7)
+    sim_params = [t.double() for t in similarity.initial_params(generator, torch.device("cpu"))]
+    sim_params[2] = torch.randn(N, 2, dtype=torch.float64, generator=generator)  # S away from the identity
+    sim_params = [t.requires_grad_(True) for t in sim_params]
+    batches = draw_minibatches(N, MINI, 3, generator)
+    blends = draw_blends(3, MINI, 0.5, generator)
+    students = Students(ReparamModule(model.image_encoder), ReparamModule(model.text_projection))
+    segment = Segment(flatten(start["image_encoder"]), flatten(start["text_projection"]),
+                      flatten(target["image_encoder"]), flatten(target["text_projection"]), 0)
+    results = {}
+    for mode in ("unroll", "exact_lowmem"):
+        torch.manual_seed(123)
+        step_loss = contrastive_step_loss(students, batches, similarity=similarity, loss_type="wbce", blends=blends)
+        result = matching_gradients(mode, students, step_loss, 3, (image_syn, text_syn, *sim_params), lr_img,
+                                    lr_txt, segment)
+        results[mode] = [*result.learned_grads, result.lr_img_grad, result.lr_txt_grad]
+    assert len(results["unroll"]) == 7  # images, texts, a, L, R, both step sizes
+    for got, expected in zip(results["exact_lowmem"], results["unroll"]):
+        assert expected.abs().sum() > 0
+        _assert_rel_close(got, expected, 1e-6)

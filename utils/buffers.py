@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from networks import trainable_parameters, trainable_parts
 from utils.cli import UserError
 from utils.io import atomic_torch_save, atomic_write_json, safe_torch_load
 
@@ -30,7 +31,7 @@ def buffer_dir(buffer_path, dataset: str, image_encoder: str, text_encoder: str)
 
 
 def parameter_shapes(module: nn.Module) -> list[list[int]]:
-    return [list(p.shape) for p in module.parameters()]
+    return [list(p.shape) for p in trainable_parameters(module)]
 
 
 def describe_experts(args, model, text_identity: str, text_dim: int, train_pairs: int) -> dict:
@@ -46,11 +47,12 @@ def describe_experts(args, model, text_identity: str, text_dim: int, train_pairs
         "text_dim": text_dim,
         "image_dim": model.image_dim,
         "image_pretrained": bool(args.image_pretrained or args.image_weights),
-        "trainable_parts": ["image_encoder", "text_projection"],
-        "image_param_shapes": parameter_shapes(model.image_encoder),
+        "trainable_parts": trainable_parts(args),
+        "loss_type": getattr(args, "loss_type", "infonce"),
+        "image_param_shapes": parameter_shapes(model.image_part),
         "text_param_shapes": parameter_shapes(model.text_projection),
-        "image_param_count": sum(p.numel() for p in model.image_encoder.parameters()),
-        "text_param_count": sum(p.numel() for p in model.text_projection.parameters()),
+        "image_param_count": sum(p.numel() for p in trainable_parameters(model.image_part)),
+        "text_param_count": sum(p.numel() for p in trainable_parameters(model.text_projection)),
     }
 
 

@@ -8,9 +8,11 @@ import argparse
 import datetime
 
 from data.build import DATASETS, default_cache_dir
+from networks.contrastive import LOSS_TYPES
 from networks.image_encoders import IMAGE_ENCODERS
+from networks.lora import LORA_TARGETS
 from networks.text_encoders import TEXT_ENCODERS
-from utils.cli import add_bool_flag
+from utils.cli import UserError, add_bool_flag
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -54,6 +56,17 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
                   "start the image encoder from pretrained weights (offline: packaged for efficientnet_lite0, "
                   "else --image_weights)")
     group.add_argument("--image_weights", default=None, help="local checkpoint for the image encoder")
+    add_bool_flag(group, "--image_projection", False,
+                  "RepBlend's symmetric projection matching: freeze the image encoder at its (pretrained) weights and "
+                  "train an image projection head beside the text head; experts and distillation then hold the two "
+                  "heads only")
+    group.add_argument("--lora_rank", type=int, default=0,
+                       help="rank of LoRA adapters on the attention and MLP layers of a transformer image encoder "
+                            "(vit); the backbone is frozen and the adapters are what experts train and distillation "
+                            "matches (0 = off, the whole encoder trains)")
+    group.add_argument("--loss_type", default="infonce", choices=LOSS_TYPES,
+                       help="contrastive loss: infonce = cross-entropy over rows and columns (the paper); with a "
+                            "learned similarity (--sim_type) the soft-target losses of LoRS: wbce, bce, kl, mse")
 
 
 def add_eval_args(parser: argparse.ArgumentParser, batch_train_default: int = 64) -> None:
@@ -81,3 +94,15 @@ def add_runtime_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--name", default=datetime.datetime.now().strftime("%Y-%m-%d_%H-%M-%S"),
                        help="wandb run name")
     add_bool_flag(group, "--progress", True, "show progress bars")
+
+
+def check_model_args(args) -> None:
+    """Model flags that cannot go together, as one-line errors."""
+    if args.lora_rank < 0:
+        raise UserError(f"--lora_rank must be 0 (off) or positive, got {args.lora_rank}")
+    if args.lora_rank and args.image_encoder not in LORA_TARGETS:
+        raise UserError(f"--lora_rank is for transformer encoders ({', '.join(LORA_TARGETS)}), "
+                        f"not --image_encoder {args.image_encoder}")
+    if args.lora_rank and args.image_projection:
+        raise UserError("--lora_rank and --image_projection exclude each other: adapters train inside the encoder, "
+                        "the projection keeps it frozen")

@@ -134,11 +134,13 @@ def pair_features(model, data: RetrievalData, image_size: int, batch_size: int, 
     loader = torch.utils.data.DataLoader(ImageDataset(data.train, test_transform(image_size)), batch_size=batch_size,
                                          shuffle=False, num_workers=workers)
     model.to(device)
-    if any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.image_encoder.modules()):
+    trained_encoder = model.image_projection is None  # a frozen encoder keeps its pretrained statistics
+    if trained_encoder and any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
+                               for m in model.image_encoder.modules()):
         update_bn(tqdm(loader, desc="BatchNorm statistics", unit="batch", leave=False, disable=not progress),
                   model.image_encoder, device)
     model.eval()
-    images = torch.cat([model.image_encoder(x.to(device)).cpu() for x, _ in
+    images = torch.cat([model.encode_image(x.to(device)).cpu() for x, _ in
                         tqdm(loader, desc="embed train images", unit="batch", leave=False, disable=not progress)])
     texts = torch.cat([model.text_projection(t.to(device)).cpu() for t in data.train_text.split(4096)])
     txt2img = torch.tensor(data.train.txt2img, dtype=torch.long)

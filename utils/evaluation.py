@@ -41,49 +41,57 @@ def _pairs_loader(images, texts, batch_size: int, seed: int, dsa_strategy: str |
     counter = iter(range(1 << 62))
 
     def collate(items):
-        batch_images = torch.stack([i for i, _ in items])
-        batch_texts = torch.stack([t for _, t in items])
+        batch_images = torch.stack([i for i, _, _ in items])
+        batch_texts = torch.stack([t for _, t, _ in items])
+        indices = torch.stack([k for _, _, k in items])
         if dsa_strategy:
             batch_images = dsa_augment(batch_images, dsa_strategy, seed * 7919 + next(counter))
-        return batch_images, batch_texts
+        return batch_images, batch_texts, indices
 
     drop_last = len(images) % batch_size == 1 and len(images) > 1  # a batch of one has no negatives
-    return DataLoader(TensorDataset(images, texts), batch_size=batch_size, shuffle=True, generator=generator,
-                      drop_last=drop_last, collate_fn=collate)
+    return DataLoader(TensorDataset(images, texts, torch.arange(len(images))), batch_size=batch_size, shuffle=True,
+                      generator=generator, drop_last=drop_last, collate_fn=collate)
 
 
-def train_fresh_model(args, loader, lr: float, text_dim: int, device: torch.device, seed: int):
-    """A fresh model (encoders from `args`) trained on `loader` batches with the evaluation protocol."""
+def train_fresh_model(args, loader, lr: float, text_dim: int, device: torch.device, seed: int,
+                      similarity: torch.Tensor | None = None):
+    """A fresh model (encoders from `args`) trained on `loader` batches with the evaluation protocol:
+    `args.loss_type`, against `similarity[idx, idx]` when the set has a learned similarity."""
     seed_everything(SEED_OFFSET + seed)
     model = build_model(args, text_dim).to(device)
     optimizers = sgd_pair(model, lr, lr, EVAL_MOMENTUM, EVAL_WEIGHT_DECAY)
     for epoch in range(args.epoch_eval_train):
         if epoch == args.epoch_eval_train // 2:
             scale_learning_rates(optimizers, 0.1)
-        train_one_epoch(model, loader, optimizers, device, progress=False)
+        train_one_epoch(model, loader, optimizers, device, progress=False,
+                        loss_type=getattr(args, "loss_type", "infonce"), similarity=similarity)
     return model
 
 
 def evaluate_models(args, make_loader: Callable[[int], DataLoader], lr: float, data, eval_loader,
-                    device: torch.device, num_eval: int, seed: int, progress: bool = True) -> dict:
+                    device: torch.device, num_eval: int, seed: int, progress: bool = True,
+                    similarity: torch.Tensor | None = None) -> dict:
     """Mean, std and per-run values of every retrieval metric over `num_eval` freshly trained models;
     model `k` is seeded with `seed + k` and trains on `make_loader(seed + k)`."""
     runs = []
     bar = tqdm(range(num_eval), desc="evaluation models", unit="model", leave=False, disable=not progress)
     for run in bar:
-        model = train_fresh_model(args, make_loader(seed + run), lr, data.text_dim, device, seed + run)
+        model = train_fresh_model(args, make_loader(seed + run), lr, data.text_dim, device, seed + run, similarity)
         runs.append(evaluate_retrieval(model, eval_loader, data.eval_text, data.eval_txt2img, device, progress=False))
         bar.set_postfix(r_mean=f"{runs[-1]['r_mean']:.2f}")
     return summarize_runs(runs)
 
 
 def evaluate_pairs(args, images: torch.Tensor, texts: torch.Tensor, lr: float, data, eval_loader,
-                   device: torch.device, num_eval: int, seed: int, progress: bool = True) -> dict:
-    """The protocol on a fixed set of (image tensor, text embedding) pairs: a distilled set or a coreset."""
+                   device: torch.device, num_eval: int, seed: int, progress: bool = True,
+                   similarity: torch.Tensor | None = None) -> dict:
+    """The protocol on a fixed set of (image tensor, text embedding) pairs: a distilled set or a coreset,
+    with its learned [N, N] target similarity if it has one."""
     images, texts = images.detach().cpu(), texts.detach().cpu()
+    similarity = None if similarity is None else similarity.detach().to(device)
     strategy = args.dsa_strategy if getattr(args, "dsa", False) else None
     return evaluate_models(args, lambda s: _pairs_loader(images, texts, args.batch_train, s, strategy), lr, data,
-                           eval_loader, device, num_eval, seed, progress)
+                           eval_loader, device, num_eval, seed, progress, similarity)
 
 
 def evaluate_full_data(args, data, lr: float, eval_loader, device: torch.device, num_eval: int, seed: int,

@@ -7,15 +7,17 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from networks.contrastive import contrastive_loss, in_batch_accuracy
+from networks.contrastive import contrastive_loss, in_batch_accuracy, trainable_parameters
 from utils.metrics import retrieval_metrics
 
 
 def sgd_pair(model: nn.Module, lr_img: float, lr_txt: float, momentum: float = 0.0,
              weight_decay: float = 0.0) -> list[torch.optim.SGD]:
-    """One SGD optimiser for the image encoder and one for the text projection head."""
-    return [torch.optim.SGD(model.image_encoder.parameters(), lr=lr_img, momentum=momentum, weight_decay=weight_decay),
-            torch.optim.SGD(model.text_projection.parameters(), lr=lr_txt, momentum=momentum, weight_decay=weight_decay)]
+    """One SGD optimiser for the image side (encoder, adapters or image head) and one for the text head."""
+    return [torch.optim.SGD(trainable_parameters(model.image_part), lr=lr_img, momentum=momentum,
+                            weight_decay=weight_decay),
+            torch.optim.SGD(trainable_parameters(model.text_projection), lr=lr_txt, momentum=momentum,
+                            weight_decay=weight_decay)]
 
 
 def scale_learning_rates(optimizers: list[torch.optim.Optimizer], factor: float) -> None:
@@ -26,16 +28,22 @@ def scale_learning_rates(optimizers: list[torch.optim.Optimizer], factor: float)
 
 def train_one_epoch(model: nn.Module, loader, optimizers: list[torch.optim.Optimizer], device: torch.device,
                     progress: bool = True, desc: str = "train",
-                    on_batch: Callable[[tuple, torch.Tensor, torch.Tensor], None] | None = None) -> dict[str, float]:
-    """One pass of contrastive SGD over `loader` batches of (images, text embeddings, ...);
-    `on_batch(batch, image_features, text_features)` sees each batch's (detached) features."""
+                    on_batch: Callable[[tuple, torch.Tensor, torch.Tensor], None] | None = None,
+                    loss_type: str = "infonce", similarity: torch.Tensor | None = None) -> dict[str, float]:
+    """One pass of contrastive SGD over `loader` batches of (images, text embeddings, indices, ...);
+    `on_batch(batch, image_features, text_features)` sees each batch's (detached) features. With a
+    `similarity` matrix over the set, a batch's targets are similarity[indices, indices] (LoRS)."""
     model.train()
     total_loss = total_acc = seen = 0.0
     bar = tqdm(loader, desc=desc, unit="batch", leave=False, disable=not progress)
     for batch in bar:
         images, texts = batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True)
         image_features, text_features = model(images, texts)
-        loss = contrastive_loss(image_features, text_features)
+        targets = None
+        if similarity is not None:
+            indices = batch[2].to(similarity.device)
+            targets = similarity[indices][:, indices].to(device)
+        loss = contrastive_loss(image_features, text_features, targets, loss_type)
         if on_batch is not None:
             on_batch(batch, image_features.detach(), text_features.detach())
         for optimizer in optimizers:
@@ -56,7 +64,7 @@ def embed_eval_split(model: nn.Module, image_loader, eval_text: torch.Tensor, de
                      progress: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """Image features of every evaluation image (in order) and projected features of every caption."""
     model.eval()
-    image_features = [model.image_encoder(images.to(device)) for images, _ in
+    image_features = [model.encode_image(images.to(device)) for images, _ in
                       tqdm(image_loader, desc="eval images", unit="batch", leave=False, disable=not progress)]
     text_features = model.text_projection(eval_text.to(device))
     return torch.cat(image_features), text_features
