@@ -322,7 +322,7 @@ def main(argv=None) -> int:
 
     def save(path: Path, iteration: int, metrics: dict) -> None:
         state = {"optimizers": distiller.state(), "rng": rng_state(generator), "experts": experts.state(),
-                 "best_r_mean": best_r_mean}
+                 "best_r_mean": best_r_mean, "timing": dict(timing)}
         similarity = distiller.similarity_matrix()
         extra = {} if similarity is None else {"similarity": similarity,
                                                 "sim_params": [t.detach().cpu() for t in distiller.sim_params]}
@@ -361,12 +361,18 @@ def main(argv=None) -> int:
 
     completed = start_it
     started = time.time()
+    # Time spent in matching iterations alone (no evaluations), kept across --resume.
+    timing = dict(resume["state"].get("timing", {"seconds": 0.0, "iterations": 0})) if resume else \
+        {"seconds": 0.0, "iterations": 0}
     bar = tqdm(range(start_it, args.Iteration), desc="distill", unit="it", disable=not args.progress)
     try:
         for iteration in bar:
             if iteration % args.eval_it == 0 and not (iteration == start_it and evaluated_at_start):
                 evaluate_and_save(iteration)
+            began = time.perf_counter()
             stats = distiller.step(experts, generator, iteration)
+            timing["seconds"] += time.perf_counter() - began
+            timing["iterations"] += 1
             completed = iteration + 1
             run.log(stats, step=iteration)
             bar.set_postfix(loss=f"{stats['Grand_Loss']:.4f}", lr_img=f"{stats['Synthetic_LR_Image']:.4g}",
@@ -382,7 +388,9 @@ def main(argv=None) -> int:
         print(f"\ninterrupted: saved iteration {completed} to {files.last}; continue with --resume {files.last}")
         raise
     run.finish()
-    print(f"done: {args.Iteration - start_it} iterations in {time.time() - started:.0f}s; best r_mean "
+    per_iteration = timing["seconds"] / max(timing["iterations"], 1)
+    print(f"done: {args.Iteration - start_it} iterations in {time.time() - started:.0f}s "
+          f"({per_iteration:.2f}s per matching iteration); best r_mean "
           f"{best_r_mean:.2f} -> {files.best}; last -> {files.last}")
     return 0
 

@@ -35,7 +35,7 @@ from utils.buffers import expert_files, read_expert_metrics  # noqa: E402
 from utils.cli import UserError, run_cli  # noqa: E402
 from utils.metrics import format_table, markdown_table, summarize_runs, table_cells  # noqa: E402
 
-SECTIONS = ("common", "buffer", "distill", "evaluate", "compare")
+SECTIONS = ("common", "buffer", "distill", "evaluate", "compare", "methods")  # methods: bench_methods.py
 NOT_METRICS = ("epoch", "train_loss", "train_acc")
 
 

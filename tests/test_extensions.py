@@ -16,14 +16,15 @@ from utils.buffers import expert_files, load_expert_pair, read_metadata
 from utils.cli import UserError
 
 FAST = ("--Iteration", "2", "--draw", "False")
+LITE0 = ("--image_projection", "True", "--image_encoder", "efficientnet_lite0", "--image_pretrained", "True")
 
 
 @pytest.fixture(scope="module")
 def projection_experts(tiny_shapes, cache_dir, tmp_path_factory):
-    """Two experts that train an image head over the frozen (random) convnet, and the text head."""
+    """Two experts that train an image head over the frozen pretrained EfficientNet-Lite0, and the text head."""
     root = tmp_path_factory.mktemp("projection_buffers")
     buffer.main(tiny_flags(tiny_shapes, cache_dir, "--buffer_path", str(root), "--batch_train", "50",
-                           "--num_experts", "2", "--train_epochs", "2", "--image_projection", "True"))
+                           "--num_experts", "2", "--train_epochs", "2", *LITE0))
     return root
 
 
@@ -88,7 +89,7 @@ def test_blending_changes_what_is_learned(run4, tiny_shapes, cache_dir, experts,
 
 def test_projection_experts_hold_the_two_heads_and_the_encoder_stays_frozen(projection_experts, tiny_shapes,
                                                                            cache_dir, tmp_path):
-    folder = projection_experts / "shapes" / "convnet" / "minilm"
+    folder = projection_experts / "shapes" / "efficientnet_lite0" / "minilm"
     meta = read_metadata(folder)
     assert meta["trainable_parts"] == ["image_projection", "text_projection"]
     dim = meta["image_dim"]
@@ -97,7 +98,7 @@ def test_projection_experts_hold_the_two_heads_and_the_encoder_stays_frozen(proj
     assert len(image_traj) == 3 and not torch.equal(image_traj[0][0], image_traj[-1][0])  # the image head trained
 
     # RepBlend: symmetric projection matching + blending + low-rank similarity, in both matching modes
-    flags = (*FAST, "--image_projection", "True", "--blend_alpha", "0.5", "--sim_type", "lowrank", "--sim_rank", "2",
+    flags = (*FAST, *LITE0, "--blend_alpha", "0.5", "--sim_type", "lowrank", "--sim_rank", "2",
              "--lr_lr", "1e-8")
     for mode in ("unroll", "exact_lowmem"):
         assert distill.main(distill_flags(tiny_shapes, cache_dir, projection_experts, tmp_path / mode, *flags,
@@ -114,21 +115,29 @@ def test_buffers_that_train_other_parts_are_refused(experts, projection_experts,
                                                      cache_dir, tmp_path):
     with pytest.raises(UserError, match=r"trainable_parts: buffer has \['image_encoder', 'text_projection'\], this run "
                                         r"asks for \['image_projection', 'text_projection'\].*--image_projection"):
-        distill.main(distill_flags(tiny_shapes, cache_dir, experts, tmp_path, *FAST, "--image_projection", "True"))
+        distill.main(distill_flags(tiny_shapes, cache_dir, experts, tmp_path, *FAST, "--image_projection", "True",
+                                   "--image_weights", "unused.pt"))
     with pytest.raises(UserError, match=r"trainable_parts: buffer has \['image_projection'"):
-        distill.main(distill_flags(tiny_shapes, cache_dir, projection_experts, tmp_path, *FAST))
+        distill.main(distill_flags(tiny_shapes, cache_dir, projection_experts, tmp_path, *FAST, "--image_encoder",
+                                   "efficientnet_lite0", "--image_pretrained", "True"))
     vit = ("--image_encoder", "vit")
     with pytest.raises(UserError, match=r"buffer has \['image_encoder.lora_r2', 'text_projection'\], this run asks "
                                         r"for \['image_encoder', 'text_projection'\]"):
         distill.main(distill_flags(tiny_shapes, cache_dir, lora_experts, tmp_path, *FAST, *vit))
+    from networks.convnet import ConvNet
+
+    torch.save(ConvNet(16).state_dict(), tmp_path / "convnet.pt")
     with pytest.raises(UserError, match=r"made with other settings \(trainable_parts"):  # buffer.py into that folder
         buffer.main(tiny_flags(tiny_shapes, cache_dir, "--buffer_path", str(experts), "--num_experts", "1",
-                               "--train_epochs", "1", "--image_projection", "True"))
+                               "--train_epochs", "1", "--image_projection", "True", "--image_weights",
+                               str(tmp_path / "convnet.pt")))
 
 
 @pytest.mark.parametrize("extra,message", [
     (("--lora_rank", "2"), r"--lora_rank is for transformer encoders \(vit\), not --image_encoder convnet"),
-    (("--image_encoder", "vit", "--lora_rank", "2", "--image_projection", "True"), "exclude each other"),
+    (("--image_encoder", "vit", "--lora_rank", "2", "--image_projection", "True", "--image_weights", "w.pt"),
+     "exclude each other"),
+    (("--image_projection", "True"), "needs --image_pretrained True"),
     (("--blend_alpha", "-1"), "--blend_alpha must be 0"),
     (("--sim_type", "lowrank", "--sim_rank", "0"), "--sim_rank must be positive"),
 ])

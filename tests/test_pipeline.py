@@ -149,3 +149,32 @@ def test_interrupted_experts_resume_and_a_distill_change_redoes_only_its_row(tin
     new_row = json.loads((out / "results" / "distilled-6.json").read_text())
     assert old_row["config"]["set_config"]["lr_img"] == 10 and new_row["config"]["set_config"]["lr_img"] == 1000
     assert json.loads((out / "results.json").read_text())["rows"]["distilled-6"] == new_row["metrics"]
+
+
+def test_methods_benchmark_reuses_the_base_experts_and_tables_every_method(toy_run, capsys):
+    from bench import bench_methods
+
+    config, out = toy_run
+    text = config.read_text().replace('lr_lr = 1e-6', 'lr_lr = 1e-9') + (
+        '[methods.lors]\ndistill = {sim_type = "lowrank", sim_rank = 2, lr_sim = 1.0}\n'
+        '[methods.repblend]\ncommon = {image_projection = true, image_encoder = "efficientnet_lite0", '
+        'image_pretrained = true}\n'
+        'distill = {sim_type = "lowrank", sim_rank = 2, lr_sim = 1.0, blend_alpha = 1.0}\n')
+    methods_config = config.with_name("methods.toml")
+    methods_config.write_text(text)
+    capsys.readouterr()
+    assert bench_methods.main([str(methods_config)]) == 0
+    printed = capsys.readouterr().out
+    assert "experts: 2 of 2 trained, reusing them" in printed  # base and lors share the pipeline's experts
+    lines = (out / "methods.md").read_text().splitlines()
+    assert lines[0] == "| set | IR@1 | IR@5 | IR@10 | TR@1 | TR@5 | TR@10 | r_mean | s / iteration |"
+    assert [line.split("|")[1].strip() for line in lines[2:]] == ["base", "lors", "repblend"]
+    sets = {name: load_distilled_set(out / "methods" / name / "distill" / "distilled_last.pt")
+            for name in ("base", "lors", "repblend")}
+    assert "similarity" not in sets["base"] and sets["lors"]["similarity"].shape == (6, 6)
+    assert sets["repblend"]["config"]["image_projection"] is True and sets["repblend"]["config"]["blend_alpha"] == 1.0
+    meta = json.loads(next((out / "methods" / "repblend").glob("buffers/**/buffer_meta.json")).read_text())
+    assert meta["trainable_parts"] == ["image_projection", "text_projection"]
+    report = json.loads((out / "methods" / "repblend" / "results" / "repblend.json").read_text())
+    assert report["config"]["set_config"]["image_projection"] is True
+    assert all(r["seconds_per_iteration"] > 0 for r in json.loads((out / "methods.json").read_text()).values())

@@ -103,6 +103,10 @@ def check_model_args(args) -> None:
     if args.lora_rank and args.image_encoder not in LORA_TARGETS:
         raise UserError(f"--lora_rank is for transformer encoders ({', '.join(LORA_TARGETS)}), "
                         f"not --image_encoder {args.image_encoder}")
+    if args.image_projection and not (args.image_pretrained or args.image_weights):
+        raise UserError("--image_projection freezes the image encoder at its pretrained weights: it needs "
+                        "--image_pretrained True (packaged weights) or --image_weights; a frozen random encoder "
+                        "would differ between the experts and every evaluation model")
     if args.lora_rank and args.image_projection:
         raise UserError("--lora_rank and --image_projection exclude each other: adapters train inside the encoder, "
                         "the projection keeps it frozen")
