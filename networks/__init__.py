@@ -12,9 +12,9 @@ from networks.lora import add_lora
 from networks.projection import ProjectionHead
 from networks.text_encoders import TEXT_ENCODERS, FrozenTextEncoder, text_encoder_identity
 
-__all__ = ["LOSS_TYPES", "ImageTextModel", "contrastive_loss", "trainable_parameters", "trainable_parts", "in_batch_accuracy", "similarity_logits", "IMAGE_ENCODERS",
-           "create_image_encoder", "ProjectionHead", "TEXT_ENCODERS", "FrozenTextEncoder", "text_encoder_identity",
-           "build_model"]
+__all__ = ["LOSS_TYPES", "ImageTextModel", "contrastive_loss", "trainable_parameters", "trainable_parts",
+           "in_batch_accuracy", "similarity_logits", "IMAGE_ENCODERS", "create_image_encoder", "ProjectionHead",
+           "TEXT_ENCODERS", "FrozenTextEncoder", "text_encoder_identity", "build_model", "add_lora"]
 
 
 def build_model(args, text_dim: int) -> ImageTextModel:
