@@ -11,12 +11,19 @@ head), distills with the same --Iteration, and its final set is judged by evalua
 `[evaluate]` protocol. The table has IR/TR@1/5/10 and r_mean (mean ± std over the evaluation models)
 and the seconds per matching iteration (evaluations excluded). Everything is reused on a re-run
 while its settings are unchanged (the pipeline's stage stamps).
+
+`--time_iterations K` measures the speeds side by side instead: after the table's runs, each method
+distills K more iterations into `methods/<name>/timing/` (one after the other, in this invocation,
+with a one-epoch evaluation so that little else runs), and the s / iteration column is from those
+runs. Without it the column is each method's own distillation run, which may have been made at
+another time, on a busier machine.
 """
 from __future__ import annotations
 
 import argparse
 import copy
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -24,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.bench_coresets import run_configuration  # noqa: E402
-from bench.pipeline import as_flags, banner, distill_stage, experts_stage, load_config  # noqa: E402
+from bench.pipeline import as_flags, banner, distill_stage, experts_stage, load_config, run  # noqa: E402
 from data.distilled_set import load_distilled_set  # noqa: E402
 from utils.cli import UserError, run_cli  # noqa: E402
 from utils.metrics import markdown_table, table_cells  # noqa: E402
@@ -43,6 +50,9 @@ def parse_args(argv=None):
     parser.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), help="methods to run, in order")
     parser.add_argument("--out_dir", default=None, help="output folder (default: out_dir in the config)")
     parser.add_argument("--data", default=None, help="image root of the data set (sets common.image_root)")
+    parser.add_argument("--time_iterations", type=int, default=0,
+                        help="time K fresh iterations of every method back to back for the s / iteration column "
+                             "(0 = the distillation runs' own timing)")
     return parser.parse_args(argv)
 
 
@@ -58,22 +68,42 @@ def method_config(config: dict, name: str) -> dict:
     return merged
 
 
-def run_method(config: dict, name: str, out: Path) -> dict:
+def method_experts(config: dict, name: str, out: Path) -> tuple[dict, Path]:
+    """The method's settings and its expert folder (trained first if missing)."""
     settings = method_config(config, name)
     own_experts = settings["common"] != config["common"]  # other trainable parts or encoder: other experts
+    return settings, experts_stage(settings, out / "methods" / name if own_experts else out)
+
+
+def seconds_per_iteration(distilled: Path) -> float:
+    timing = load_distilled_set(distilled)["state"].get("timing", {})
+    return timing.get("seconds", float("nan")) / max(timing.get("iterations", 0), 1)
+
+
+def time_method(config: dict, name: str, out: Path, iterations: int) -> float:
+    """Seconds per matching iteration of `iterations` fresh iterations (evaluations excluded)."""
+    settings, expert_dir = method_experts(config, name, out)
+    banner(f"timing {name}: {iterations} iterations")
+    save_dir = out / "methods" / name / "timing"
+    shutil.rmtree(save_dir, ignore_errors=True)
+    overrides = {"Iteration": iterations, "eval_it": iterations, "num_eval": 1, "epoch_eval_train": 1}
+    run("distill.py", as_flags(settings["common"]) + as_flags({**settings["distill"], **overrides})
+        + ["--buffer_path", str(expert_dir), "--save_dir", str(save_dir), "--draw", "False"])
+    return seconds_per_iteration(save_dir / "distilled_last.pt")
+
+
+def run_method(config: dict, name: str, out: Path) -> dict:
     banner(f"method {name}")
-    expert_dir = experts_stage(settings, out / "methods" / name if own_experts else out)
+    settings, expert_dir = method_experts(config, name, out)
     folder = out / "methods" / name
     final, _ = distill_stage(settings, folder, expert_dir)
-    payload = load_distilled_set(final)
-    timing = payload["state"].get("timing", {})
     evaluate_flags = as_flags(settings["common"]) + as_flags(settings["evaluate"]) + ["--buffer_path", str(expert_dir)]
     (folder / "results").mkdir(parents=True, exist_ok=True)
     result = folder / "results" / f"{name}.json"
     if result.exists() and result.stat().st_mtime < final.stat().st_mtime:
         result.unlink()  # a set distilled since: judge it again
     report = run_configuration(name, ["--distilled", str(final)], evaluate_flags, folder / "results")
-    report["seconds_per_iteration"] = timing.get("seconds", float("nan")) / max(timing.get("iterations", 0), 1)
+    report["seconds_per_iteration"] = seconds_per_iteration(final)
     return report
 
 
@@ -82,6 +112,9 @@ def main(argv=None) -> int:
     config = load_config(args.config, args.data)
     out = Path(args.out_dir or config.get("out_dir", "outputs/pipeline"))
     reports = {name: run_method(config, name, out) for name in args.methods}
+    if args.time_iterations > 0:
+        for name in args.methods:
+            reports[name]["seconds_per_iteration"] = time_method(config, name, out, args.time_iterations)
     header, cells = table_cells({name: r["metrics"] for name, r in reports.items()})
     rows = [row + [f"{r['seconds_per_iteration']:.2f}"] for row, r in zip(cells, reports.values())]
     table = markdown_table(header + ["s / iteration"], rows)

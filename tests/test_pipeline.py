@@ -178,3 +178,13 @@ def test_methods_benchmark_reuses_the_base_experts_and_tables_every_method(toy_r
     report = json.loads((out / "methods" / "repblend" / "results" / "repblend.json").read_text())
     assert report["config"]["set_config"]["image_projection"] is True
     assert all(r["seconds_per_iteration"] > 0 for r in json.loads((out / "methods.json").read_text()).values())
+
+    # --time_iterations: fresh back-to-back runs give the speed column, the table's sets stay as they were
+    before = (out / "methods" / "lors" / "distill" / "distilled_last.pt").stat().st_mtime
+    assert bench_methods.main([str(methods_config), "--methods", "base", "lors", "--time_iterations", "2"]) == 0
+    speeds = json.loads((out / "methods.json").read_text())
+    for name in ("base", "lors"):
+        timed = load_distilled_set(out / "methods" / name / "timing" / "distilled_last.pt")
+        assert timed["iteration"] == 2 and timed["state"]["timing"]["iterations"] == 2
+        assert speeds[name]["seconds_per_iteration"] == timed["state"]["timing"]["seconds"] / 2
+    assert (out / "methods" / "lors" / "distill" / "distilled_last.pt").stat().st_mtime == before
