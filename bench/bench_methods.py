@@ -8,9 +8,11 @@ are every method's settings; an optional `[methods.<name>]` table per method add
 `distill = {...}` on top (defaults below). Each method gets its experts (the base experts are the
 pipeline's, in the same out_dir; RepBlend trains its own, with a frozen image encoder and an image
 head), distills with the same --Iteration, and its final set is judged by evaluate.py with the
-`[evaluate]` protocol. The table has IR/TR@1/5/10 and r_mean (mean ± std over the evaluation models)
-and the seconds per matching iteration (evaluations excluded). Everything is reused on a re-run
-while its settings are unchanged (the pipeline's stage stamps).
+`[evaluate]` protocol, and so is its initial set (iteration 0: the real pairs it started from), so
+that each method is compared with its own start. The table has IR/TR@1/5/10 and r_mean (mean ± std
+over the evaluation models), the start's r_mean and the seconds per matching iteration (evaluations
+excluded). Everything is reused on a re-run while its settings are unchanged (the pipeline's stage
+stamps).
 
 `--time_iterations K` measures the speeds side by side instead: after the table's runs, each method
 distills K more iterations into `methods/<name>/timing/` (one after the other, in this invocation,
@@ -98,13 +100,25 @@ def run_method(config: dict, name: str, out: Path) -> dict:
     folder = out / "methods" / name
     final, _ = distill_stage(settings, folder, expert_dir)
     evaluate_flags = as_flags(settings["common"]) + as_flags(settings["evaluate"]) + ["--buffer_path", str(expert_dir)]
-    (folder / "results").mkdir(parents=True, exist_ok=True)
-    result = folder / "results" / f"{name}.json"
-    if result.exists() and result.stat().st_mtime < final.stat().st_mtime:
-        result.unlink()  # a set distilled since: judge it again
-    report = run_configuration(name, ["--distilled", str(final)], evaluate_flags, folder / "results")
+    report = judge(name, final, evaluate_flags, folder / "results")
     report["seconds_per_iteration"] = seconds_per_iteration(final)
+    start = final.parent / "distilled_000000.pt"  # the initial set (real pairs), same protocol: what distillation added
+    report["start"] = judge(f"{name}-start", start, evaluate_flags, folder / "results")["metrics"] \
+        if start.is_file() else None
     return report
+
+
+def judge(label: str, distilled: Path, evaluate_flags: list[str], results: Path) -> dict:
+    """evaluate.py's report on a distilled set; reused unless the set was written after it."""
+    results.mkdir(parents=True, exist_ok=True)
+    result = results / f"{label}.json"
+    if result.exists() and result.stat().st_mtime < distilled.stat().st_mtime:
+        result.unlink()  # a set distilled since: judge it again
+    return run_configuration(label, ["--distilled", str(distilled)], evaluate_flags, results)
+
+
+def start_cell(start: dict | None) -> str:
+    return "n/a" if start is None else f"{start['r_mean']['mean']:.2f} ± {start['r_mean']['std']:.2f}"
 
 
 def main(argv=None) -> int:
@@ -116,11 +130,12 @@ def main(argv=None) -> int:
         for name in args.methods:
             reports[name]["seconds_per_iteration"] = time_method(config, name, out, args.time_iterations)
     header, cells = table_cells({name: r["metrics"] for name, r in reports.items()})
-    rows = [row + [f"{r['seconds_per_iteration']:.2f}"] for row, r in zip(cells, reports.values())]
-    table = markdown_table(header + ["s / iteration"], rows)
+    rows = [row + [start_cell(r["start"]), f"{r['seconds_per_iteration']:.2f}"]
+            for row, r in zip(cells, reports.values())]
+    table = markdown_table(header + ["r_mean at start", "s / iteration"], rows)
     (out / "methods.md").write_text(table + "\n")
     (out / "methods.json").write_text(json.dumps(
-        {name: {"metrics": r["metrics"], "seconds_per_iteration": r["seconds_per_iteration"]}
+        {name: {"metrics": r["metrics"], "start_metrics": r["start"], "seconds_per_iteration": r["seconds_per_iteration"]}
          for name, r in reports.items()}, indent=1))
     banner(f"methods at {config['distill'].get('num_queries', 100)} pairs, {config['distill'].get('Iteration')} "
            f"iterations each")

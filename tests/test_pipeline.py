@@ -167,7 +167,7 @@ def test_methods_benchmark_reuses_the_base_experts_and_tables_every_method(toy_r
     printed = capsys.readouterr().out
     assert "experts: 2 of 2 trained, reusing them" in printed  # base and lors share the pipeline's experts
     lines = (out / "methods.md").read_text().splitlines()
-    assert lines[0] == "| set | IR@1 | IR@5 | IR@10 | TR@1 | TR@5 | TR@10 | r_mean | s / iteration |"
+    assert lines[0] == "| set | IR@1 | IR@5 | IR@10 | TR@1 | TR@5 | TR@10 | r_mean | r_mean at start | s / iteration |"
     assert [line.split("|")[1].strip() for line in lines[2:]] == ["base", "lors", "repblend"]
     sets = {name: load_distilled_set(out / "methods" / name / "distill" / "distilled_last.pt")
             for name in ("base", "lors", "repblend")}
@@ -177,7 +177,15 @@ def test_methods_benchmark_reuses_the_base_experts_and_tables_every_method(toy_r
     assert meta["trainable_parts"] == ["image_projection", "text_projection"]
     report = json.loads((out / "methods" / "repblend" / "results" / "repblend.json").read_text())
     assert report["config"]["set_config"]["image_projection"] is True
-    assert all(r["seconds_per_iteration"] > 0 for r in json.loads((out / "methods.json").read_text()).values())
+    table = json.loads((out / "methods.json").read_text())
+    assert all(r["seconds_per_iteration"] > 0 for r in table.values())
+    # each method's initial set is judged with the same protocol: base and LoRS start from the same pairs
+    starts = {name: json.loads((out / "methods" / name / "results" / f"{name}-start.json").read_text())
+              for name in ("base", "lors")}
+    assert starts["base"]["config"]["distilled"].endswith("distill/distilled_000000.pt")
+    assert table["base"]["start_metrics"] == starts["base"]["metrics"]
+    assert table["base"]["start_metrics"]["r_mean"]["runs"] == table["lors"]["start_metrics"]["r_mean"]["runs"]
+    assert table["base"]["start_metrics"] != table["base"]["metrics"]
 
     # --time_iterations: fresh back-to-back runs give the speed column, the table's sets stay as they were
     before = (out / "methods" / "lors" / "distill" / "distilled_last.pt").stat().st_mtime
