@@ -17,7 +17,8 @@ from contextlib import contextmanager
 import torch
 from tqdm import tqdm
 
-from data.build import eval_image_loader, load_retrieval_data, train_loader
+from data.build import load_retrieval_data
+from data.model_inputs import inputs_from_args
 from networks import build_model, trainable_parameters
 from utils import distributed
 from utils.buffers import (
@@ -80,12 +81,13 @@ def main_process_first(group: distributed.ProcessGroupInfo):
         distributed.barrier()
 
 
-def train_expert(args, data, device, seed: int, label: str, run, eval_loader):
+def train_expert(args, inputs, device, seed: int, label: str, run):
     """Train one expert; returns its image and text trajectories and its per-epoch statistics."""
+    data = inputs.data
     seed_everything(seed)
     model = build_model(args, data.text_dim).to(device)
     optimizers = sgd_pair(model, args.lr_teacher_img, args.lr_teacher_txt, args.mom, args.l2)
-    loader = train_loader(data, args.image_size, args.batch_train, args.num_workers, seed)
+    loader = inputs.train_batches(args.batch_train, seed)
     image_traj, text_traj = [snapshot(model.image_part)], [snapshot(model.text_projection)]
     decay_after = args.train_epochs // 2 + 1
     history = []
@@ -93,7 +95,8 @@ def train_expert(args, data, device, seed: int, label: str, run, eval_loader):
     for epoch in epochs:
         stats = train_one_epoch(model, loader, optimizers, device, args.progress, desc=f"epoch {epoch}",
                                 loss_type=args.loss_type)
-        metrics = evaluate_retrieval(model, eval_loader, data.eval_text, data.eval_txt2img, device, args.progress)
+        metrics = evaluate_retrieval(model, inputs.eval_images(), data.eval_text, data.eval_txt2img, device,
+                                     args.progress)
         image_traj.append(snapshot(model.image_part))
         text_traj.append(snapshot(model.text_projection))
         run.log({**stats, **metrics, "epoch": epoch})
@@ -112,10 +115,12 @@ def main(argv=None) -> int:
     group = distributed.init_from_env(device)
     with main_process_first(group):
         data = load_retrieval_data(args, device, progress=args.progress and group.is_main)
+        probe = build_model(args, data.text_dim)
+        # With a frozen trunk its outputs are computed once (rank 0 first) and every expert trains over them.
+        inputs = inputs_from_args(args, data, probe, device, progress=args.progress and group.is_main)
     directory = buffer_dir(args.buffer_path, args.dataset, args.image_encoder, args.text_encoder)
     with main_process_first(group):
         if group.is_main:
-            probe = build_model(args, data.text_dim)
             claim_metadata(directory, describe_experts(args, probe, data.text_identity, data.text_dim,
                                                               len(data.train.captions)))
         first = next_free_index(directory)
@@ -124,14 +129,13 @@ def main(argv=None) -> int:
     print(f"[rank {group.rank}] {len(data.train.captions)} train pairs ({len(data.train.image_paths)} images), "
           f"{len(data.eval.image_paths)} {args.eval_split} images; device {device}; experts -> {directory}")
     run = start_run(args, "buffer", suffix=f"-rank{group.rank}" if group.world_size > 1 else "")
-    eval_loader = eval_image_loader(data, args.image_size, args.batch_size_test, args.num_workers)
     finals, start = [], time.time()
     for index in group.my_share(args.num_experts):
         number = first + index
         label = f"expert {number}"
         started = time.time()
-        image_traj, text_traj, history = train_expert(args, data, device, args.seed * 100_003 + number,
-                                                      label, run, eval_loader)
+        image_traj, text_traj, history = train_expert(args, inputs, device, args.seed * 100_003 + number,
+                                                      label, run)
         saved = save_expert(directory, number, image_traj, text_traj)
         save_expert_metrics(directory, saved, history, {"eval_split": args.eval_split,
                                                         "seconds": round(time.time() - started, 1)})

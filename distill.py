@@ -18,13 +18,15 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from data.build import eval_image_loader, load_retrieval_data
+from data.build import load_retrieval_data
+from data.model_inputs import inputs_from_args
 from data.distilled_set import load_distilled_set, save_distilled_set
 from matching.experts import ExpertCycler, check_buffer_matches, locate_buffer
+from matching.guard import StepGuard
 from matching.meta_gradient import MATCHING_MODES, matching_gradients
 from matching.synthetic import initial_synthetic_set
 from matching.trajectory import Students, contrastive_step_loss, draw_blends, draw_minibatches, pick_segment
-from networks import build_model, text_encoder_identity, trainable_parts
+from networks import build_model, image_norm, text_encoder_identity, trainable_parts
 from networks.similarity import SIM_TYPES, similarity_from_args
 from reparam_module import ReparamModule
 from utils.buffers import read_metadata
@@ -88,6 +90,13 @@ def parse_args(argv=None):
                             "with a shuffled copy, lambda ~ Beta(A, A) (0 = off)")
     group.add_argument("--max_files", type=int, default=None, help="use only this many expert files")
     group.add_argument("--max_experts", type=int, default=None, help="use only this many experts per file")
+    group.add_argument("--skip_spikes", type=float, default=10.0,
+                       help="skip (and count) a step whose meta-gradient norm, for the pixels, texts, step sizes or "
+                            "similarity, exceeds this many times its median over the last 20 applied steps (0 = "
+                            "never skip a finite step); non-finite steps and steps that would make a step size "
+                            "non-positive are always skipped")
+    group.add_argument("--max_skips", type=int, default=20,
+                       help="stop (keeping the last good set) after this many skipped steps in a row")
     group.add_argument("--eval_it", type=int, default=50, help="evaluate and save every this many iterations")
     add_bool_flag(group, "--draw", True, "save image grids and nearest real captions at each evaluation")
     group.add_argument("--save_dir", default=None, help="output folder (default: runs/<dataset>/<name>)")
@@ -100,12 +109,14 @@ def parse_args(argv=None):
 def check_args(args) -> None:
     """Clear one-line errors for settings that cannot work, before any heavy work."""
     for name in ("syn_steps", "expert_epochs", "max_start_epoch", "num_queries", "mini_batch_size", "Iteration",
-                 "eval_it", "num_eval", "epoch_eval_train", "batch_train", "image_size"):
+                 "eval_it", "num_eval", "epoch_eval_train", "batch_train", "image_size", "max_skips"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name} must be at least 1, got {getattr(args, name)}")
     for name in ("lr_img", "lr_txt", "lr_lr", "lr_teacher_img", "lr_teacher_txt", "lr_sim", "sim_rank"):
         if not getattr(args, name) > 0:
             raise UserError(f"--{name} must be positive, got {getattr(args, name)}")
+    if not args.skip_spikes >= 0:
+        raise UserError(f"--skip_spikes must be 0 (off) or positive, got {args.skip_spikes}")
     if args.blend_alpha < 0:
         raise UserError(f"--blend_alpha must be 0 (off) or positive, got {args.blend_alpha}")
     check_model_args(args)
@@ -123,6 +134,7 @@ def run_config(args, text_identity: str) -> dict:
     config = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, type(None)))}
     config["text_identity"] = text_identity
     config["source"] = "distilled"
+    config["image_norm"] = image_norm(args)
     return config
 
 
@@ -160,6 +172,7 @@ class Distiller:
         }
         if self.sim_params:
             self.optimizers["sim"] = torch.optim.SGD(self.sim_params, lr=args.lr_sim, momentum=0.5)
+        self.guard = StepGuard(args.skip_spikes, max_consecutive=args.max_skips)
 
     def augment(self, seed_base: int):
         if not self.args.dsa:
@@ -178,12 +191,14 @@ class Distiller:
         augment = self.augment(int(torch.randint(0, 2**31 - 1, (1,), generator=generator)))
         blends = draw_blends(args.syn_steps, args.mini_batch_size, args.blend_alpha, generator) \
             if args.blend_alpha > 0 else None
-        # A frozen image encoder runs once per iteration on every synthetic image (RepBlend); the
-        # student steps then see its features, and their gradient flows back through it at the end.
-        features_given = self.students.frozen_encoder is not None and augment is None
+        # A frozen trunk runs once per iteration on every synthetic image (one augmentation draw when DSA is
+        # on); the student steps then see its outputs, and their gradient flows back through it at the end.
+        features_given = self.students.frozen_encoder is not None
         if features_given:
-            features = self.students.frozen_encoder(self.image_syn)
+            pixels = self.image_syn if augment is None else augment(self.image_syn, 0)
+            features = self.students.frozen_encoder(pixels)
             image_input = features.detach().requires_grad_(True)
+            augment = None
         else:
             image_input = self.image_syn
         step_loss = contrastive_step_loss(self.students, batches, augment, self.similarity, args.loss_type, blends,
@@ -192,28 +207,55 @@ class Distiller:
                                     (image_input, self.text_syn, *self.sim_params), self.syn_lr_img,
                                     self.syn_lr_txt, segment)
         terms = {"image": result.image_term.item(), "text": result.text_term.item()}
+        stats = {"Grand_Loss": terms["image"] + terms["text"], "img_param_loss": terms["image"],
+                 "txt_param_loss": terms["text"], "Start_Epoch": segment.start_epoch}
         bad = [f"{name} term {value}" for name, value in terms.items() if not math.isfinite(value)]
         if bad:
-            raise NonFiniteLoss(iteration, "matching loss not finite: " + ", ".join(bad))
+            return self._skip(iteration, "non-finite matching loss (" + ", ".join(bad) + ")", stats)
         image_grad, text_grad, *sim_grads = result.learned_grads
         if features_given:
             (image_grad,) = torch.autograd.grad(features, self.image_syn, image_grad)
+        gradients = (image_grad, text_grad, result.lr_img_grad, result.lr_txt_grad, *sim_grads)
+        norms = {"pixels": image_grad.norm().item(), "texts": text_grad.norm().item(),
+                 "step sizes": torch.stack([result.lr_img_grad, result.lr_txt_grad]).norm().item()}
+        if sim_grads:
+            norms["similarity"] = math.sqrt(sum(g.pow(2).sum().item() for g in sim_grads))
+        problem = self.guard.gradient_problem(norms)
+        if problem:
+            return self._skip(iteration, problem, stats)
         learned = (self.image_syn, self.text_syn, self.syn_lr_img, self.syn_lr_txt, *self.sim_params)
-        for tensor, gradient in zip(learned, (image_grad, text_grad, result.lr_img_grad, result.lr_txt_grad,
-                                              *sim_grads)):
+        for tensor, gradient in zip(learned, gradients):
             tensor.grad = gradient
         before = self.snapshot()
         for optimizer in self.optimizers.values():
             optimizer.step()
+        problem = self.state_problem()
+        if problem:
+            self.restore(before)  # the state before this step: the last good one
+            return self._skip(iteration, problem, stats)
+        self.guard.applied(norms)
+        return {**stats, "Synthetic_LR_Image": self.syn_lr_img.item(), "Synthetic_LR_Text": self.syn_lr_txt.item(),
+                "skipped": None}
+
+    def state_problem(self) -> str | None:
+        """What is wrong with the learned state after a step (None: nothing)."""
         for name, lr in (("syn_lr_img", self.syn_lr_img), ("syn_lr_txt", self.syn_lr_txt)):
             value = lr.item()
             if not value > 0:  # also catches NaN
-                self.restore(before)  # keep the last good state, so that it can be saved and resumed
-                raise NonFiniteLoss(iteration, f"the learned step size {name} became {value:.4g}; "
-                                               f"training with it is impossible")
-        return {"Grand_Loss": terms["image"] + terms["text"], "img_param_loss": terms["image"],
-                "txt_param_loss": terms["text"], "Start_Epoch": segment.start_epoch,
-                "Synthetic_LR_Image": self.syn_lr_img.item(), "Synthetic_LR_Text": self.syn_lr_txt.item()}
+                return f"step size not positive ({name} would become {value:.4g})"
+        for name, tensor in (("image_syn", self.image_syn), ("text_syn", self.text_syn),
+                             *((f"similarity {i}", t) for i, t in enumerate(self.sim_params))):
+            if not torch.isfinite(tensor).all():
+                return f"non-finite values ({name})"
+        return None
+
+    def _skip(self, iteration: int, reason: str, stats: dict) -> dict:
+        """Leave the learned state as it was, count the skip, and stop after too many in a row."""
+        self.guard.skip(reason)
+        if self.guard.exhausted:
+            raise NonFiniteLoss(iteration, f"{self.guard.consecutive} steps in a row skipped, the last for {reason}")
+        return {**stats, "Synthetic_LR_Image": self.syn_lr_img.item(), "Synthetic_LR_Text": self.syn_lr_txt.item(),
+                "skipped": reason}
 
     def state(self) -> dict:
         return {name: opt.state_dict() for name, opt in self.optimizers.items()}
@@ -238,7 +280,8 @@ class Distiller:
 
 
 class NonFiniteLoss(UserError):
-    """Distillation diverged: a non-finite matching loss or a step size that is no longer positive."""
+    """Distillation diverged: too many steps in a row were skipped as non-finite, spikes or leaving a step
+    size that is not positive."""
 
     def __init__(self, iteration: int, detail: str):
         super().__init__(f"distillation diverged at iteration {iteration} ({detail})")
@@ -284,7 +327,8 @@ def main(argv=None) -> int:
     meta = read_metadata(directory)
     check_buffer_matches(meta, directory, {"dataset": args.dataset, "image_encoder": args.image_encoder,
                                            "text_encoder": args.text_encoder, "text_model": text_identity,
-                                           "image_size": args.image_size, "trainable_parts": trainable_parts(args)})
+                                           "image_size": args.image_size, "trainable_parts": trainable_parts(args),
+                                           "image_norm": image_norm(args)})
     experts = ExpertCycler(directory, meta, generator, args.max_start_epoch + args.expert_epochs,
                            args.max_files, args.max_experts)
     experts.peek_check()
@@ -302,27 +346,28 @@ def main(argv=None) -> int:
     config = run_config(args, text_identity)
     student_model = build_model(args, data.text_dim).to(device).train()
     students = Students(ReparamModule(student_model.image_part), ReparamModule(student_model.text_projection),
-                        student_model.image_encoder if args.image_projection else None)
+                        student_model.trunk if student_model.has_trunk else None)
     images, texts = initial_synthetic_set(data, args.num_queries, args.image_size, args.pix_init, args.txt_init,
-                                          args.text_encoder, generator)
+                                          args.text_encoder, generator, image_norm(args))
     distiller = Distiller(args, images, texts, device, students, generator)
     start_it, best_r_mean, evaluated_at_start = 0, -1.0, False
     if resume is not None:
         distiller.restore(resume)
         restore_rng(resume["state"]["rng"], generator)
         experts.restore(resume["state"]["experts"])
+        distiller.guard.restore(resume["state"].get("guard", {}))
         start_it, best_r_mean = resume["iteration"], resume["state"]["best_r_mean"]
         evaluated_at_start = bool(resume["metrics"])
         print(f"resumed from {args.resume} at iteration {start_it}")
 
     run = start_run(args, "distill", directory=str(files.dir))
-    eval_loader = eval_image_loader(data, args.image_size, args.batch_size_test, args.num_workers)
+    inputs = inputs_from_args(args, data, student_model, device, progress=args.progress, need_train=False)
     print(f"distilling {args.num_queries} pairs from {len(experts.files)} expert files in {directory} on {device}; "
           f"saving to {files.dir}")
 
     def save(path: Path, iteration: int, metrics: dict) -> None:
         state = {"optimizers": distiller.state(), "rng": rng_state(generator), "experts": experts.state(),
-                 "best_r_mean": best_r_mean, "timing": dict(timing)}
+                 "best_r_mean": best_r_mean, "timing": dict(timing), "guard": distiller.guard.state()}
         similarity = distiller.similarity_matrix()
         extra = {} if similarity is None else {"similarity": similarity,
                                                 "sim_params": [t.detach().cpu() for t in distiller.sim_params]}
@@ -332,10 +377,11 @@ def main(argv=None) -> int:
     def evaluate_and_save(iteration: int) -> None:
         nonlocal best_r_mean
         lr = distiller.syn_lr_img.item()
-        summary = evaluate_pairs(args, distiller.image_syn, distiller.text_syn, lr, data, eval_loader, device,
+        summary = evaluate_pairs(args, distiller.image_syn, distiller.text_syn, lr, inputs, device,
                                  args.num_eval, seed=args.seed + 1_000_003 + iteration, progress=args.progress,
-                                 similarity=distiller.similarity_matrix())
-        tqdm.write(f"iteration {iteration}: {format_summary(summary)}  (eval lr {lr:.4g}, {args.num_eval} models)")
+                                 similarity=distiller.similarity_matrix(), model=student_model)
+        tqdm.write(f"iteration {iteration}: {format_summary(summary)}  (eval lr {lr:.4g}, {args.num_eval} models, "
+                   f"{args.eval_split}; {distiller.guard.total_skipped} steps skipped so far)")
         run.log({**{f"eval/{k}": v["mean"] for k, v in summary.items()},
                  **{f"eval/{k}_std": v["std"] for k, v in summary.items()}}, step=iteration)
         improved = summary["r_mean"]["mean"] > best_r_mean
@@ -374,9 +420,12 @@ def main(argv=None) -> int:
             timing["seconds"] += time.perf_counter() - began
             timing["iterations"] += 1
             completed = iteration + 1
-            run.log(stats, step=iteration)
+            skipped = stats.pop("skipped")
+            if skipped:
+                tqdm.write(f"iteration {iteration}: step skipped: {skipped}")
+            run.log({**stats, "Skipped_Steps": distiller.guard.total_skipped}, step=iteration)
             bar.set_postfix(loss=f"{stats['Grand_Loss']:.4f}", lr_img=f"{stats['Synthetic_LR_Image']:.4g}",
-                            lr_txt=f"{stats['Synthetic_LR_Text']:.4g}")
+                            lr_txt=f"{stats['Synthetic_LR_Text']:.4g}", skipped=distiller.guard.total_skipped)
         if not (args.Iteration == start_it and evaluated_at_start):
             evaluate_and_save(args.Iteration)
     except NonFiniteLoss as err:
@@ -389,9 +438,11 @@ def main(argv=None) -> int:
         raise
     run.finish()
     per_iteration = timing["seconds"] / max(timing["iterations"], 1)
+    skipped = distiller.guard.skipped
     print(f"done: {args.Iteration - start_it} iterations in {time.time() - started:.0f}s "
-          f"({per_iteration:.2f}s per matching iteration); best r_mean "
-          f"{best_r_mean:.2f} -> {files.best}; last -> {files.last}")
+          f"({per_iteration:.2f}s per matching iteration); {distiller.guard.total_skipped} steps skipped"
+          f"{' (' + ', '.join(f'{n} {k}' for k, n in skipped.items()) + ')' if skipped else ''}; best r_mean on "
+          f"{args.eval_split} {best_r_mean:.2f} -> {files.best}; last -> {files.last}")
     return 0
 
 

@@ -33,7 +33,15 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.bench_coresets import run_configuration  # noqa: E402
-from bench.pipeline import as_flags, banner, distill_stage, experts_stage, load_config, run  # noqa: E402
+from bench.pipeline import (  # noqa: E402
+    as_flags,
+    banner,
+    distill_settings,
+    distill_stage,
+    experts_stage,
+    load_config,
+    run,
+)
 from data.distilled_set import load_distilled_set  # noqa: E402
 from utils.cli import UserError, run_cli  # noqa: E402
 from utils.metrics import markdown_table, table_cells  # noqa: E402
@@ -89,7 +97,7 @@ def time_method(config: dict, name: str, out: Path, iterations: int) -> float:
     save_dir = out / "methods" / name / "timing"
     shutil.rmtree(save_dir, ignore_errors=True)
     overrides = {"Iteration": iterations, "eval_it": iterations, "num_eval": 1, "epoch_eval_train": 1}
-    run("distill.py", as_flags(settings["common"]) + as_flags({**settings["distill"], **overrides})
+    run("distill.py", as_flags(settings["common"]) + as_flags({**distill_settings(settings)[0], **overrides})
         + ["--buffer_path", str(expert_dir), "--save_dir", str(save_dir), "--draw", "False"])
     return seconds_per_iteration(save_dir / "distilled_last.pt")
 

@@ -1,19 +1,30 @@
-"""The whole comparison in one command: experts -> coresets and full data -> a distilled set -> one table.
+"""The whole comparison in one command: experts -> real-data rows -> distilled sets -> one table, worth-N, a plot.
 
     python bench/pipeline.py configs/demo.toml            # what `make demo` runs
     python bench/pipeline.py configs/flickr8k.toml --data ../shared/data/flickr8k
 
 The TOML file holds every setting: `[common]` flags go to every program (data set, encoders, image
-size, ...), `[buffer]` to buffer.py, `[distill]` to distill.py, `[evaluate]` to every evaluate.py call
-(the protocol: models, epochs, batch), and `[compare]` says which coresets to evaluate and how to get
-the full-data row (`full = "experts"`: the final retrieval of the experts, which are full-data
-training runs; or `full = "train"`: evaluate.py --full); `epochs_per_size = {1000 = 10}` gives
-coresets of that size their own --epoch_eval_train (CPU budgets). Each stage records the flags it ran with;
-re-running reuses every stage whose flags are unchanged (data caches, experts, the distilled set,
-evaluations) and redoes a changed stage and everything after it. --fresh starts over.
+size, how much of the encoder trains, ...), `[buffer]` to buffer.py, `[distill]` to distill.py
+(`seeds = [0, 1]`: one distillation per seed), `[evaluate]` to every evaluate.py call (the protocol:
+models, epochs, batch, the learning-rate grid tuned on the selection split), and `[compare]` says
+which rows to build:
 
-Writes to `out_dir`: results.md (the table), results.json (every metric with its runs), the final
-synthetic image grid and nearest captions, and buffers/, distill/, results/ with everything behind them.
+- `ladder`: sizes N of random real coresets (e.g. [100, 200, 500, 1000, 2000, 5000]); with the
+  full-data row on top (`full = "train"`: evaluate.py --full, the same protocol) they form the curve
+  that every other set is read against: its worth-N is the number of random real pairs that reach
+  the same r_mean (utils/worth.py);
+- `coreset_methods` at `coreset_sizes` (default: the distilled size), and `centroids = true` for the
+  k-means feature-centroid set (frozen trunk only);
+- `epochs_per_size = {5000 = 10, all = 4}`: `--epoch_eval_train` of rows of that many pairs (CPU budgets).
+
+Choices are made on the selection split (`--eval_split`, val): the distillation's best iteration and every
+row's learning rate; the table is on the report split (test when its annotation file is present).
+Each stage records the flags it ran with; re-running reuses every stage whose flags are unchanged and
+redoes a changed stage and everything after it. --fresh starts over.
+
+Writes to `out_dir`: results.md (the table with worth-N), results.json (every metric with its runs, the
+choices, worth-N), worth_n.png (r_mean against N), the distilled images and nearest captions of the first
+seed, and buffers/, distill/, results/ with everything behind them.
 """
 from __future__ import annotations
 
@@ -34,9 +45,11 @@ from data.distilled_set import load_distilled_set  # noqa: E402
 from utils.buffers import expert_files, read_expert_metrics  # noqa: E402
 from utils.cli import UserError, run_cli  # noqa: E402
 from utils.metrics import format_table, markdown_table, summarize_runs, table_cells  # noqa: E402
+from utils.worth import plot_worth, worth_n  # noqa: E402
 
 SECTIONS = ("common", "buffer", "distill", "evaluate", "compare", "methods")  # methods: bench_methods.py
 NOT_METRICS = ("epoch", "train_loss", "train_acc")
+FULL = "all"  # the key of the full-data row in `epochs_per_size`
 
 
 def parse_args(argv=None):
@@ -71,7 +84,10 @@ def load_config(path: str, data: str | None) -> dict:
 def as_flags(section: dict) -> list[str]:
     flags = []
     for key, value in section.items():
-        flags += [f"--{key}", str(value)]  # TOML booleans print as True/False, as the programs expect
+        if isinstance(value, list):
+            flags += [f"--{key}", *(str(v) for v in value)]
+        else:
+            flags += [f"--{key}", str(value)]  # TOML booleans print as True/False, as the programs expect
     return flags
 
 
@@ -129,25 +145,48 @@ def experts_stage(config: dict, out: Path) -> Path:
     return next(p.parent for p in buffers.glob("**/buffer_meta.json"))
 
 
-def distill_stage(config: dict, out: Path, expert_dir: Path) -> tuple[Path, bool]:
-    """The final distilled set, and whether it was (re)made in this invocation."""
-    flags = as_flags(config["common"]) + as_flags(config["distill"])
-    save_dir = out / "distill"
-    stage = Stage(out, "distill", flags + [str(len(expert_files(expert_dir)))], [save_dir])
+def distill_settings(config: dict) -> tuple[dict, list[int]]:
+    """The distill.py flags without `seeds`, and the distillation seeds (default: the one `seed`)."""
+    settings = dict(config["distill"])
+    seeds = settings.pop("seeds", None)
+    if seeds is None:
+        seeds = [int(settings.get("seed", config["common"].get("seed", 0)))]
+    if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) for s in seeds):
+        raise UserError(f"[distill] seeds must be a non-empty list of whole numbers, got {seeds!r}")
+    return settings, seeds
+
+
+def distill_stage(config: dict, out: Path, expert_dir: Path, seed: int | None = None,
+                  name: str = "distill") -> tuple[Path, bool]:
+    """The last distilled set of one distillation run, and whether it was (re)made in this invocation."""
+    settings, _ = distill_settings(config)
+    if seed is not None:
+        settings["seed"] = seed
+    flags = as_flags(config["common"]) + as_flags(settings)
+    save_dir = out / name
+    stage = Stage(out, name.replace("/", "_"), flags + [str(len(expert_files(expert_dir)))], [save_dir])
     final = save_dir / "distilled_last.pt"
-    iterations = int(config["distill"].get("Iteration", 50000))
+    iterations = int(settings.get("Iteration", 50000))
     if stage.unchanged() and final.is_file() and load_distilled_set(final)["iteration"] == iterations:
         banner(f"distillation: reusing {final}")
         return final, False
     stage.begin()
     resume = ["--resume", str(final)] if final.is_file() else []
-    banner("distillation" + (f": resuming {final}" if resume else ""))
+    banner("distillation" + (f" (seed {seed})" if seed is not None else "") + (f": resuming {final}" if resume else ""))
     run("distill.py", flags + ["--buffer_path", str(expert_dir), "--save_dir", str(save_dir), *resume])
     return final, True
 
 
+def epochs_for(config: dict, size: int | str) -> list[str]:
+    epochs = {str(k): v for k, v in config["compare"].get("epochs_per_size", {}).items()}
+    return ["--epoch_eval_train", str(epochs[str(size)])] if str(size) in epochs else []
+
+
 def full_data_row(config: dict, out: Path, expert_dir: Path, evaluate_flags: list[str]) -> tuple[str, dict]:
-    mode = config["compare"].get("full", "experts")
+    mode = config["compare"].get("full", "train")
+    if mode == "train":
+        return "full data", run_configuration("full", ["--full", *epochs_for(config, FULL)], evaluate_flags,
+                                              out / "results")
     if mode == "experts":
         found = read_expert_metrics(expert_dir)
         if len(found) < 2:
@@ -155,10 +194,22 @@ def full_data_row(config: dict, out: Path, expert_dir: Path, evaluate_flags: lis
         finals = [{k: v for k, v in m["epochs"][-1].items() if k not in NOT_METRICS} for m in found.values()]
         epochs = found[min(found)]["epochs"][-1]["epoch"]
         return f"full data ({len(found)} experts, {epochs} ep)", {"metrics": summarize_runs(finals), "source": "experts"}
-    if mode == "train":
-        report = run_configuration("full", ["--full"], evaluate_flags, out / "results")
-        return "full data", report
-    raise UserError(f"[compare] full must be 'experts' or 'train', got {mode!r}")
+    raise UserError(f"[compare] full must be 'train' (the evaluation protocol on all pairs) or 'experts', got {mode!r}")
+
+
+def coreset_row(config: dict, results: Path, evaluate_flags: list[str], method: str, count: int) -> tuple[str, dict]:
+    label = f"{method}-{count}"
+    flags = ["--coreset", method, "--num_queries", str(count), "--coreset_file",
+             str(results / "coresets" / f"{label}.pt"), *epochs_for(config, count)]
+    return label, run_configuration(label, flags, evaluate_flags, results)
+
+
+def pooled(reports: list[dict]) -> dict:
+    """One summary over the evaluation models of several reports (e.g. distillation seeds)."""
+    runs = [dict(zip(r["metrics"], values)) for r in reports
+            for values in zip(*(m["runs"] for m in r["metrics"].values()))]
+    return {"metrics": summarize_runs(runs), "split": reports[0].get("split"),
+            "lr": [r.get("lr") for r in reports], "parts": len(reports)}
 
 
 def main(argv=None) -> int:
@@ -169,6 +220,9 @@ def main(argv=None) -> int:
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
     started, times = time.time(), {}
+    _, seeds = distill_settings(config)
+    size = int(config["distill"].get("num_queries", 100))
+    compare = config["compare"]
 
     expert_dir = experts_stage(config, out)
     times["data + experts"] = time.time() - started
@@ -177,64 +231,116 @@ def main(argv=None) -> int:
     # fails or is retuned never costs them.
     results = out / "results"
     evaluate_flags = as_flags(config["common"]) + as_flags(config["evaluate"]) + ["--buffer_path", str(expert_dir)]
-    Stage(out, "evaluate", evaluate_flags + [str(config["compare"])], [results]).begin()
+    Stage(out, "evaluate", evaluate_flags + [json.dumps(compare, sort_keys=True)], [results]).begin()
     (results / "coresets").mkdir(parents=True, exist_ok=True)
-    banner("evaluation: coresets and full data")
-    size = int(config["distill"].get("num_queries", 100))
+    banner("evaluation: random ladder, coresets, full data")
+    ladder, others = {}, {}
+    for count in compare.get("ladder", [size, 10 * size]):
+        label, report = coreset_row(config, results, evaluate_flags, "random", int(count))
+        ladder[label] = report
+    for count in compare.get("coreset_sizes", [size]):
+        for method in compare.get("coreset_methods", []):
+            label, report = coreset_row(config, results, evaluate_flags, method, int(count))
+            others[label] = report
+        if compare.get("centroids", False):
+            label, report = coreset_row(config, results, evaluate_flags, "centroids", int(count))
+            others[label] = report
+    full_label, full_report = full_data_row(config, out, expert_dir, evaluate_flags)
+    times["ladder, coresets, full data"] = time.time() - started - sum(times.values())
+
+    distilled = {}
+    for seed in seeds:
+        final, remade = distill_stage(config, out, expert_dir, seed, f"distill/seed{seed}")
+        best = final.parent / "distilled_best.pt"  # the best iteration on the selection split
+        label = f"distilled-{len(load_distilled_set(best)['text_syn'])} (seed {seed})"
+        if remade:
+            (results / f"{label}.json").unlink(missing_ok=True)
+        distilled[label] = run_configuration(label, ["--distilled", str(best)], evaluate_flags, results)
+    times["distillation + its evaluation"] = time.time() - started - sum(times.values())
+    first_set = out / "distill" / f"seed{seeds[0]}" / "distilled_best.pt"
     reports = {}
-    epochs = {int(k): v for k, v in config["compare"].get("epochs_per_size", {}).items()}
-    for count in config["compare"].get("coreset_sizes", [size, 10 * size]):
-        for method in config["compare"].get("coreset_methods", ["random"]):
-            label = f"{method}-{count}"
-            flags = ["--coreset", method, "--num_queries", str(count),
-                     "--coreset_file", str(results / "coresets" / f"{label}.pt")]
-            flags += ["--epoch_eval_train", str(epochs[count])] if count in epochs else []
-            reports[label] = run_configuration(label, flags, evaluate_flags, results)
-    label, reports_full = full_data_row(config, out, expert_dir, evaluate_flags)
-    reports[label] = reports_full
-    times["coresets + full data"] = time.time() - started - sum(times.values())
-
-    distilled, remade = distill_stage(config, out, expert_dir)
-    times["distillation"] = time.time() - started - sum(times.values())
-    banner("evaluation: distilled set")
-    label = f"distilled-{len(load_distilled_set(distilled)['image_syn'])}"
-    if remade:
-        (results / f"{label}.json").unlink(missing_ok=True)
-    reports = {label: run_configuration(label, ["--distilled", str(distilled)], evaluate_flags, results), **reports}
-    times["distilled evaluation"] = time.time() - started - sum(times.values())
-
-    write_outputs(out, distilled, reports, times)
+    if len(distilled) > 1:
+        reports[f"distilled-{size} ({len(distilled)} seeds)"] = pooled(list(distilled.values()))
+    reports.update(distilled)
+    reports.update(others)
+    reports.update(ladder)
+    reports[full_label] = full_report
+    write_outputs(out, first_set, reports, ladder, full_report, times, config)
     return 0
 
 
-def write_outputs(out: Path, distilled: Path, reports: dict[str, dict], times: dict[str, float]) -> None:
+def ladder_points(ladder: dict[str, dict], full_report: dict) -> dict[int, dict]:
+    """N -> r_mean summary of the random coresets, with full-data training as the last rung."""
+    points = {r["config"]["set_size"]: r["metrics"]["r_mean"] for r in ladder.values()}
+    if "config" in full_report:
+        points[full_report["config"]["set_size"]] = full_report["metrics"]["r_mean"]
+    return points
+
+
+def worth_column(reports: dict[str, dict], ladder: dict[str, dict], full_report: dict) -> dict[str, dict | None]:
+    points = ladder_points(ladder, full_report)
+    if len(points) < 2:
+        return {label: None for label in reports}
+    return {label: None if label.startswith("random-") or label.startswith("full data") else
+            worth_n(points, r["metrics"]["r_mean"]["mean"], r["metrics"]["r_mean"]["std"]).as_dict()
+            for label, r in reports.items()}
+
+
+def write_outputs(out: Path, distilled: Path, reports: dict[str, dict], ladder: dict[str, dict], full_report: dict,
+                  times: dict[str, float], config: dict) -> None:
     summaries = {label: r["metrics"] for label, r in reports.items()}
-    (out / "results.md").write_text(markdown_table(*table_cells(summaries)) + "\n")
-    (out / "results.json").write_text(json.dumps({"rows": summaries, "stage_seconds": times}, indent=1))
-    tag = f"{load_distilled_set(distilled)['iteration']:06d}"
-    for name in (f"synthetic_images_plain_{tag}.png", f"synthetic_images_clipped_{tag}.png",
-                 f"nearest_captions_{tag}.txt"):
-        if (distilled.parent / name).is_file():
-            shutil.copyfile(distilled.parent / name, out / name.replace(f"_{tag}", ""))
-    banner("results (mean ± std over evaluation models; full data: over experts)")
+    worth = worth_column(reports, ladder, full_report)
+    header, cells = table_cells(summaries)
+    rows = [row + ["" if worth[label] is None else worth[label]["text"],
+                   ", ".join(f"{lr:.3g}" for lr in (r["lr"] if isinstance(r.get("lr"), list) else [r["lr"]]))
+                   if r.get("lr") is not None else ""]
+            for row, (label, r) in zip(cells, reports.items())]
+    split = next((r.get("split") for r in reports.values() if r.get("split")), "?")
+    table = markdown_table(header + ["worth-N", "lr"], rows)
+    (out / "results.md").write_text(f"Reported on the {split} split; choices on "
+                                    f"{config['common'].get('eval_split', 'val')}.\n\n{table}\n")
+    points = ladder_points(ladder, full_report)
+    (out / "results.json").write_text(json.dumps(
+        {"split": split, "rows": summaries, "worth_n": worth, "ladder": {str(k): v for k, v in points.items()},
+         "choices": {label: {"lr": r.get("lr"), "tuning": r.get("tuning")} for label, r in reports.items()},
+         "stage_seconds": times}, indent=1))
+    marked = {label: r["metrics"]["r_mean"] for label, r in reports.items() if worth.get(label) is not None
+              and "(seed" not in label}
+    plot = None
+    if len(points) >= 2:
+        plot = plot_worth(points, marked, out / "worth_n.png", title=f"r_mean on {split} against random real pairs",
+                          full=full_report["metrics"]["r_mean"])
+    if distilled.is_file():
+        tag = f"{load_distilled_set(distilled)['iteration']:06d}"
+        for name in (f"synthetic_images_plain_{tag}.png", f"synthetic_images_clipped_{tag}.png",
+                     f"nearest_captions_{tag}.txt"):
+            if (distilled.parent / name).is_file():
+                shutil.copyfile(distilled.parent / name, out / name.replace(f"_{tag}", ""))
+    banner(f"results on {split} (mean ± std over evaluation models; choices on "
+           f"{config['common'].get('eval_split', 'val')})")
     print(format_table(summaries))
-    print(verdict(summaries))
+    print(verdict(reports, worth))
     print("\n" + ", ".join(f"{k} {v / 60:.1f} min" for k, v in times.items()) +
           f"; total {sum(times.values()) / 60:.1f} min")
-    print(f"wrote {out / 'results.md'}, {out / 'results.json'}, {out / 'synthetic_images_plain.png'}, "
-          f"{out / 'nearest_captions.txt'}")
+    print(f"wrote {out / 'results.md'}, {out / 'results.json'}" + (f", {plot}" if plot else ""))
 
 
-def verdict(summaries: dict[str, dict]) -> str:
-    """The two claims of the paper's table, checked on these numbers."""
-    distilled = next((v["r_mean"] for k, v in summaries.items() if k.startswith("distilled-")), None)
+def verdict(reports: dict[str, dict], worth: dict[str, dict | None]) -> str:
+    """The distilled set against every other row, and what each set is worth in random real pairs."""
+    distilled = next(((k, v["metrics"]["r_mean"]) for k, v in reports.items() if k.startswith("distilled-")), None)
     lines = []
-    for label, summary in summaries.items():
-        if label.startswith("random-") and distilled is not None:
-            other = summary["r_mean"]
-            margin = (distilled["mean"] - other["mean"]) / max(distilled["std"], other["std"], 1e-12)
-            lines.append(f"distilled r_mean {distilled['mean']:.2f} vs {label} {other['mean']:.2f}: "
+    if distilled is not None:
+        name, ours = distilled
+        for label, report in reports.items():
+            if label.startswith("distilled-"):
+                continue
+            other = report["metrics"]["r_mean"]
+            margin = (ours["mean"] - other["mean"]) / max(ours["std"], other["std"], 1e-12)
+            lines.append(f"{name} r_mean {ours['mean']:.2f} vs {label} {other['mean']:.2f}: "
                          f"{'+' if margin >= 0 else ''}{margin:.1f} std")
+    for label, value in worth.items():
+        if value is not None and "(seed" not in label:
+            lines.append(f"{label} is worth {value['text']} random real pairs")
     return "\n".join(lines)
 
 

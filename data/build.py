@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
-from data.annotations import CaptionedImages, first_images, read_split
+from data.annotations import CaptionedImages, annotation_file, first_images, read_split
 from data.datasets import ImageDataset, PairDataset
 from data.text_cache import cache_path, cached_text_embeddings
 from data.transforms import test_transform, train_transform
@@ -23,22 +23,50 @@ def default_cache_dir() -> str:
 
 
 @dataclass
+class EvalSplit:
+    """An evaluation split: its images and captions, and the captions' frozen text embeddings."""
+
+    name: str
+    images: CaptionedImages
+    text: torch.Tensor  # [captions, text_dim], CPU
+
+    @property
+    def txt2img(self) -> torch.Tensor:
+        return torch.tensor(self.images.txt2img, dtype=torch.long)
+
+
+@dataclass
 class RetrievalData:
-    """A training split and an evaluation split with their frozen text embeddings."""
+    """A training split and one or more evaluation splits with their frozen text embeddings.
+
+    `eval` is `--eval_split`, the split on which choices are made (best iteration, learning rate);
+    `splits` holds it and any other evaluation split loaded (e.g. test, for the final numbers)."""
 
     train: CaptionedImages
-    eval: CaptionedImages
     train_text: torch.Tensor  # [train captions, text_dim], CPU
-    eval_text: torch.Tensor  # [eval captions, text_dim], CPU
     text_identity: str
+    splits: dict[str, EvalSplit]
+    eval_name: str
+    dataset: str = ""
 
     @property
     def text_dim(self) -> int:
         return self.train_text.shape[1]
 
     @property
+    def eval(self) -> CaptionedImages:
+        return self.splits[self.eval_name].images
+
+    @property
+    def eval_text(self) -> torch.Tensor:
+        return self.splits[self.eval_name].text
+
+    @property
     def eval_txt2img(self) -> torch.Tensor:
-        return torch.tensor(self.eval.txt2img, dtype=torch.long)
+        return self.splits[self.eval_name].txt2img
+
+    def split(self, name: str) -> EvalSplit:
+        return self.splits[name]
 
 
 def dataset_roots(args) -> tuple[Path, Path]:
@@ -60,11 +88,20 @@ def dataset_roots(args) -> tuple[Path, Path]:
     return Path(image_root), Path(ann_root)
 
 
-def load_retrieval_data(args, device: torch.device, progress: bool = True) -> RetrievalData:
-    """Parse the train and `--eval_split` splits and attach cached text embeddings."""
+def has_split(args, split: str) -> bool:
+    """Whether the annotation file of `split` is present (e.g. flickr8k_test.json beside the others)."""
+    _, ann_root = dataset_roots(args)
+    return annotation_file(args.dataset, split, ann_root).is_file()
+
+
+def load_retrieval_data(args, device: torch.device, progress: bool = True,
+                        extra_splits: tuple[str, ...] = ()) -> RetrievalData:
+    """Parse the train split, `--eval_split` and `extra_splits` and attach cached text embeddings."""
     image_root, ann_root = dataset_roots(args)
     splits = {}
-    for role, split in (("train", "train"), ("eval", args.eval_split)):
+    roles = [("train", "train"), ("eval", args.eval_split)]
+    roles += [(name, name) for name in extra_splits if name != args.eval_split]
+    for role, split in roles:
         parsed = read_split(args.dataset, split, ann_root, image_root, args.skip_bad_images)
         limit = getattr(args, "max_train_images", None)
         if role == "train" and limit is not None:
@@ -86,7 +123,8 @@ def load_retrieval_data(args, device: torch.device, progress: bool = True) -> Re
     for role, (split, parsed) in splits.items():
         path = cache_path(args.cache_dir, args.dataset, split, identity, parsed.captions)
         texts[role] = cached_text_embeddings(parsed.captions, path, make_encoder, progress)
-    return RetrievalData(splits["train"][1], splits["eval"][1], texts["train"], texts["eval"], identity)
+    evals = {split: EvalSplit(split, parsed, texts[role]) for role, (split, parsed) in splits.items() if role != "train"}
+    return RetrievalData(splits["train"][1], texts["train"], identity, evals, args.eval_split, args.dataset)
 
 
 def _loader(dataset, batch_size: int, shuffle: bool, workers: int, seed: int | None = None,
@@ -97,12 +135,14 @@ def _loader(dataset, batch_size: int, shuffle: bool, workers: int, seed: int | N
 
 
 def train_loader(data: RetrievalData, image_size: int, batch_size: int, workers: int,
-                 seed: int | None = None) -> DataLoader:
+                 seed: int | None = None, norm: str = "clip") -> DataLoader:
     """Shuffled real pairs with the training augmentation; drops a last batch smaller than 2."""
-    dataset = PairDataset(data.train, data.train_text, train_transform(image_size))
+    dataset = PairDataset(data.train, data.train_text, train_transform(image_size, norm))
     return _loader(dataset, batch_size, True, workers, seed, drop_last=len(dataset) % batch_size == 1)
 
 
-def eval_image_loader(data: RetrievalData, image_size: int, batch_size: int, workers: int) -> DataLoader:
-    """The evaluation split's unique images, in order, with the test transform."""
-    return _loader(ImageDataset(data.eval, test_transform(image_size)), batch_size, False, workers)
+def eval_image_loader(data: RetrievalData, image_size: int, batch_size: int, workers: int,
+                      norm: str = "clip", split: str | None = None) -> DataLoader:
+    """An evaluation split's unique images (default `--eval_split`), in order, with the test transform."""
+    images = data.eval if split is None else data.split(split).images
+    return _loader(ImageDataset(images, test_transform(image_size, norm)), batch_size, False, workers)

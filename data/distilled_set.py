@@ -1,6 +1,8 @@
 """The distilled-set file (SPEC §6): one `.pt` of tensors and plain Python values.
 
-Keys: `format`, `version`, `image_syn` [N,3,H,W] (normalised pixels), `text_syn` [N,D] (text-encoder
+Keys: `format`, `version`, `image_syn` [N,3,H,W] (normalised pixels; `config["image_norm"]` says with
+which statistics) or, for a set of features that only a frozen trunk can use (the k-means feature
+centroids), `image_features` [N, ...] (trunk outputs; `config["trunk"]` says which trunk), `text_syn` [N,D] (text-encoder
 embeddings), `syn_lr_img`, `syn_lr_txt` (floats), `iteration`, `config` (every setting needed to
 evaluate it: data set, encoders, image size, text model, ...), `metrics` (evaluation summary at
 that iteration, may be empty), and, for resuming, `state` (optimiser momentum, RNG states, expert
@@ -18,16 +20,20 @@ from utils.io import atomic_torch_save, safe_torch_load
 
 FORMAT = "vl-distill/distilled-set"
 VERSION = 1
-REQUIRED = ("image_syn", "text_syn", "syn_lr_img", "syn_lr_txt", "iteration", "config")
+REQUIRED = ("text_syn", "syn_lr_img", "syn_lr_txt", "iteration", "config")
 
 
-def save_distilled_set(path, image_syn: torch.Tensor, text_syn: torch.Tensor, syn_lr_img: float,
+def save_distilled_set(path, image_syn: torch.Tensor | None, text_syn: torch.Tensor, syn_lr_img: float,
                        syn_lr_txt: float, iteration: int, config: dict, metrics: dict | None = None,
-                       state: dict | None = None, **extra) -> Path:
-    """Atomically write a distilled set; `extra` holds anything a method learns besides (e.g. a similarity)."""
+                       state: dict | None = None, image_features: torch.Tensor | None = None, **extra) -> Path:
+    """Atomically write a distilled set (pixels `image_syn`, or trunk outputs `image_features`); `extra` holds
+    anything a method learns besides (e.g. a similarity)."""
+    if (image_syn is None) == (image_features is None):
+        raise ValueError("a set holds either pixels (image_syn) or trunk outputs (image_features)")
+    images = {"image_syn": image_syn} if image_syn is not None else {"image_features": image_features}
     payload = {
         "format": FORMAT, "version": VERSION,
-        "image_syn": image_syn.detach().to("cpu", copy=True),
+        **{k: v.detach().to("cpu", copy=True) for k, v in images.items()},
         "text_syn": text_syn.detach().to("cpu", copy=True),
         "syn_lr_img": float(syn_lr_img), "syn_lr_txt": float(syn_lr_txt),
         "iteration": int(iteration), "config": dict(config), "metrics": dict(metrics or {}),
@@ -45,8 +51,12 @@ def load_distilled_set(path) -> dict:
     missing = [k for k in REQUIRED if k not in payload]
     if missing:
         raise UserError(f"distilled set {path} lacks {', '.join(missing)}")
-    images, texts = payload["image_syn"], payload["text_syn"]
-    if images.dim() != 4 or texts.dim() != 2 or len(images) != len(texts):
+    if ("image_syn" in payload) == ("image_features" in payload):
+        raise UserError(f"distilled set {path} must hold either image_syn (pixels) or image_features")
+    images, texts = payload.get("image_syn", payload.get("image_features")), payload["text_syn"]
+    if not isinstance(images, torch.Tensor) or not isinstance(texts, torch.Tensor):
+        raise UserError(f"distilled set {path} does not hold tensors for its images and texts")
+    if ("image_syn" in payload and images.dim() != 4) or texts.dim() != 2 or len(images) != len(texts):
         raise UserError(f"distilled set {path} has inconsistent shapes: images {tuple(images.shape)}, "
                         f"texts {tuple(texts.shape)}")
     return payload

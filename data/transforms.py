@@ -1,4 +1,10 @@
-"""Train and test image transforms of SPEC §5 (torchvision)."""
+"""Train and test image transforms (torchvision), with the input normalisation an encoder expects.
+
+Normalisation statistics by name (`--image_norm`): `clip` is what the reference applies to every
+encoder; pretrained weights expect the statistics they were trained with (timm's `pretrained_cfg`:
+`imagenet` for most ImageNet weights, `inception` = mean 0.5 / std 0.5 for the TensorFlow-ported
+EfficientNet-Lite0 and ViT weights). networks/image_encoders.py picks one for `--image_norm auto`.
+"""
 from __future__ import annotations
 
 from torchvision import transforms
@@ -6,27 +12,43 @@ from torchvision.transforms import InterpolationMode
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+NORMALIZATIONS = {
+    "clip": (CLIP_MEAN, CLIP_STD),
+    "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+    "inception": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
+}
 
 
-def normalize() -> transforms.Normalize:
-    return transforms.Normalize(CLIP_MEAN, CLIP_STD)
+def normalize(norm: str = "clip") -> transforms.Normalize:
+    if norm not in NORMALIZATIONS:
+        raise ValueError(f"unknown image normalisation {norm!r}; choose one of {', '.join(NORMALIZATIONS)}")
+    return transforms.Normalize(*NORMALIZATIONS[norm])
 
 
-def train_transform(image_size: int) -> transforms.Compose:
-    """RandomResizedCrop(0.5–1, bicubic), horizontal flip, RandAugment(2, 5), tensor, CLIP normalisation."""
+def train_transform(image_size: int, norm: str = "clip") -> transforms.Compose:
+    """RandomResizedCrop(0.5–1, bicubic), horizontal flip, RandAugment(2, 5), tensor, normalisation."""
     return transforms.Compose([
         transforms.RandomResizedCrop(image_size, scale=(0.5, 1.0), interpolation=InterpolationMode.BICUBIC),
         transforms.RandomHorizontalFlip(),
         transforms.RandAugment(num_ops=2, magnitude=5),
         transforms.ToTensor(),
-        normalize(),
+        normalize(norm),
     ])
 
 
-def test_transform(image_size: int) -> transforms.Compose:
-    """Resize to a square (bicubic), tensor, CLIP normalisation."""
+def test_transform(image_size: int, norm: str = "clip") -> transforms.Compose:
+    """Resize to a square (bicubic), tensor, normalisation."""
     return transforms.Compose([
         transforms.Resize((image_size, image_size), interpolation=InterpolationMode.BICUBIC),
         transforms.ToTensor(),
-        normalize(),
+        normalize(norm),
     ])
+
+
+def renormalize(images, source: str, target: str):
+    """Pixels normalised with `source` statistics, re-expressed with `target`'s (same raw image)."""
+    if source == target:
+        return images
+    (m0, s0), (m1, s1) = NORMALIZATIONS[source], NORMALIZATIONS[target]
+    view = lambda values: images.new_tensor(values).view(1, 3, 1, 1)  # noqa: E731
+    return (images * view(s0) + view(m0) - view(m1)) / view(s1)

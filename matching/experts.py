@@ -8,6 +8,7 @@ import torch
 from networks import trainable_parameters
 from utils.buffers import (
     COMPATIBILITY_KEYS,
+    LEGACY_DEFAULTS,
     META_NAME,
     buffer_dir,
     expert_files,
@@ -24,10 +25,6 @@ def locate_buffer(buffer_path, dataset: str, image_encoder: str, text_encoder: s
     return buffer_dir(given, dataset, image_encoder, text_encoder)
 
 
-# What buffers written before a metadata entry existed hold.
-LEGACY_DEFAULTS = {"trainable_parts": ["image_encoder", "text_projection"]}
-
-
 def check_buffer_matches(meta: dict | None, directory: Path, expected: dict) -> None:
     """Refuse a buffer made with other encoders, image size, text dimension or data set than asked."""
     if meta is None:
@@ -37,8 +34,10 @@ def check_buffer_matches(meta: dict | None, directory: Path, expected: dict) -> 
     problems = [f"{key}: buffer has {found.get(key)!r}, this run asks for {expected[key]!r}"
                 for key in COMPATIBILITY_KEYS if key in expected and found.get(key) != expected[key]]
     if problems:
-        hint = (" (the experts must train what distillation matches: the same --image_projection and --lora_rank)"
-                if any(p.startswith("trainable_parts") for p in problems) else "")
+        hint = (" (the experts must train what distillation matches: the same --train_stages, --image_projection "
+                "and --lora_rank)" if any(p.startswith("trainable_parts") for p in problems) else
+                " (pass the --image_norm the experts were trained with)" if any(p.startswith("image_norm")
+                                                                                 for p in problems) else "")
         raise UserError(f"the experts in {directory} do not fit this run ({'; '.join(problems[:3])}){hint}")
 
 

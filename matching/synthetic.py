@@ -25,23 +25,24 @@ def real_pairs(data: RetrievalData, count: int, generator: torch.Generator) -> t
 
 
 def transformed_images(data: RetrievalData, image_indices: torch.Tensor, image_size: int,
-                       augment: bool = True) -> torch.Tensor:
+                       augment: bool = True, norm: str = "clip") -> torch.Tensor:
     """Training images through the training transform (the reference's real initialisation), or
     through the deterministic test transform with `augment=False`."""
-    transform = train_transform(image_size) if augment else test_transform(image_size)
+    transform = train_transform(image_size, norm) if augment else test_transform(image_size, norm)
     return torch.stack([transform(load_rgb(data.train.image_paths[i])) for i in image_indices.tolist()])
 
 
 def initial_synthetic_set(data: RetrievalData, count: int, image_size: int, pix_init: str, txt_init: str,
-                          text_encoder: str, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+                          text_encoder: str, generator: torch.Generator,
+                          norm: str = "clip") -> tuple[torch.Tensor, torch.Tensor]:
     """`real`: random training pairs (augmented images, as the reference); `clean`: the same pairs
     through the test transform (no augmentation); `noise`: Gaussian pixels with the real per-channel statistics and
     Gaussian text embeddings (the reference's BERT statistics for bert, the cached ones otherwise)."""
     image_indices, caption_indices = real_pairs(data, count, generator)
     if pix_init in ("real", "clean"):
-        images = transformed_images(data, image_indices, image_size, augment=pix_init == "real")
+        images = transformed_images(data, image_indices, image_size, augment=pix_init == "real", norm=norm)
     else:
-        sample = transformed_images(data, real_pairs(data, min(count, 256), generator)[0], image_size)
+        sample = transformed_images(data, real_pairs(data, min(count, 256), generator)[0], image_size, norm=norm)
         mean, std = sample.mean(dim=(0, 2, 3)), sample.std(dim=(0, 2, 3))
         noise = torch.randn(count, 3, image_size, image_size, generator=generator)
         images = noise * std.view(1, 3, 1, 1) + mean.view(1, 3, 1, 1)

@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from networks.projection import ProjectionHead
+from networks.split import split_encoder
 
 TEMPERATURE = 0.07
 
@@ -84,36 +85,59 @@ class ImageTextModel(nn.Module):
     """Trainable parts of the retrieval model: the image side and the text projection head.
 
     The frozen text encoder is not part of it: texts enter as cached text-encoder embeddings. The
-    image side is the whole image encoder (the paper), or with `image_projection` a projection head
-    (the text head's design, image_dim -> image_dim) over a frozen encoder run in eval mode
-    (RepBlend's symmetric projection matching). `image_part` is the module whose trainable
-    parameters experts record and distillation matches on the image side.
+    image side is `image_tower(trunk(images))`: `trunk` is the frozen lower part of the image encoder
+    (evaluation mode; nothing, when the whole encoder trains), `image_tower` the trainable rest: the
+    encoder's top stages (networks/split.py), followed by an image projection head (the text head's
+    design, image_dim -> image_dim) with `image_projection` (RepBlend's symmetric projection matching).
+
+    - `train_stages=None`: the whole encoder trains (the paper); no trunk.
+    - `train_stages=0`: the encoder is frozen; needs `image_projection` (something must train).
+    - `train_stages=K`: the encoder's last K stages train, the stages below are the trunk.
+    `image_projection` without `train_stages` means a frozen encoder (0). `image_part` (the tower) is the
+    module whose trainable parameters experts record and distillation matches on the image side.
     """
 
-    def __init__(self, image_encoder: nn.Module, text_dim: int, dropout: float = 0.1, image_projection: bool = False):
+    def __init__(self, image_encoder: nn.Module, text_dim: int, dropout: float = 0.1, image_projection: bool = False,
+                 train_stages: int | None = None, encoder_name: str = "this encoder"):
         super().__init__()
+        if image_projection and train_stages is None:
+            train_stages = 0
+        if train_stages == 0 and not image_projection:
+            raise ValueError("a frozen image encoder (train_stages 0) needs an image projection head to train")
         self.image_encoder = image_encoder
         self.image_dim = image_encoder.num_features
+        self.train_stages = train_stages
+        trunk, top = split_encoder(image_encoder, train_stages, encoder_name)
+        self.trunk = trunk
         self.image_projection = ProjectionHead(self.image_dim, self.image_dim, dropout) if image_projection else None
+        self.image_tower = top if self.image_projection is None else nn.Sequential(top, self.image_projection)
         self.text_projection = ProjectionHead(text_dim, self.image_dim, dropout)
-        if image_projection:
-            for param in image_encoder.parameters():
-                param.requires_grad_(False)
+        for param in trunk.parameters():
+            param.requires_grad_(False)
+        self.trunk.eval()
+
+    @property
+    def has_trunk(self) -> bool:
+        """Whether a frozen lower part exists whose outputs can be computed once and cached."""
+        return self.train_stages is not None
 
     @property
     def image_part(self) -> nn.Module:
-        return self.image_projection if self.image_projection is not None else self.image_encoder
+        return self.image_tower
 
     def train(self, mode: bool = True):
         super().train(mode)
-        if self.image_projection is not None:
-            self.image_encoder.eval()  # frozen: its BatchNorm keeps its pretrained statistics
+        self.trunk.eval()  # frozen: its BatchNorm keeps its pretrained statistics, no dropout
         return self
 
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
-        features = self.image_encoder(images)
-        return features if self.image_projection is None else self.image_projection(features)
+        return self.image_tower(self.trunk(images))
 
-    def forward(self, images: torch.Tensor, text_embeddings: torch.Tensor):
-        """Returns (image features, projected text features)."""
-        return self.encode_image(images), self.text_projection(text_embeddings)
+    def encode_trunk_output(self, trunk_output: torch.Tensor) -> torch.Tensor:
+        """Image features from the trunk's output (cached features): the tower alone."""
+        return self.image_tower(trunk_output)
+
+    def forward(self, images: torch.Tensor, text_embeddings: torch.Tensor, from_trunk: bool = False):
+        """Returns (image features, projected text features); `from_trunk`: `images` are trunk outputs."""
+        image_features = self.encode_trunk_output(images) if from_trunk else self.encode_image(images)
+        return image_features, self.text_projection(text_embeddings)

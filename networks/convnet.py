@@ -27,6 +27,7 @@ class ConvNet(nn.Module):
                        nn.AvgPool2d(kernel_size=2, stride=2)]
             in_ch = width
         self.features = nn.Sequential(*layers)
+        self.depth = depth
         self.num_features = width * (image_size // 2 ** depth) ** 2
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import timm
 from torch import nn
 
+from data.transforms import NORMALIZATIONS
 from networks.convnet import ConvNet
 from networks.pretrained import load_local_weights, load_encoder_weights, packaged_lite0_state_dict
 from utils.cli import UserError
@@ -69,3 +70,28 @@ def create_image_encoder(name: str, image_size: int, pretrained: bool = False,
                 f"--image_pretrained False")
         load_encoder_weights(model, PACKAGED_WEIGHTS[name](), f"the packaged {name} weights")
     return model
+
+
+IMAGE_NORMS = ("auto", *NORMALIZATIONS)
+
+
+def pretrained_normalization(name: str) -> str:
+    """The normalisation that the pretrained weights of encoder `name` expect (timm's `pretrained_cfg`)."""
+    timm_name = TIMM_NAMES.get(name)
+    if timm_name is None:
+        return "clip"
+    cfg = timm.models.get_pretrained_cfg(timm_name)
+    for norm, (mean, std) in NORMALIZATIONS.items():
+        if cfg is not None and tuple(cfg.mean) == tuple(mean) and tuple(cfg.std) == tuple(std):
+            return norm
+    return "clip"
+
+
+def resolve_image_norm(choice: str, name: str, pretrained: bool) -> str:
+    """`--image_norm`: a named normalisation, or `auto` = what the encoder's pretrained weights expect when
+    it starts from them, the reference's CLIP statistics for an encoder trained from scratch."""
+    if choice != "auto":
+        if choice not in NORMALIZATIONS:
+            raise UserError(f"unknown --image_norm {choice!r}; choose one of {', '.join(IMAGE_NORMS)}")
+        return choice
+    return pretrained_normalization(name) if pretrained else "clip"

@@ -64,3 +64,33 @@ def run4(tiny_shapes, cache_dir, experts, tmp_path_factory) -> Path:
     save_dir = tmp_path_factory.mktemp("run4")
     assert distill.main(distill_flags(tiny_shapes, cache_dir, experts, save_dir, "--Iteration", "4")) == 0
     return save_dir
+
+
+@pytest.fixture(scope="session")
+def convnet_weights(tmp_path_factory) -> Path:
+    """A 'pretrained' ConvNet checkpoint (random weights, seed 0), for runs that keep part of it frozen."""
+    import torch
+
+    from networks.convnet import ConvNet
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("weights") / "convnet.pt"
+    torch.save(ConvNet(16).state_dict(), path)
+    return path
+
+
+def trunk_flags(tiny_shapes, cache_dir, convnet_weights, *extra) -> list[str]:
+    """tiny_flags with the first two conv blocks frozen (their outputs cached) and the last one trained."""
+    return tiny_flags(tiny_shapes, cache_dir, "--image_weights", str(convnet_weights), "--train_stages", "1",
+                      "--feature_views", "1", *extra)
+
+
+@pytest.fixture(scope="session")
+def trunk_experts(tiny_shapes, cache_dir, convnet_weights, tmp_path_factory) -> Path:
+    """Two experts of 3 epochs over cached trunk outputs (--train_stages 1)."""
+    import buffer
+
+    root = tmp_path_factory.mktemp("trunk_buffers")
+    buffer.main(trunk_flags(tiny_shapes, cache_dir, convnet_weights, "--buffer_path", str(root), "--batch_train", "50",
+                            "--num_experts", "2", "--train_epochs", "3"))
+    return root

@@ -9,8 +9,10 @@ import torch
 from conftest import distill_flags
 
 import distill
-from data.build import eval_image_loader, load_retrieval_data
+from data.build import load_retrieval_data
 from data.distilled_set import load_distilled_set
+from data.model_inputs import inputs_from_args
+from networks import build_model
 from utils.cli import UserError
 from utils.evaluation import evaluate_pairs
 
@@ -40,8 +42,9 @@ def test_reloaded_set_evaluates_to_the_same_metrics(run4, tiny_shapes, cache_dir
     payload = load_distilled_set(run4 / "distilled_000004.pt")
     args = Namespace(**{**payload["config"]})
     data = load_retrieval_data(args, torch.device("cpu"), progress=False)
-    loader = eval_image_loader(data, args.image_size, args.batch_size_test, 0)
-    summary = evaluate_pairs(args, payload["image_syn"], payload["text_syn"], payload["syn_lr_img"], data, loader,
+    model = build_model(args, data.text_dim)
+    inputs = inputs_from_args(args, data, model, torch.device("cpu"), progress=False, need_train=False)
+    summary = evaluate_pairs(args, payload["image_syn"], payload["text_syn"], payload["syn_lr_img"], inputs,
                              torch.device("cpu"), args.num_eval, seed=args.seed + 1_000_003 + 4, progress=False)
     assert summary == payload["metrics"]
 
@@ -99,44 +102,72 @@ def test_resume_file_that_does_not_match_is_refused(run4, tiny_shapes, cache_dir
                                    "--resume", str(tmp_path / "junk.pt")))
 
 
-def test_nan_loss_stops_keeps_the_last_good_set_and_says_where(tiny_shapes, cache_dir, experts, tmp_path, monkeypatch):
+def corrupt_call(monkeypatch, number: int, corrupt) -> None:
+    """Make the `number`-th meta-gradient of a run (1-based) pass through `corrupt(result)`."""
     real = distill.matching_gradients
     calls = []
 
-    def nan_on_third(*args, **kwargs):
+    def wrapped(*args, **kwargs):
         result = real(*args, **kwargs)
         calls.append(1)
-        if len(calls) == 3:
-            result.image_term = result.image_term * float("nan")
+        if len(calls) == number:
+            corrupt(result)
         return result
 
-    monkeypatch.setattr(distill, "matching_gradients", nan_on_third)
-    with pytest.raises(UserError, match=r"diverged at iteration 2 \(matching loss not finite: image term nan\).*"
-                                        r"distilled_last.pt \(iteration 2\)"):
-        distill.main(distill_flags(tiny_shapes, cache_dir, experts, tmp_path, "--Iteration", "6"))
-    assert load_distilled_set(tmp_path / "distilled_last.pt")["iteration"] == 2
+    monkeypatch.setattr(distill, "matching_gradients", wrapped)
 
 
-def test_a_step_size_turning_negative_saves_the_state_before_that_step(run4, tiny_shapes, cache_dir, experts,
-                                                                       tmp_path, monkeypatch):
-    real = distill.matching_gradients
-    calls = []
+def learned_state(path):
+    payload = load_distilled_set(path)
+    return payload["image_syn"], payload["text_syn"], payload["syn_lr_img"], payload["syn_lr_txt"]
 
-    def push_lr_below_zero_on_third(*args, **kwargs):
-        result = real(*args, **kwargs)
-        calls.append(1)
-        if len(calls) == 3:  # a gradient of 1e6 on syn_lr_img: one SGD step takes it far below zero
-            result.lr_img_grad = result.lr_img_grad + 1e6
-        return result
 
-    monkeypatch.setattr(distill, "matching_gradients", push_lr_below_zero_on_third)
-    with pytest.raises(UserError, match=r"diverged at iteration 2 \(the learned step size syn_lr_img became -.*"
-                                        r"distilled_last.pt \(iteration 2\); continue from it with --resume"):
-        distill.main(distill_flags(tiny_shapes, cache_dir, experts, tmp_path, "--Iteration", "6", "--eval_it", "5"))
-    saved, reference = load_distilled_set(tmp_path / "distilled_last.pt"), load_distilled_set(run4 / "distilled_000002.pt")
-    assert saved["iteration"] == 2  # evaluations at 0 and 5 only: this file was written by the failure itself
-    assert torch.equal(saved["image_syn"], reference["image_syn"]) and saved["syn_lr_img"] == reference["syn_lr_img"]
-    assert torch.equal(saved["text_syn"], reference["text_syn"])
+def assert_same_state(a, b):
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) and a[2:] == b[2:]
+
+
+def nan_term(result):
+    result.image_term = result.image_term * float("nan")
+
+
+def negative_step_size(result):  # a gradient of 1e6 on syn_lr_img: one SGD step takes it far below zero
+    result.lr_img_grad = result.lr_img_grad + 1e6
+
+
+@pytest.mark.parametrize("corrupt, reason", [(nan_term, "non-finite matching loss (image term nan)"),
+                                             (negative_step_size, "step size not positive (syn_lr_img would become -")])
+def test_a_bad_step_is_skipped_counted_and_leaves_the_set_as_it_was(corrupt, reason, tiny_shapes, cache_dir, experts,
+                                                                    tmp_path, monkeypatch, capsys):
+    corrupt_call(monkeypatch, 3, corrupt)  # the third iteration: iteration 2
+    assert distill.main(distill_flags(tiny_shapes, cache_dir, experts, tmp_path, "--Iteration", "4",
+                                      "--eval_it", "1", "--draw", "False")) == 0
+    assert f"iteration 2: step skipped: {reason}" in capsys.readouterr().out
+    assert_same_state(learned_state(tmp_path / "distilled_000002.pt"), learned_state(tmp_path / "distilled_000003.pt"))
+    before, after = learned_state(tmp_path / "distilled_000003.pt"), learned_state(tmp_path / "distilled_000004.pt")
+    assert not torch.equal(before[0], after[0])  # the next step is applied again
+    final = load_distilled_set(tmp_path / "distilled_last.pt")
+    assert sum(final["state"]["guard"]["skipped"].values()) == 1 and final["state"]["guard"]["consecutive"] == 0
+    assert all(torch.isfinite(final[key]).all() for key in ("image_syn", "text_syn")) and final["syn_lr_img"] > 0
+
+
+def test_too_many_skips_in_a_row_stop_with_the_last_good_set(tiny_shapes, cache_dir, experts, tmp_path, monkeypatch):
+    corrupt_call(monkeypatch, 3, nan_term)
+    with pytest.raises(UserError, match=r"diverged at iteration 2 \(1 steps in a row skipped, the last for non-finite "
+                                        r"matching loss.*distilled_last.pt \(iteration 2\)"):
+        distill.main(distill_flags(tiny_shapes, cache_dir, experts, tmp_path, "--Iteration", "6", "--max_skips", "1"))
+    saved = load_distilled_set(tmp_path / "distilled_last.pt")
+    assert saved["iteration"] == 2
+    assert_same_state(learned_state(tmp_path / "distilled_last.pt"), learned_state(tmp_path / "distilled_000002.pt"))
+
+
+def test_a_gradient_spike_is_skipped_after_the_warm_up(tiny_shapes, cache_dir, experts, tmp_path, monkeypatch, capsys):
+    def spike(result):
+        result.learned_grads[0] = result.learned_grads[0] * 1e4
+    corrupt_call(monkeypatch, 8, spike)  # 7 steps applied before it (the guard's warm-up is 5)
+    assert distill.main(distill_flags(tiny_shapes, cache_dir, experts, tmp_path, "--Iteration", "9", "--eval_it", "9",
+                                      "--draw", "False")) == 0
+    assert "iteration 7: step skipped: gradient spike (pixels norm" in capsys.readouterr().out
+    assert load_distilled_set(tmp_path / "distilled_last.pt")["state"]["guard"]["skipped"] == {"gradient spike": 1}
 
 
 def test_dsa_is_opt_in_and_changes_the_learned_pixels(run4, tiny_shapes, cache_dir, experts, tmp_path):

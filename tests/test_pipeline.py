@@ -22,7 +22,7 @@ image_encoder = "convnet"
 image_size = 16
 image_pretrained = false
 text_encoder = "minilm"
-eval_split = "test"
+eval_split = "val"
 num_workers = 0
 wandb_mode = "disabled"
 progress = false
@@ -31,6 +31,7 @@ num_experts = 2
 train_epochs = 2
 batch_train = 50
 [distill]
+seeds = [0, 1]
 num_queries = 6
 syn_steps = 2
 expert_epochs = 1
@@ -48,11 +49,12 @@ batch_train = 3
 num_eval = 2
 epoch_eval_train = 1
 batch_train = 4
+lr_grid = [0.03, 0.1]
 [compare]
-coreset_methods = ["random"]
-coreset_sizes = [6, 12]
-full = "experts"
-epochs_per_size = {{12 = 2}}
+ladder = [6, 12, 24]
+coreset_methods = ["kmeans"]
+full = "train"
+epochs_per_size = {{12 = 2, all = 1}}
 """
 
 
@@ -65,35 +67,68 @@ def toy_run(tiny_shapes, cache_dir, tmp_path_factory):
     return config, out / "run"
 
 
-def test_table_has_every_row_and_metric(toy_run):
+ROWS = ["distilled-6 (2 seeds)", "distilled-6 (seed 0)", "distilled-6 (seed 1)", "kmeans-6", "random-6",
+        "random-12", "random-24", "full data"]
+
+
+def test_table_has_every_row_metric_worth_and_choice(toy_run):
     _, out = toy_run
-    lines = (out / "results.md").read_text().splitlines()
-    assert lines[0] == "| set | IR@1 | IR@5 | IR@10 | TR@1 | TR@5 | TR@10 | r_mean |"
+    text = (out / "results.md").read_text()
+    assert text.startswith("Reported on the test split; choices on val.")
+    lines = text.splitlines()[2:]
+    assert lines[0] == "| set | IR@1 | IR@5 | IR@10 | TR@1 | TR@5 | TR@10 | r_mean | worth-N | lr |"
     labels = [line.split("|")[1].strip() for line in lines[2:]]
-    assert labels == ["distilled-6", "random-6", "random-12", "full data (2 experts, 2 ep)"]
+    assert labels == ROWS
     for line in lines[2:]:
-        assert all(" ± " in cell for cell in line.strip("|").split("|")[1:])
-    rows = json.loads((out / "results.json").read_text())["rows"]
-    assert list(rows) == labels
-    assert len(rows["distilled-6"]["r_mean"]["runs"]) == 2 and len(rows[labels[-1]]["r_mean"]["runs"]) == 2
+        assert all(" ± " in cell for cell in line.strip("|").split("|")[1:8])
+    results = json.loads((out / "results.json").read_text())
+    rows = results["rows"]
+    assert list(rows) == labels and results["split"] == "test"
+    seeds = [rows[f"distilled-6 (seed {s})"]["r_mean"]["runs"] for s in (0, 1)]
+    assert rows["distilled-6 (2 seeds)"]["r_mean"]["runs"] == seeds[0] + seeds[1]  # pooled over both seeds
+    assert len(rows["full data"]["r_mean"]["runs"]) == 2
     epochs = {label: json.loads((out / "results" / f"{label}.json").read_text())["config"]["epoch_eval_train"]
-              for label in labels[:3]}
-    assert epochs == {"distilled-6": 1, "random-6": 1, "random-12": 2}
+              for label in ("distilled-6 (seed 0)", "random-6", "random-12", "full")}
+    assert epochs == {"distilled-6 (seed 0)": 1, "random-6": 1, "random-12": 2, "full": 1}
+    # every row chose its learning rate from the same grid on val, and says what it chose
+    for label in ("distilled-6 (seed 0)", "kmeans-6", "random-12", "full"):
+        report = json.loads((out / "results" / f"{label}.json").read_text())
+        assert set(report["tuning"]) == {"0.03", "0.1"} and report["lr"] in (0.03, 0.1)
+        assert report["lr"] == max((0.03, 0.1), key=lambda lr: report["tuning"][f"{lr:g}"])
+        assert report["split"] == "test" and report["selection_split"] == "val"
+    # worth-N: the ladder's random rows and full data (200 pairs) against each other set
+    assert set(results["ladder"]) == {"6", "12", "24", "200"}
+    worth = results["worth_n"]
+    assert worth["random-6"] is None and worth["full data"] is None and worth["kmeans-6"] is not None
+    for label in ("distilled-6 (2 seeds)", "kmeans-6"):
+        from utils.worth import worth_n
+        expected = worth_n({int(k): v for k, v in results["ladder"].items()}, rows[label]["r_mean"]["mean"],
+                           rows[label]["r_mean"]["std"]).as_dict()
+        assert worth[label] == expected
+    with Image.open(out / "worth_n.png") as image:
+        assert image.size == (700, 450)
 
 
 def test_every_artefact_is_written_and_reloads(toy_run):
     _, out = toy_run
-    distilled = load_distilled_set(out / "distill" / "distilled_last.pt")
-    assert distilled["iteration"] == 2 and distilled["image_syn"].shape == (6, 3, 16, 16)
+    for seed in (0, 1):
+        distilled = load_distilled_set(out / "distill" / f"seed{seed}" / "distilled_last.pt")
+        assert distilled["iteration"] == 2 and distilled["image_syn"].shape == (6, 3, 16, 16)
+        assert distilled["config"]["seed"] == seed
+    assert not torch.equal(*(load_distilled_set(out / "distill" / f"seed{s}" / "distilled_last.pt")["image_syn"]
+                             for s in (0, 1)))
     for label in ("random-6", "random-12"):
         coreset = load_distilled_set(out / "results" / "coresets" / f"{label}.pt")
         assert coreset["config"]["source"] == "coreset:random"
-    report = json.loads((out / "results" / "distilled-6.json").read_text())
-    assert report["metrics"] == json.loads((out / "results.json").read_text())["rows"]["distilled-6"]
+    assert load_distilled_set(out / "results" / "coresets" / "kmeans-6.pt")["config"]["source"] == "coreset:kmeans"
+    report = json.loads((out / "results" / "distilled-6 (seed 0).json").read_text())
+    assert report["metrics"] == json.loads((out / "results.json").read_text())["rows"]["distilled-6 (seed 0)"]
+    assert report["config"]["distilled"].endswith("seed0/distilled_best.pt")  # the iteration chosen on val
     with Image.open(out / "synthetic_images_plain.png") as image:
         assert image.size[0] > 16
     assert len((out / "nearest_captions.txt").read_text().splitlines()) == 7
-    assert torch.load(out / "distill" / "distilled_last.pt", weights_only=True)["config"]["source"] == "distilled"
+    assert torch.load(out / "distill" / "seed0" / "distilled_last.pt", weights_only=True)["config"]["source"] == \
+        "distilled"
 
 
 def test_a_rerun_reuses_every_stage(toy_run, capsys):
@@ -101,7 +136,7 @@ def test_a_rerun_reuses_every_stage(toy_run, capsys):
     before = (out / "results" / "random-12.json").stat().st_mtime_ns
     assert pipeline.main([str(config)]) == 0
     text = capsys.readouterr().out
-    assert "experts: 2 of 2 trained, reusing them" in text and "distillation: reusing" in text
+    assert "experts: 2 of 2 trained, reusing them" in text and text.count("distillation: reusing") == 2
     assert "buffer.py" not in text and "distill.py" not in text and "done before" in text
     assert (out / "results" / "random-12.json").stat().st_mtime_ns == before
 
@@ -140,15 +175,15 @@ def test_interrupted_experts_resume_and_a_distill_change_redoes_only_its_row(tin
     assert (expert_dir / "img_replay_buffer_1.pt").is_file()
 
     coreset_row = (out / "results" / "random-12.json").read_text()
-    old_row = json.loads((out / "results" / "distilled-6.json").read_text())
+    old_row = json.loads((out / "results" / "distilled-6 (seed 1).json").read_text())
     config.write_text(config.read_text().replace("lr_img = 10\n", "lr_img = 1000\n"))
     assert pipeline.main([str(config)]) == 0
     text = capsys.readouterr().out
     assert "distill.py" in text and "buffer.py" not in text
     assert (out / "results" / "random-12.json").read_text() == coreset_row  # not redone
-    new_row = json.loads((out / "results" / "distilled-6.json").read_text())
+    new_row = json.loads((out / "results" / "distilled-6 (seed 1).json").read_text())
     assert old_row["config"]["set_config"]["lr_img"] == 10 and new_row["config"]["set_config"]["lr_img"] == 1000
-    assert json.loads((out / "results.json").read_text())["rows"]["distilled-6"] == new_row["metrics"]
+    assert json.loads((out / "results.json").read_text())["rows"]["distilled-6 (seed 1)"] == new_row["metrics"]
 
 
 def test_methods_benchmark_reuses_the_base_experts_and_tables_every_method(toy_run, capsys):

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from networks import trainable_parameters, trainable_parts
+from networks import image_norm, trainable_parameters, trainable_parts
 from utils.cli import UserError
 from utils.io import atomic_torch_save, atomic_write_json, safe_torch_load
 
@@ -23,7 +23,7 @@ FORMAT_VERSION = 1
 _FILE = re.compile(r"img_replay_buffer_(\d+)\.pt")
 # Metadata entries that must agree for two sets of experts to share a folder or be matched against.
 COMPATIBILITY_KEYS = ("dataset", "train_pairs", "image_encoder", "text_encoder", "text_model", "image_size", "text_dim",
-                      "image_dim", "trainable_parts", "image_param_shapes", "text_param_shapes")
+                      "image_dim", "image_norm", "trainable_parts", "image_param_shapes", "text_param_shapes")
 
 
 def buffer_dir(buffer_path, dataset: str, image_encoder: str, text_encoder: str) -> Path:
@@ -47,7 +47,9 @@ def describe_experts(args, model, text_identity: str, text_dim: int, train_pairs
         "text_dim": text_dim,
         "image_dim": model.image_dim,
         "image_pretrained": bool(args.image_pretrained or args.image_weights),
+        "image_norm": image_norm(args),
         "trainable_parts": trainable_parts(args),
+        "feature_views": getattr(args, "feature_views", 0) if model.has_trunk else None,
         "loss_type": getattr(args, "loss_type", "infonce"),
         "image_param_shapes": parameter_shapes(model.image_part),
         "text_param_shapes": parameter_shapes(model.text_projection),
@@ -67,7 +69,12 @@ def read_metadata(directory: Path) -> dict | None:
                         f"which settings made the experts beside it") from None
 
 
+# What buffers written before a metadata entry existed hold.
+LEGACY_DEFAULTS = {"trainable_parts": ["image_encoder", "text_projection"], "image_norm": "clip"}
+
+
 def mismatches(found: dict, expected: dict) -> list[str]:
+    found = {**LEGACY_DEFAULTS, **found}
     return [f"{key}: buffer has {found.get(key)!r}, this run has {expected.get(key)!r}"
             for key in COMPATIBILITY_KEYS if found.get(key) != expected.get(key)]
 

@@ -1,10 +1,18 @@
 """Judging a set of image-text pairs (distilled or real): train fresh models on it, test retrieval.
 
-This is the evaluation protocol of SPEC §2, used by distill.py during distillation and by
-evaluate.py afterwards: `num_eval` fresh models (each from its own seed) are trained for
-`epoch_eval_train` epochs with SGD (momentum 0.9, weight decay 5e-4, the given learning rate for
-both the image encoder and the text head, ×0.1 half way through), batch `batch_train`, then
-evaluated on the evaluation split; every metric is reported as mean ± std over the models.
+The protocol, used by distill.py during distillation and by evaluate.py afterwards: fresh models
+(each from its own seed) train for `epoch_eval_train` epochs with SGD (momentum 0.9, weight decay
+5e-4, one learning rate for the image side and the text head, ×0.1 half way through), batch
+`batch_train`, then retrieval is measured; every metric is reported as mean ± std over the models.
+
+Choices are made on the selection split (`--eval_split`, val by default), never on the split the
+final numbers are reported on: with a learning-rate grid, `tune_models` models per grid value
+train and are scored on the selection split, the best value wins, and `num_eval` fresh models
+(other seeds) train with it and are tested on the report split (test when it exists). Every set
+judged this way gets the same grid: the same tuning budget.
+
+With a frozen trunk (networks/split.py) the models train over trunk outputs: a set's pixels go
+through the trunk once, the training split's outputs come from the cache (data/model_inputs.py).
 """
 from __future__ import annotations
 
@@ -14,17 +22,13 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 from tqdm import tqdm
 
-from data.build import train_loader
+from data.feature_cache import FeatureBatches
+from data.model_inputs import ModelInputs, trunk_outputs_of
 from networks import build_model
 from utils.device import seed_everything
 from utils.dsa import dsa_augment
 from utils.metrics import summarize_runs
-from utils.training import (
-    evaluate_retrieval,
-    scale_learning_rates,
-    sgd_pair,
-    train_one_epoch,
-)
+from utils.training import evaluate_retrieval, scale_learning_rates, sgd_pair, train_one_epoch
 
 EVAL_MOMENTUM = 0.9
 EVAL_WEIGHT_DECAY = 5e-4
@@ -34,6 +38,8 @@ EVAL_WEIGHT_DECAY = 5e-4
 # demo's 100 distilled pairs: r_mean 11.8-20.4 from the inits of experts 0-2, 4.8-5.6 from others;
 # BENCHMARKS.md §7), which is not what a distilled set is judged on.
 SEED_OFFSET = 1_000_000_007
+# Seeds of the models that tune the learning rate: apart from the reported models' seeds.
+TUNING_SEED_OFFSET = 500_000
 
 
 def _pairs_loader(images, texts, batch_size: int, seed: int, dsa_strategy: str | None) -> DataLoader:
@@ -54,48 +60,94 @@ def _pairs_loader(images, texts, batch_size: int, seed: int, dsa_strategy: str |
 
 
 def train_fresh_model(args, loader, lr: float, text_dim: int, device: torch.device, seed: int,
-                      similarity: torch.Tensor | None = None):
+                      similarity: torch.Tensor | None = None, epochs: int | None = None):
     """A fresh model (encoders from `args`) trained on `loader` batches with the evaluation protocol:
     `args.loss_type`, against `similarity[idx, idx]` when the set has a learned similarity."""
     seed_everything(SEED_OFFSET + seed)
     model = build_model(args, text_dim).to(device)
     optimizers = sgd_pair(model, lr, lr, EVAL_MOMENTUM, EVAL_WEIGHT_DECAY)
-    for epoch in range(args.epoch_eval_train):
-        if epoch == args.epoch_eval_train // 2:
+    epochs = args.epoch_eval_train if epochs is None else epochs
+    for epoch in range(epochs):
+        if epoch == epochs // 2:
             scale_learning_rates(optimizers, 0.1)
         train_one_epoch(model, loader, optimizers, device, progress=False,
                         loss_type=getattr(args, "loss_type", "infonce"), similarity=similarity)
     return model
 
 
-def evaluate_models(args, make_loader: Callable[[int], DataLoader], lr: float, data, eval_loader,
-                    device: torch.device, num_eval: int, seed: int, progress: bool = True,
-                    similarity: torch.Tensor | None = None) -> dict:
-    """Mean, std and per-run values of every retrieval metric over `num_eval` freshly trained models;
-    model `k` is seeded with `seed + k` and trains on `make_loader(seed + k)`."""
-    runs = []
-    bar = tqdm(range(num_eval), desc="evaluation models", unit="model", leave=False, disable=not progress)
+def evaluate_models(args, make_loader: Callable[[int], object], lr: float, inputs: ModelInputs, device: torch.device,
+                    num_eval: int, seed: int, progress: bool = True, similarity: torch.Tensor | None = None,
+                    splits: tuple[str, ...] | None = None) -> dict[str, dict]:
+    """Per split (default: the selection split), mean, std and per-run values of every retrieval metric over
+    `num_eval` freshly trained models; model `k` is seeded with `seed + k` and trains on `make_loader(seed + k)`."""
+    splits = splits or (inputs.data.eval_name,)
+    runs = {name: [] for name in splits}
+    bar = tqdm(range(num_eval), desc=f"evaluation models (lr {lr:.3g})", unit="model", leave=False,
+               disable=not progress)
     for run in bar:
-        model = train_fresh_model(args, make_loader(seed + run), lr, data.text_dim, device, seed + run, similarity)
-        runs.append(evaluate_retrieval(model, eval_loader, data.eval_text, data.eval_txt2img, device, progress=False))
-        bar.set_postfix(r_mean=f"{runs[-1]['r_mean']:.2f}")
-    return summarize_runs(runs)
+        model = train_fresh_model(args, make_loader(seed + run), lr, inputs.data.text_dim, device, seed + run,
+                                  similarity)
+        for name in splits:
+            split = inputs.data.split(name)
+            runs[name].append(evaluate_retrieval(model, inputs.eval_images(name), split.text, split.txt2img, device,
+                                                 progress=False))
+        bar.set_postfix(r_mean=f"{runs[splits[0]][-1]['r_mean']:.2f}")
+    return {name: summarize_runs(values) for name, values in runs.items()}
 
 
-def evaluate_pairs(args, images: torch.Tensor, texts: torch.Tensor, lr: float, data, eval_loader,
-                   device: torch.device, num_eval: int, seed: int, progress: bool = True,
-                   similarity: torch.Tensor | None = None) -> dict:
-    """The protocol on a fixed set of (image tensor, text embedding) pairs: a distilled set or a coreset,
-    with its learned [N, N] target similarity if it has one."""
-    images, texts = images.detach().cpu(), texts.detach().cpu()
-    similarity = None if similarity is None else similarity.detach().to(device)
+def judge(args, make_loader: Callable[[int], object], lrs: list[float], inputs: ModelInputs, device: torch.device,
+          num_eval: int, seed: int, report_split: str | None = None, tune_models: int = 1, progress: bool = True,
+          similarity: torch.Tensor | None = None) -> dict:
+    """The protocol with its choices: the learning rate from `lrs` by `tune_models` models per value on the
+    selection split (skipped for a single value), then `num_eval` models at that rate, reported on
+    `report_split` (default: the selection split) and on the selection split.
+
+    Returns {"metrics": report-split summary, "split": its name, "lr": the rate used, "tuning": {lr: selection
+    r_mean}, "selection_metrics": the final models on the selection split}."""
+    select = inputs.data.eval_name
+    report = report_split or select
+    tuning = {}
+    if len(lrs) > 1:
+        for lr in lrs:
+            summary = evaluate_models(args, make_loader, lr, inputs, device, tune_models, seed + TUNING_SEED_OFFSET,
+                                      progress, similarity)[select]
+            tuning[f"{lr:g}"] = summary["r_mean"]["mean"]
+            if progress:
+                tqdm.write(f"  lr {lr:g}: r_mean on {select} {summary['r_mean']['mean']:.2f} ({tune_models} model"
+                           f"{'s' if tune_models > 1 else ''})")
+        lr = max(lrs, key=lambda value: tuning[f"{value:g}"])
+    else:
+        lr = lrs[0]
+    summaries = evaluate_models(args, make_loader, lr, inputs, device, num_eval, seed, progress, similarity,
+                                splits=tuple(dict.fromkeys((report, select))))
+    return {"metrics": summaries[report], "split": report, "lr": lr, "tuning": tuning,
+            "selection_metrics": summaries[select]}
+
+
+def pair_batches(args, model, inputs: ModelInputs, device: torch.device, texts: torch.Tensor,
+                 images: torch.Tensor | None = None, trunk_outputs: torch.Tensor | None = None
+                 ) -> Callable[[int], object]:
+    """`make_loader(seed)` over a fixed set of pairs: pixels (a distilled set, a coreset) or trunk outputs (a
+    feature-level set). With a frozen trunk and no pixel augmentation the pixels go through the trunk once
+    and the models train over its outputs; `model` (any model of this run's structure) supplies the trunk."""
+    texts = texts.detach().cpu()
     strategy = args.dsa_strategy if getattr(args, "dsa", False) else None
-    return evaluate_models(args, lambda s: _pairs_loader(images, texts, args.batch_train, s, strategy), lr, data,
-                           eval_loader, device, num_eval, seed, progress, similarity)
+    if trunk_outputs is None and model.has_trunk and strategy is None:
+        trunk_outputs = trunk_outputs_of(model, images, device)
+    if trunk_outputs is not None:
+        outputs = trunk_outputs.detach().cpu().unsqueeze(0)
+        return lambda s: FeatureBatches(outputs, torch.arange(len(texts)), texts, args.batch_train, s)
+    images = images.detach().cpu()
+    return lambda s: _pairs_loader(images, texts, args.batch_train, s, strategy)
 
 
-def evaluate_full_data(args, data, lr: float, eval_loader, device: torch.device, num_eval: int, seed: int,
-                       progress: bool = True) -> dict:
-    """The protocol on the whole training split, streamed with the training augmentation (the upper bound)."""
-    return evaluate_models(args, lambda s: train_loader(data, args.image_size, args.batch_train, args.num_workers, s),
-                           lr, data, eval_loader, device, num_eval, seed, progress)
+def evaluate_pairs(args, images: torch.Tensor, texts: torch.Tensor, lr: float, inputs: ModelInputs,
+                   device: torch.device, num_eval: int, seed: int, progress: bool = True,
+                   similarity: torch.Tensor | None = None, model=None) -> dict:
+    """The protocol at one learning rate on a fixed set of (image tensor, text embedding) pairs, on the
+    selection split: a distilled set or a coreset, with its learned [N, N] target similarity if it has one."""
+    model = model if model is not None else build_model(args, inputs.data.text_dim)
+    similarity = None if similarity is None else similarity.detach().to(device)
+    make_loader = pair_batches(args, model, inputs, device, texts, images)
+    return evaluate_models(args, make_loader, lr, inputs, device, num_eval, seed, progress,
+                           similarity)[inputs.data.eval_name]

@@ -31,14 +31,16 @@ def train_one_epoch(model: nn.Module, loader, optimizers: list[torch.optim.Optim
                     on_batch: Callable[[tuple, torch.Tensor, torch.Tensor], None] | None = None,
                     loss_type: str = "infonce", similarity: torch.Tensor | None = None) -> dict[str, float]:
     """One pass of contrastive SGD over `loader` batches of (images, text embeddings, indices, ...);
-    `on_batch(batch, image_features, text_features)` sees each batch's (detached) features. With a
-    `similarity` matrix over the set, a batch's targets are similarity[indices, indices] (LoRS)."""
+    the images are trunk outputs when the loader says `from_trunk`. `on_batch(batch, image_features,
+    text_features)` sees each batch's (detached) features. With a `similarity` matrix over the set, a
+    batch's targets are similarity[indices, indices] (LoRS)."""
     model.train()
     total_loss = total_acc = seen = 0.0
+    from_trunk = getattr(loader, "from_trunk", False)  # batches of cached trunk outputs instead of pixels
     bar = tqdm(loader, desc=desc, unit="batch", leave=False, disable=not progress)
     for batch in bar:
         images, texts = batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True)
-        image_features, text_features = model(images, texts)
+        image_features, text_features = model(images, texts, from_trunk=from_trunk)
         targets = None
         if similarity is not None:
             indices = batch[2].to(similarity.device)
@@ -60,21 +62,20 @@ def train_one_epoch(model: nn.Module, loader, optimizers: list[torch.optim.Optim
 
 
 @torch.no_grad()
-def embed_eval_split(model: nn.Module, image_loader, eval_text: torch.Tensor, device: torch.device,
+def embed_eval_split(model: nn.Module, eval_images, eval_text: torch.Tensor, device: torch.device,
                      progress: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """Image features of every evaluation image (in order) and projected features of every caption."""
-    model.eval()
-    image_features = [model.encode_image(images.to(device)) for images, _ in
-                      tqdm(image_loader, desc="eval images", unit="batch", leave=False, disable=not progress)]
+    """Image features of every evaluation image (in order; `eval_images` is a data.model_inputs.EvalImages)
+    and projected features of every caption."""
+    image_features = eval_images.embed(model, device, progress)
     text_features = model.text_projection(eval_text.to(device))
-    return torch.cat(image_features), text_features
+    return image_features, text_features
 
 
 @torch.no_grad()
-def evaluate_retrieval(model: nn.Module, image_loader, eval_text: torch.Tensor, txt2img: torch.Tensor,
+def evaluate_retrieval(model: nn.Module, eval_images, eval_text: torch.Tensor, txt2img: torch.Tensor,
                        device: torch.device, progress: bool = True) -> dict[str, float]:
-    """SPEC §5 metrics of `model` on the evaluation split (cosine similarity scores)."""
-    image_features, text_features = embed_eval_split(model, image_loader, eval_text, device, progress)
+    """Retrieval metrics (utils/metrics.py) of `model` on an evaluation split (cosine similarity scores)."""
+    image_features, text_features = embed_eval_split(model, eval_images, eval_text, device, progress)
     image_features = torch.nn.functional.normalize(image_features, dim=1)
     text_features = torch.nn.functional.normalize(text_features, dim=1)
     return retrieval_metrics(image_features @ text_features.t(), txt2img.to(device))

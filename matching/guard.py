@@ -1,0 +1,71 @@
+"""Keeping long distillation runs stable: which meta-gradient steps are applied and which are skipped.
+
+A single bad iteration can ruin a synthetic set that took hours: a meta-gradient that is not finite,
+or one that spikes far above its recent size (a near-singular student step, BatchNorm on a tiny
+batch), moves the pixels, texts and step sizes so far that the run never recovers. `StepGuard`
+skips such a step instead of applying it:
+
+- a gradient with a NaN or infinite entry;
+- a spike: the norm of one learned group (pixels, texts, step sizes, similarity) above `factor` times
+  the median of that group's last `window` applied norms (once `warmup` steps were applied);
+- a step after which a learned step size is no longer positive, or a learned tensor not finite (the
+  caller restores the state before the step).
+
+Skipped steps are counted (in total and by reason) and reported; after `max_consecutive` skips in a
+row the run stops, keeping the last good state. The guard's history is part of the resume state, so
+a resumed run makes the same decisions as an uninterrupted one.
+"""
+from __future__ import annotations
+
+import math
+import statistics
+
+
+class StepGuard:
+    def __init__(self, factor: float = 10.0, window: int = 20, warmup: int = 5, max_consecutive: int = 20):
+        self.factor, self.window, self.warmup, self.max_consecutive = factor, window, warmup, max_consecutive
+        self.history: dict[str, list[float]] = {}
+        self.skipped: dict[str, int] = {}
+        self.consecutive = 0
+
+    def gradient_problem(self, norms: dict[str, float]) -> str | None:
+        """Why a meta-gradient with these group norms must not be applied (None: it may be)."""
+        bad = [name for name, value in norms.items() if not math.isfinite(value)]
+        if bad:
+            return f"non-finite gradient ({', '.join(bad)})"
+        if self.factor <= 0:
+            return None
+        for name, value in norms.items():
+            recent = self.history.get(name, [])
+            if len(recent) >= self.warmup:
+                median = statistics.median(recent)
+                if median > 0 and value > self.factor * median:
+                    return f"gradient spike ({name} norm {value:.3g} > {self.factor:g} x recent median {median:.3g})"
+        return None
+
+    def applied(self, norms: dict[str, float]) -> None:
+        for name, value in norms.items():
+            self.history[name] = (self.history.get(name, []) + [value])[-self.window:]
+        self.consecutive = 0
+
+    def skip(self, reason: str) -> None:
+        kind = reason.split(" (")[0]
+        self.skipped[kind] = self.skipped.get(kind, 0) + 1
+        self.consecutive += 1
+
+    @property
+    def total_skipped(self) -> int:
+        return sum(self.skipped.values())
+
+    @property
+    def exhausted(self) -> bool:
+        return self.consecutive >= self.max_consecutive
+
+    def state(self) -> dict:
+        return {"history": {k: list(v) for k, v in self.history.items()}, "skipped": dict(self.skipped),
+                "consecutive": self.consecutive}
+
+    def restore(self, state: dict) -> None:
+        self.history = {k: list(v) for k, v in state.get("history", {}).items()}
+        self.skipped = dict(state.get("skipped", {}))
+        self.consecutive = int(state.get("consecutive", 0))
