@@ -29,6 +29,7 @@ from matching.trajectory import Students, contrastive_step_loss, draw_blends, dr
 from networks import build_model, image_norm, text_encoder_identity, trainable_parts
 from networks.similarity import SIM_TYPES, similarity_from_args
 from reparam_module import ReparamModule
+from utils import coresets
 from utils.buffers import read_metadata
 from utils.cli import UserError, add_bool_flag, run_cli
 from utils.config import (
@@ -74,9 +75,11 @@ def parse_args(argv=None):
     group.add_argument("--lr_lr", type=float, default=1e-3, help="learning rate of the two learned step sizes")
     group.add_argument("--lr_teacher_img", type=float, default=0.1, help="initial student step size, image encoder")
     group.add_argument("--lr_teacher_txt", type=float, default=0.1, help="initial student step size, text head")
-    group.add_argument("--pix_init", default="real", choices=("real", "clean", "noise"),
+    group.add_argument("--pix_init", default="real", choices=("real", "clean", "kmeans", "noise"),
                        help="synthetic image initialisation: real = random training images through the training "
-                            "augmentation (the reference), clean = the same without augmentation, noise = Gaussian")
+                            "augmentation (the reference), clean = the same without augmentation, kmeans = the "
+                            "k-means coreset (the real pair nearest to each of N centroids of the joint image+text "
+                            "features: the frozen trunk's, else the first expert's), noise = Gaussian")
     group.add_argument("--txt_init", default="real", choices=("real", "noise"), help="synthetic text initialisation")
     group.add_argument("--sim_type", default="none", choices=SIM_TYPES,
                        help="LoRS: learn the target similarity between synthetic images and texts: none = identity "
@@ -149,6 +152,19 @@ def check_resume(payload: dict, args, text_identity: str, path) -> None:
         raise UserError(f"--resume {path} holds no optimiser/RNG state (not written by distill.py)")
     if payload["iteration"] > args.Iteration:
         raise UserError(f"--resume {path} is at iteration {payload['iteration']}, beyond --Iteration {args.Iteration}")
+
+
+def kmeans_start(args, data, model, directory, meta: dict, device: torch.device) -> torch.Tensor:
+    """The k-means coreset of --num_queries pairs (the same selection as evaluate.py --coreset kmeans)."""
+    if model.has_trunk:
+        outputs = inputs_from_args(args, data, model, device, args.progress).train_outputs[0]
+        features = coresets.frozen_pair_features(outputs, data)
+    else:
+        probe = build_model(args, data.text_dim).to(device)
+        features, _ = coresets.expert_pair_features(probe, directory, meta, data, args, device)
+    chosen = coresets.select_kmeans(features, args.num_queries, args.seed)
+    print(f"--pix_init kmeans: starting from the real pairs nearest to {args.num_queries} k-means centroids")
+    return chosen
 
 
 class Distiller:
@@ -347,8 +363,9 @@ def main(argv=None) -> int:
     student_model = build_model(args, data.text_dim).to(device).train()
     students = Students(ReparamModule(student_model.image_part), ReparamModule(student_model.text_projection),
                         student_model.trunk if student_model.has_trunk else None)
+    chosen = kmeans_start(args, data, student_model, directory, meta, device) if args.pix_init == "kmeans" else None
     images, texts = initial_synthetic_set(data, args.num_queries, args.image_size, args.pix_init, args.txt_init,
-                                          args.text_encoder, generator, image_norm(args))
+                                          args.text_encoder, generator, image_norm(args), chosen)
     distiller = Distiller(args, images, texts, device, students, generator)
     start_it, best_r_mean, evaluated_at_start = 0, -1.0, False
     if resume is not None:

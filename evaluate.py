@@ -31,7 +31,7 @@ from data.distilled_set import load_distilled_set, save_distilled_set
 from data.feature_cache import trunk_key
 from data.model_inputs import inputs_from_args
 from data.transforms import renormalize
-from matching.experts import check_buffer_matches, load_expert_weights, locate_buffer
+from matching.experts import check_buffer_matches, locate_buffer
 from networks import build_model, image_norm, trainable_parts
 from networks.image_encoders import IMAGE_ENCODERS
 from utils import coresets
@@ -218,10 +218,10 @@ def expert_pair_features(args, data, model, device: torch.device, config: dict) 
     if meta and "train_pairs" in meta:  # buffers written before the key existed do not record it
         expected["train_pairs"] = len(data.train.captions)
     check_buffer_matches(meta, directory, expected)
-    number, epoch = load_expert_weights(model, directory, meta, args.expert_number, args.expert_epoch)
+    features, (number, epoch) = coresets.expert_pair_features(model, directory, meta, data, args, device,
+                                                              args.expert_number, args.expert_epoch)
     config["expert_used"] = {"directory": str(directory.resolve()), "number": number, "epoch": epoch}
-    return coresets.pair_features(model, data, args.image_size, args.batch_size_test, args.num_workers, device,
-                                  args.progress, image_norm(args))
+    return features
 
 
 def select_coreset(args, inputs, device: torch.device, config: dict) -> tuple[torch.Tensor, torch.Tensor | None]:

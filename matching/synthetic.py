@@ -33,12 +33,20 @@ def transformed_images(data: RetrievalData, image_indices: torch.Tensor, image_s
 
 
 def initial_synthetic_set(data: RetrievalData, count: int, image_size: int, pix_init: str, txt_init: str,
-                          text_encoder: str, generator: torch.Generator,
-                          norm: str = "clip") -> tuple[torch.Tensor, torch.Tensor]:
+                          text_encoder: str, generator: torch.Generator, norm: str = "clip",
+                          chosen: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """`real`: random training pairs (augmented images, as the reference); `clean`: the same pairs
-    through the test transform (no augmentation); `noise`: Gaussian pixels with the real per-channel statistics and
-    Gaussian text embeddings (the reference's BERT statistics for bert, the cached ones otherwise)."""
-    image_indices, caption_indices = real_pairs(data, count, generator)
+    through the test transform (no augmentation); `kmeans`: the `chosen` training pairs (captions, e.g. the
+    k-means coreset) through the test transform; `noise`: Gaussian pixels with the real per-channel statistics
+    and Gaussian text embeddings (the reference's BERT statistics for bert, the cached ones otherwise)."""
+    if pix_init == "kmeans":
+        if chosen is None or len(chosen) != count:
+            raise ValueError(f"--pix_init kmeans needs the {count} chosen pairs")
+        caption_indices = chosen.long()
+        image_indices = torch.tensor(data.train.txt2img, dtype=torch.long)[caption_indices]
+        pix_init = "clean"
+    else:
+        image_indices, caption_indices = real_pairs(data, count, generator)
     if pix_init in ("real", "clean"):
         images = transformed_images(data, image_indices, image_size, augment=pix_init == "real", norm=norm)
     else:

@@ -106,3 +106,21 @@ def test_full_data_over_cached_trunk_outputs(tiny_shapes, cache_dir, convnet_wei
     assert first["label"] == "full-200" and len(first["metrics"]["r_mean"]["runs"]) == 2
     monkeypatch.setattr(feature_cache, "compute_trunk_outputs", lambda *a, **k: pytest.fail("recomputed"))
     assert evaluate_json(flags, tmp_path / "again.json")["metrics"] == first["metrics"]  # cached, and seeded
+
+
+@pytest.mark.parametrize("regime", ["frozen trunk", "whole encoder"])
+def test_kmeans_initialisation_starts_from_the_kmeans_coreset(regime, tiny_shapes, cache_dir, convnet_weights,
+                                                             experts, trunk_experts, tmp_path):
+    if regime == "frozen trunk":
+        buffers, extra = trunk_experts, ("--image_weights", str(convnet_weights), "--train_stages", "1",
+                                         "--feature_views", "1")
+    else:
+        buffers, extra = experts, ()
+    assert distill.main(distill_flags(tiny_shapes, cache_dir, buffers, tmp_path / "run", "--Iteration", "1",
+                                      "--pix_init", "kmeans", "--draw", "False", *extra)) == 0
+    start = load_distilled_set(tmp_path / "run" / "distilled_000000.pt")
+    evaluate_json(tiny_flags(tiny_shapes, cache_dir, *QUICK, *extra, "--coreset", "kmeans", "--num_queries", "8",
+                             "--buffer_path", str(buffers), "--coreset_file", str(tmp_path / "kmeans.pt")),
+                  tmp_path / "kmeans.json")
+    coreset = load_distilled_set(tmp_path / "kmeans.pt")
+    assert torch.equal(start["image_syn"], coreset["image_syn"]) and torch.equal(start["text_syn"], coreset["text_syn"])

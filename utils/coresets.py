@@ -236,6 +236,19 @@ def pair_features(model, data: RetrievalData, image_size: int, batch_size: int, 
     return torch.cat([F.normalize(images, dim=1)[txt2img], F.normalize(texts, dim=1)], dim=1)
 
 
+def expert_pair_features(model, directory, meta: dict, data: RetrievalData, args, device: torch.device,
+                         number: int | None = None, epoch: int | None = None) -> tuple[torch.Tensor, tuple[int, int]]:
+    """Joint embeddings of the training pairs under buffer expert `number` at snapshot `epoch` (default: the
+    lowest expert, its last snapshot), and the (number, epoch) used."""
+    from matching.experts import load_expert_weights
+    from networks import image_norm
+
+    used = load_expert_weights(model, directory, meta, number, epoch)
+    features = pair_features(model, data, args.image_size, args.batch_size_test, args.num_workers, device,
+                             args.progress, image_norm(args))
+    return features, used
+
+
 @dataclass
 class Coreset:
     caption_indices: torch.Tensor  # training pairs chosen, in selection order
