@@ -101,6 +101,9 @@ def parse_args(argv=None):
     group.add_argument("--max_skips", type=int, default=20,
                        help="stop (keeping the last good set) after this many skipped steps in a row")
     group.add_argument("--eval_it", type=int, default=50, help="evaluate and save every this many iterations")
+    group.add_argument("--time_budget", type=float, default=None, metavar="MINUTES",
+                       help="stop after this many minutes (at the end of an iteration), then evaluate and save as "
+                            "at the end of a run; comparisons at equal CPU time")
     add_bool_flag(group, "--draw", True, "save image grids and nearest real captions at each evaluation")
     group.add_argument("--save_dir", default=None, help="output folder (default: runs/<dataset>/<name>)")
     group.add_argument("--resume", default=None, help="a distilled_*.pt of an earlier run to continue from")
@@ -118,6 +121,8 @@ def check_args(args) -> None:
     for name in ("lr_img", "lr_txt", "lr_lr", "lr_teacher_img", "lr_teacher_txt", "lr_sim", "sim_rank"):
         if not getattr(args, name) > 0:
             raise UserError(f"--{name} must be positive, got {getattr(args, name)}")
+    if args.time_budget is not None and not args.time_budget > 0:
+        raise UserError(f"--time_budget must be a positive number of minutes, got {args.time_budget}")
     if not args.skip_spikes >= 0:
         raise UserError(f"--skip_spikes must be 0 (off) or positive, got {args.skip_spikes}")
     if args.blend_alpha < 0:
@@ -443,8 +448,11 @@ def main(argv=None) -> int:
             run.log({**stats, "Skipped_Steps": distiller.guard.total_skipped}, step=iteration)
             bar.set_postfix(loss=f"{stats['Grand_Loss']:.4f}", lr_img=f"{stats['Synthetic_LR_Image']:.4g}",
                             lr_txt=f"{stats['Synthetic_LR_Text']:.4g}", skipped=distiller.guard.total_skipped)
-        if not (args.Iteration == start_it and evaluated_at_start):
-            evaluate_and_save(args.Iteration)
+            if args.time_budget and time.time() - started > 60 * args.time_budget and completed < args.Iteration:
+                tqdm.write(f"--time_budget {args.time_budget:g} min reached after iteration {completed}: stopping")
+                break
+        if not (completed == start_it and evaluated_at_start):
+            evaluate_and_save(completed)
     except NonFiniteLoss as err:
         save(files.last, err.iteration, {})  # the state before the step that diverged
         raise UserError(f"{err}; stopped. The last good distilled set is {files.last} (iteration {err.iteration}); "
@@ -456,7 +464,7 @@ def main(argv=None) -> int:
     run.finish()
     per_iteration = timing["seconds"] / max(timing["iterations"], 1)
     skipped = distiller.guard.skipped
-    print(f"done: {args.Iteration - start_it} iterations in {time.time() - started:.0f}s "
+    print(f"done: {completed - start_it} iterations in {time.time() - started:.0f}s "
           f"({per_iteration:.2f}s per matching iteration); {distiller.guard.total_skipped} steps skipped"
           f"{' (' + ', '.join(f'{n} {k}' for k, n in skipped.items()) + ')' if skipped else ''}; best r_mean on "
           f"{args.eval_split} {best_r_mean:.2f} -> {files.best}; last -> {files.last}")

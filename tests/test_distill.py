@@ -197,3 +197,15 @@ def test_exact_lowmem_matching_learns_the_same_set_as_unroll(run4, tiny_shapes, 
         assert (tesla[key] - unrolled[key]).norm() > 1e-3 * moved  # the approximation changes the result
     assert exact["syn_lr_img"] == pytest.approx(unrolled["syn_lr_img"], rel=1e-6)
     assert exact["syn_lr_txt"] == pytest.approx(unrolled["syn_lr_txt"], rel=1e-6)
+
+
+def test_a_time_budget_stops_after_the_iteration_that_exceeds_it_and_saves(tiny_shapes, cache_dir, experts, tmp_path,
+                                                                          capsys):
+    assert distill.main(distill_flags(tiny_shapes, cache_dir, experts, tmp_path, "--Iteration", "50",
+                                      "--time_budget", "1e-9", "--draw", "False")) == 0
+    assert "--time_budget 1e-09 min reached after iteration 1: stopping" in capsys.readouterr().out
+    last = load_distilled_set(tmp_path / "distilled_last.pt")
+    assert last["iteration"] == 1 and last["metrics"]  # evaluated and saved as at the end of a run
+    assert (tmp_path / "distilled_000001.pt").is_file()
+    with pytest.raises(UserError, match="--time_budget must be a positive"):
+        distill.main(distill_flags(tiny_shapes, cache_dir, experts, tmp_path, "--time_budget", "0"))
