@@ -47,7 +47,7 @@ from utils.cli import UserError, run_cli  # noqa: E402
 from utils.metrics import format_table, markdown_table, summarize_runs, table_cells  # noqa: E402
 from utils.worth import plot_worth, worth_n  # noqa: E402
 
-SECTIONS = ("common", "buffer", "distill", "evaluate", "compare", "methods")  # methods: bench_methods.py
+SECTIONS = ("common", "buffer", "distill", "evaluate", "compare", "methods", "regimes")  # bench_methods, bench_regimes
 NOT_METRICS = ("epoch", "train_loss", "train_acc")
 FULL = "all"  # the key of the full-data row in `epochs_per_size`
 

@@ -78,7 +78,7 @@ def dataset_roots(args) -> tuple[Path, Path]:
         from data.shapes import ensure_shapes
 
         try:
-            image_root = ensure_shapes(Path(args.cache_dir) / "shapes", progress=True)
+            image_root = ensure_shapes(Path(args.cache_dir) / "shapes", progress=getattr(args, "progress", True))
         except ValueError as err:
             raise UserError(str(err)) from None
     if image_root is None:

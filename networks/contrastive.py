@@ -93,15 +93,15 @@ class ImageTextModel(nn.Module):
     - `train_stages=None`: the whole encoder trains (the paper); no trunk.
     - `train_stages=0`: the encoder is frozen; needs `image_projection` (something must train).
     - `train_stages=K`: the encoder's last K stages train, the stages below are the trunk.
-    `image_projection` without `train_stages` means a frozen encoder (0). `image_part` (the tower) is the
+    `train_stages="auto"` (the default) means a frozen encoder (0) with `image_projection`, else None. `image_part` (the tower) is the
     module whose trainable parameters experts record and distillation matches on the image side.
     """
 
     def __init__(self, image_encoder: nn.Module, text_dim: int, dropout: float = 0.1, image_projection: bool = False,
-                 train_stages: int | None = None, encoder_name: str = "this encoder"):
+                 train_stages: int | None | str = "auto", encoder_name: str = "this encoder"):
         super().__init__()
-        if image_projection and train_stages is None:
-            train_stages = 0
+        if train_stages == "auto":
+            train_stages = 0 if image_projection else None
         if train_stages == 0 and not image_projection:
             raise ValueError("a frozen image encoder (train_stages 0) needs an image projection head to train")
         self.image_encoder = image_encoder

@@ -231,3 +231,27 @@ def test_methods_benchmark_reuses_the_base_experts_and_tables_every_method(toy_r
         assert timed["iteration"] == 2 and timed["state"]["timing"]["iterations"] == 2
         assert speeds[name]["seconds_per_iteration"] == timed["state"]["timing"]["seconds"] / 2
     assert (out / "methods" / "lors" / "distill" / "distilled_last.pt").stat().st_mtime == before
+
+
+def test_regimes_benchmark_gives_each_regime_its_budget_and_tables_them(tiny_shapes, cache_dir, convnet_weights,
+                                                                        tmp_path):
+    from bench import bench_regimes
+
+    config = tmp_path / "regimes.toml"
+    text = TOY.format(out=tmp_path / "run", root=tiny_shapes, cache=cache_dir)
+    text = text.replace('image_pretrained = false\n', f'image_weights = "{convnet_weights}"\nimage_projection = true\n')
+    config.write_text(text + '[regimes.all]\nbuffer = {num_experts = 1}\n')
+    assert bench_regimes.main([str(config), "--budget", "5", "--max_iterations", "2"]) == 0
+    results = json.loads((tmp_path / "run" / "regimes.json").read_text())
+    assert list(results) == ["frozen", "last_stage", "all"]
+    for name, stages in (("frozen", 0), ("last_stage", 1), ("all", "all")):
+        folder = tmp_path / "run" / "regimes" / name
+        last = load_distilled_set(folder / "distill" / "distilled_last.pt")
+        assert last["config"]["train_stages"] == stages and last["iteration"] == 2 == results[name]["iterations"]
+        assert results[name]["total_minutes"] < 5 and results[name]["metrics"]["r_mean"]["runs"]
+        cached = list((folder / "cache" / "trunk_features").glob("*.pt")) if (folder / "cache").is_dir() else []
+        assert (len(cached) > 0) == (name != "all")  # each frozen regime paid for its own trunk outputs
+    meta = json.loads(next((tmp_path / "run" / "regimes" / "all").glob("buffers/**/buffer_meta.json")).read_text())
+    assert meta["trainable_parts"] == ["image_encoder", "image_projection", "text_projection"]
+    lines = (tmp_path / "run" / "regimes.md").read_text().splitlines()
+    assert lines[0].startswith("| regime | experts (min) | iterations |") and len(lines) == 5
