@@ -374,8 +374,8 @@ def main(argv=None) -> int:
         label = f"full-{len(data.train.captions)}"
     choice = f"lr chosen from {lrs} on {args.eval_split}" if len(lrs) > 1 else f"lr {lrs[0]:.4g}"
     print(f"evaluating {what} with {args.num_eval} x {args.image_encoder}: {choice}; reporting on {report_split}"
-          + ("" if report_split != args.eval_split or report_split == "test" else
-             f" (no {args.dataset} test split beside the others: the split used for choices)"))
+          + (f" (no {args.dataset} test split beside the others: the split used for choices)"
+             if args.report_split == "auto" and report_split == args.eval_split != "test" else ""))
     result = judge(args, make_loader, lrs, inputs, device, args.num_eval, args.seed, report_split, args.tune_models,
                    args.progress, similarity=payload.get("similarity") if payload is not None else None)
     summary = result["metrics"]
