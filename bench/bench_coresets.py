@@ -63,16 +63,24 @@ def configurations(args) -> list[tuple[str, list[str]]]:
     return configs
 
 
+def launch(program: str, flags: list[str], log=None) -> int:
+    """Run one of the programs (buffer.py, distill.py, evaluate.py) in a process of its own; its output goes
+    to `log` (an open file) or to this process's output. Returns the exit status."""
+    command = [sys.executable, str(ROOT / program), *flags]
+    if log is None:
+        print("$ " + " ".join(command), flush=True)
+    return subprocess.call(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT if log else None)
+
+
 def run_configuration(label: str, flags: list[str], shared: list[str], out: Path) -> dict:
     result = out / f"{label}.json"
     if result.exists():
         print(f"[{label}] done before: {result}", flush=True)
         return json.loads(result.read_text())
-    command = [sys.executable, str(ROOT / "evaluate.py"), *shared, *flags, "--out", str(result)]
-    print(f"[{label}] {' '.join(command)}", flush=True)
+    print(f"[{label}] evaluate.py {' '.join([*shared, *flags, '--out', str(result)])}", flush=True)
     started = time.time()
     with open(out / f"{label}.log", "w") as log:
-        code = subprocess.call(command, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+        code = launch("evaluate.py", [*shared, *flags, "--out", str(result)], log)
     if code != 0:
         raise SystemExit(f"[{label}] evaluate.py failed (exit {code}); see {out / f'{label}.log'}")
     report = json.loads(result.read_text())

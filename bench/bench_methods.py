@@ -7,8 +7,8 @@ Reads the pipeline's TOML file (bench/pipeline.py): `[common]`, `[buffer]`, `[di
 are every method's settings; an optional `[methods.<name>]` table per method adds `common = {...}` and
 `distill = {...}` on top (defaults below). Each method gets its experts (the base experts are the
 pipeline's, in the same out_dir; RepBlend trains its own, with a frozen image encoder and an image
-head), distills with the same --Iteration, and its final set is judged by evaluate.py with the
-`[evaluate]` protocol, and so is its initial set (iteration 0: the real pairs it started from), so
+head), distills with the same --Iteration, and its best set (the iteration chosen on the selection split) is
+judged by evaluate.py with the `[evaluate]` protocol, and so is its initial set (iteration 0: the real pairs it started from), so
 that each method is compared with its own start. The table has IR/TR@1/5/10 and r_mean (mean ± std
 over the evaluation models), the start's r_mean and the seconds per matching iteration (evaluations
 excluded). Everything is reused on a re-run while its settings are unchanged (the pipeline's stage
@@ -108,7 +108,8 @@ def run_method(config: dict, name: str, out: Path) -> dict:
     folder = out / "methods" / name
     final, _ = distill_stage(settings, folder, expert_dir)
     evaluate_flags = as_flags(settings["common"]) + as_flags(settings["evaluate"]) + ["--buffer_path", str(expert_dir)]
-    report = judge(name, final, evaluate_flags, folder / "results")
+    best = final.parent / "distilled_best.pt"  # the iteration chosen on the selection split
+    report = judge(name, best, evaluate_flags, folder / "results")
     report["seconds_per_iteration"] = seconds_per_iteration(final)
     start = final.parent / "distilled_000000.pt"  # the initial set (real pairs), same protocol: what distillation added
     report["start"] = judge(f"{name}-start", start, evaluate_flags, folder / "results")["metrics"] \

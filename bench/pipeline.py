@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import subprocess
 import sys
 import time
 import tomllib
@@ -40,6 +39,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench import bench_coresets  # noqa: E402
 from bench.bench_coresets import run_configuration  # noqa: E402
 from data.distilled_set import load_distilled_set  # noqa: E402
 from utils.buffers import expert_files, read_expert_metrics  # noqa: E402
@@ -124,9 +124,7 @@ def banner(text: str) -> None:
 
 
 def run(program: str, flags: list[str]) -> None:
-    command = [sys.executable, str(ROOT / program), *flags]
-    print("$ " + " ".join(command), flush=True)
-    code = subprocess.call(command, cwd=ROOT)
+    code = bench_coresets.launch(program, flags)
     if code != 0:
         raise UserError(f"{program} failed (exit {code}); the output above says why")
 

@@ -15,6 +15,7 @@ from tqdm import tqdm
 
 from data.build import RetrievalData, eval_image_loader, train_loader
 from data.feature_cache import FeatureBatches, cached_trunk_outputs, compute_trunk_outputs, trunk_key
+from networks import image_norm
 
 
 @dataclass
@@ -92,8 +93,6 @@ def trunk_outputs_of(model, images: torch.Tensor, device: torch.device, batch_si
 def inputs_from_args(args, data: RetrievalData, model, device: torch.device, progress: bool = True,
                      need_train: bool = True) -> ModelInputs:
     """`prepare_inputs` with the shared flags (encoder, size, normalisation, views, cache, batch, workers)."""
-    from networks import image_norm
-
     return prepare_inputs(data, model, args.image_encoder, args.image_size, image_norm(args),
                           getattr(args, "feature_views", 0), args.cache_dir, device, args.batch_size_test,
                           args.num_workers, progress, need_train)

@@ -9,6 +9,7 @@ import torch
 from PIL import Image
 
 from bench import pipeline
+from bench.bench_coresets import launch as real_launch
 from data.distilled_set import load_distilled_set
 from utils.cli import UserError
 
@@ -56,6 +57,31 @@ coreset_methods = ["kmeans"]
 full = "train"
 epochs_per_size = {{12 = 2, all = 1}}
 """
+
+
+def launch_in_process(program: str, flags: list[str], log=None) -> int:
+    """bench_coresets.launch without a new Python process (the same programs' main(), seconds faster each)."""
+    import contextlib
+    import importlib
+
+    module = importlib.import_module(program.removesuffix(".py"))
+    if log is None:
+        print("$ " + " ".join([program, *flags]), flush=True)
+    with contextlib.redirect_stdout(log) if log else contextlib.nullcontext():
+        try:
+            return module.main(list(flags)) or 0
+        except UserError as err:
+            print(f"error: {err}")
+            return 2
+
+
+@pytest.fixture(scope="module", autouse=True)
+def programs_in_process():
+    from bench import bench_coresets
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(bench_coresets, "launch", launch_in_process)
+        yield
 
 
 @pytest.fixture(scope="module")
@@ -154,9 +180,14 @@ def test_bad_config_is_a_clear_error(tmp_path):
 
 
 def fresh_run(tiny_shapes, cache_dir, tmp_path) -> tuple[Path, Path]:
-    """A toy run of its own, for tests that change it."""
+    """A smaller toy run of its own (one seed, two ladder rungs, no grid), for tests that change it."""
     config = tmp_path / "toy.toml"
-    config.write_text(TOY.format(out=tmp_path / "run", root=tiny_shapes, cache=cache_dir))
+    text = TOY.format(out=tmp_path / "run", root=tiny_shapes, cache=cache_dir)
+    for old, new in (("seeds = [0, 1]", "seeds = [1]"), ("ladder = [6, 12, 24]", "ladder = [6, 12]"),
+                     ('coreset_methods = ["kmeans"]\n', ""), ("lr_grid = [0.03, 0.1]\n", "")):
+        assert old in text
+        text = text.replace(old, new)
+    config.write_text(text)
     assert pipeline.main([str(config)]) == 0
     return config, tmp_path / "run"
 
@@ -175,6 +206,7 @@ def test_interrupted_experts_resume_and_a_distill_change_redoes_only_its_row(tin
     assert (expert_dir / "img_replay_buffer_1.pt").is_file()
 
     coreset_row = (out / "results" / "random-12.json").read_text()
+    assert not (out / "results" / "kmeans-6.json").exists() and not (out / "distill" / "seed0").exists()
     old_row = json.loads((out / "results" / "distilled-6 (seed 1).json").read_text())
     config.write_text(config.read_text().replace("lr_img = 10\n", "lr_img = 1000\n"))
     assert pipeline.main([str(config)]) == 0
@@ -256,3 +288,12 @@ def test_regimes_benchmark_gives_each_regime_its_budget_and_tables_them(tiny_sha
     assert meta["trainable_parts"] == ["image_encoder", "image_projection", "text_projection"]
     lines = (tmp_path / "run" / "regimes.md").read_text().splitlines()
     assert lines[0].startswith("| regime | experts (min) | iterations |") and len(lines) == 4
+
+
+def test_the_programs_run_in_processes_of_their_own(tmp_path):
+    # The other tests of this module run the programs in-process; here the real launcher.
+    with open(tmp_path / "log.txt", "w") as log:
+        assert real_launch("evaluate.py", ["--help"], log) == 0
+        assert real_launch("evaluate.py", ["--coreset", "random"], log) == 2
+    text = (tmp_path / "log.txt").read_text()
+    assert "usage: evaluate.py" in text and "error: --coreset needs --num_queries" in text

@@ -18,8 +18,8 @@ def readme_example() -> str:
 
 def test_readme_example_trains_a_model_on_a_distilled_set(run4):
     code = readme_example()
-    assert '"outputs/demo/distill/distilled_last.pt"' in code
-    code = code.replace('"outputs/demo/distill/distilled_last.pt"', repr(str(run4 / "distilled_last.pt")))
+    assert '"outputs/demo/distill/seed0/distilled_best.pt"' in code
+    code = code.replace('"outputs/demo/distill/seed0/distilled_best.pt"', repr(str(run4 / "distilled_last.pt")))
     scope: dict = {}
     torch.manual_seed(0)
     exec(compile(code, "README example", "exec"), scope)
