@@ -9,7 +9,7 @@ its own) and then distillation, which runs for whatever time is left (distill.py
 The best iteration on the selection split is judged with the config's `[evaluate]` protocol, and so
 is the initial set (same protocol), so that each regime is read against its own start.
 
-Regimes (`[regimes.<name>]` tables in the config add `common`, `buffer` and `distill` settings):
+Regimes (`[regimes.<name>]` tables in the config add `common`, `buffer`, `distill` and `evaluate` settings):
 - `frozen`: `--train_stages 0` (the encoder is frozen; heads train over cached outputs);
 - `last_stage`: `--train_stages 1` (its last stage trains too, over cached outputs of the stage below);
 - `all`: `--train_stages all` (the whole encoder trains on pixels: the paper).
@@ -63,7 +63,8 @@ def regime_config(config: dict, name: str) -> dict:
     if extra is None:
         raise UserError(f"unknown regime {name!r}: give it a [regimes.{name}] table (known: {', '.join(DEFAULT_REGIMES)})")
     merged = copy.deepcopy(config)
-    for section in ("common", "buffer", "distill"):
+    for section in ("common", "buffer", "distill", "evaluate"):
+        merged.setdefault(section, {})
         merged[section].update({**DEFAULT_REGIMES.get(name, {}).get(section, {}), **extra.get(section, {})})
     return merged
 

@@ -272,7 +272,7 @@ def test_regimes_benchmark_gives_each_regime_its_budget_and_tables_them(tiny_sha
     config = tmp_path / "regimes.toml"
     text = TOY.format(out=tmp_path / "run", root=tiny_shapes, cache=cache_dir)
     text = text.replace('image_pretrained = false\n', f'image_weights = "{convnet_weights}"\nimage_projection = true\n')
-    config.write_text(text + '[regimes.all]\nbuffer = {num_experts = 1}\n')
+    config.write_text(text + '[regimes.all]\nbuffer = {num_experts = 1}\nevaluate = {num_eval = 1}\n')
     assert bench_regimes.main([str(config), "--budget", "5", "--max_iterations", "2", "--regimes", "last_stage",
                                "all"]) == 0
     results = json.loads((tmp_path / "run" / "regimes.json").read_text())
@@ -284,6 +284,8 @@ def test_regimes_benchmark_gives_each_regime_its_budget_and_tables_them(tiny_sha
         assert results[name]["total_minutes"] < 5 and results[name]["metrics"]["r_mean"]["runs"]
         cached = list((folder / "cache" / "trunk_features").glob("*.pt")) if (folder / "cache").is_dir() else []
         assert (len(cached) > 0) == (name != "all")  # each frozen regime paid for its own trunk outputs
+    # a regime's own [evaluate] settings apply to it alone
+    assert [len(results[n]["metrics"]["r_mean"]["runs"]) for n in ("last_stage", "all")] == [2, 1]
     meta = json.loads(next((tmp_path / "run" / "regimes" / "all").glob("buffers/**/buffer_meta.json")).read_text())
     assert meta["trainable_parts"] == ["image_encoder", "image_projection", "text_projection"]
     lines = (tmp_path / "run" / "regimes.md").read_text().splitlines()
