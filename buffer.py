@@ -21,7 +21,7 @@ from data.build import load_retrieval_data
 from data.model_inputs import inputs_from_args
 from networks import build_model, trainable_parameters
 from utils import distributed
-from utils.buffers import (
+from experts.files import (
     buffer_dir,
     claim_metadata,
     describe_experts,
@@ -30,10 +30,10 @@ from utils.buffers import (
     save_expert_metrics,
 )
 from utils.cli import add_bool_flag, run_cli
-from utils.config import add_data_args, add_model_args, add_runtime_args, check_model_args, new_parser
+from settings.flags import add_data_args, add_model_args, add_runtime_args, check_model_args, new_parser
 from utils.device import pick_device, seed_everything
-from utils.metrics import format_metrics, format_summary, summarize_runs
-from utils.training import (
+from evaluation.metrics import format_metrics, format_summary, summarize_runs
+from evaluation.training import (
     evaluate_retrieval,
     scale_learning_rates,
     sgd_pair,
@@ -149,5 +149,10 @@ def main(argv=None) -> int:
     return 0
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """Entry point of the installed command."""
     run_cli(main)
+
+
+if __name__ == "__main__":
+    cli()

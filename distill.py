@@ -21,7 +21,7 @@ from tqdm import tqdm
 from data.build import load_retrieval_data
 from data.model_inputs import inputs_from_args
 from data.distilled_set import load_distilled_set, save_distilled_set
-from matching.experts import ExpertCycler, check_buffer_matches, locate_buffer
+from experts.cycler import ExpertCycler, check_buffer_matches, locate_buffer
 from matching.guard import StepGuard
 from matching.meta_gradient import MATCHING_MODES, matching_gradients
 from matching.synthetic import initial_synthetic_set
@@ -29,10 +29,10 @@ from matching.trajectory import Students, contrastive_step_loss, draw_blends, dr
 from networks import build_model, image_norm, text_encoder_identity, trainable_parts
 from networks.similarity import SIM_TYPES, similarity_from_args
 from reparam_module import ReparamModule
-from utils import coresets
-from utils.buffers import read_metadata
+from evaluation import coresets
+from experts.files import read_metadata
 from utils.cli import UserError, add_bool_flag, run_cli
-from utils.config import (
+from settings.flags import (
     add_data_args,
     add_eval_args,
     add_model_args,
@@ -42,8 +42,8 @@ from utils.config import (
 )
 from utils.device import pick_device, seed_everything
 from utils.dsa import check_strategy, dsa_augment
-from utils.evaluation import evaluate_pairs
-from utils.metrics import format_summary
+from evaluation.protocol import evaluate_pairs
+from evaluation.metrics import format_summary
 from utils.visualize import nearest_captions, save_image_grids, write_nearest_captions
 from utils.wandb_logging import start_run
 
@@ -471,5 +471,10 @@ def main(argv=None) -> int:
     return 0
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """Entry point of the installed command."""
     run_cli(main)
+
+
+if __name__ == "__main__":
+    cli()

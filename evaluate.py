@@ -31,13 +31,13 @@ from data.distilled_set import load_distilled_set, save_distilled_set
 from data.feature_cache import trunk_key
 from data.model_inputs import inputs_from_args
 from data.transforms import renormalize
-from matching.experts import check_buffer_matches, locate_buffer
+from experts.cycler import check_buffer_matches, locate_buffer
 from networks import build_model, image_norm, trainable_parts
 from networks.image_encoders import IMAGE_ENCODERS
-from utils import coresets
-from utils.buffers import read_metadata
+from evaluation import coresets
+from experts.files import read_metadata
 from utils.cli import UserError, run_cli
-from utils.config import (
+from settings.flags import (
     add_data_args,
     add_eval_args,
     add_model_args,
@@ -46,9 +46,9 @@ from utils.config import (
     new_parser,
 )
 from utils.device import pick_device, seed_everything
-from utils.evaluation import judge, pair_batches
+from evaluation.protocol import judge, pair_batches
 from utils.io import atomic_torch_save, atomic_write_json, safe_torch_load
-from utils.metrics import format_table
+from evaluation.metrics import format_table
 from utils.wandb_logging import start_run
 
 # Settings a distilled-set file supplies unless the command line gives them.
@@ -401,5 +401,10 @@ def main(argv=None) -> int:
     return 0
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """Entry point of the installed command."""
     run_cli(main)
+
+
+if __name__ == "__main__":
+    cli()

@@ -1,6 +1,6 @@
 """Coreset baselines and full-data training, each through evaluate.py in its own process.
 
-    python bench/bench_coresets.py --out_dir DIR [--sizes 100 1000] [--methods ...] [--full]
+    python -m bench.bench_coresets --out_dir DIR [--sizes 100 1000] [--methods ...] [--full]
         [--epochs_per_size 1000=10] [--full_epochs 3] [--distilled LABEL=PATH ...] -- EVALUATE_FLAGS
 
 Everything after `--` goes to every evaluate.py call (data set, encoders, image size, buffer, number
@@ -12,17 +12,13 @@ models) and the wall time of each configuration.
 from __future__ import annotations
 
 import argparse
-import json
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from utils.coresets import METHODS  # noqa: E402
-from utils.metrics import markdown_table, table_cells  # noqa: E402
+from comparison.programs import run_configuration
+from evaluation.coresets import METHODS
+from evaluation.metrics import markdown_table, table_cells
 
 
 def parse_args(argv=None):
@@ -61,34 +57,6 @@ def configurations(args) -> list[tuple[str, list[str]]]:
     if args.full:
         configs.append(("full", ["--full"] + (["--epoch_eval_train", str(args.full_epochs)] if args.full_epochs else [])))
     return configs
-
-
-def launch(program: str, flags: list[str], log=None) -> int:
-    """Run one of the programs (buffer.py, distill.py, evaluate.py) in a process of its own; its output goes
-    to `log` (an open file) or to this process's output. Returns the exit status."""
-    command = [sys.executable, str(ROOT / program), *flags]
-    if log is None:
-        print("$ " + " ".join(command), flush=True)
-    return subprocess.call(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT if log else None)
-
-
-def run_configuration(label: str, flags: list[str], shared: list[str], out: Path) -> dict:
-    result = out / f"{label}.json"
-    if result.exists():
-        print(f"[{label}] done before: {result}", flush=True)
-        return json.loads(result.read_text())
-    print(f"[{label}] evaluate.py {' '.join([*shared, *flags, '--out', str(result)])}", flush=True)
-    started = time.time()
-    with open(out / f"{label}.log", "w") as log:
-        code = launch("evaluate.py", [*shared, *flags, "--out", str(result)], log)
-    if code != 0:
-        raise SystemExit(f"[{label}] evaluate.py failed (exit {code}); see {out / f'{label}.log'}")
-    report = json.loads(result.read_text())
-    report["wall_seconds"] = round(time.time() - started, 1)
-    result.write_text(json.dumps(report, indent=1, sort_keys=True))
-    print(f"[{label}] r_mean {report['metrics']['r_mean']['mean']:.2f} ± {report['metrics']['r_mean']['std']:.2f} "
-          f"in {report['wall_seconds']:.0f}s", flush=True)
-    return report
 
 
 def results_table(reports: dict[str, dict]) -> str:

@@ -5,31 +5,29 @@ One iteration = unroll --syn_steps student steps (graph kept) + the backward pas
 images, texts and step sizes. Synthetic data and expert segments are random (no data set or buffer
 needed); the model is built exactly as distill.py builds it.
 
-    python bench/bench_distill_iteration.py                       # demo configuration, steps 2 4 8 16
-    python bench/bench_distill_iteration.py --image_encoder convnet --image_size 32 --steps 2 4
+    python -m bench.bench_distill_iteration                       # demo configuration, steps 2 4 8 16
+    python -m bench.bench_distill_iteration --image_encoder convnet --image_size 32 --steps 2 4
 """
 from __future__ import annotations
 
 import argparse
 import json
 import statistics
-import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-sys.path[:0] = [str(HERE.parent), str(HERE.parent / "tests"), str(HERE)]
 
-import torch  # noqa: E402
+import torch
 
-from matching.trajectory import draw_minibatches, unrolled_matching_loss  # noqa: E402
-from matching_problem import (  # noqa: E402
+from matching.trajectory import draw_minibatches, unrolled_matching_loss
+from bench.matching_problem import (
     add_problem_args,
     measure_iteration,
     problem_flags,
     random_problem,
     run_worker,
 )
-from utils.device import pick_device  # noqa: E402
+from utils.device import pick_device
 
 
 def parse_args():
@@ -78,7 +76,7 @@ def run_pair(args, steps: int) -> tuple[dict, dict]:
 
 
 def _one_process(args, worker: str, steps: int) -> dict:
-    return run_worker(__file__, ["--worker", worker, "--syn_steps", str(steps), "--repeats", str(args.repeats),
+    return run_worker(__spec__.name, ["--worker", worker, "--syn_steps", str(steps), "--repeats", str(args.repeats),
                                  *problem_flags(args)])
 
 

@@ -4,7 +4,7 @@ Takes buffer.py's flags (same defaults) and times, on this machine: the data pip
 + augmentation in the loader workers), the model step alone (forward, backward, SGD on tensors
 already in memory), the two together as buffer.py runs them, and one retrieval evaluation.
 
-    python bench/bench_experts.py --dataset shapes --image_encoder convnet_w32 --image_pretrained False \
+    python -m bench.bench_experts --dataset shapes --image_encoder convnet_w32 --image_pretrained False \
         --text_encoder minilm --image_size 32 --batches 40
 """
 from __future__ import annotations
@@ -12,19 +12,17 @@ from __future__ import annotations
 import itertools
 import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
+import torch
 
-import buffer  # noqa: E402
-from data.build import eval_image_loader, load_retrieval_data, train_loader  # noqa: E402
-from networks import build_model  # noqa: E402
-from networks.contrastive import contrastive_loss  # noqa: E402
-from utils.device import pick_device, seed_everything  # noqa: E402
-from utils.metrics import retrieval_metrics  # noqa: E402
-from utils.training import embed_eval_split, sgd_pair, train_one_epoch  # noqa: E402
+import buffer
+from data.build import eval_image_loader, load_retrieval_data, train_loader
+from networks import build_model
+from networks.contrastive import contrastive_loss
+from utils.device import pick_device, seed_everything
+from evaluation.metrics import retrieval_metrics
+from evaluation.training import embed_eval_split, sgd_pair, train_one_epoch
 
 
 def main() -> None:

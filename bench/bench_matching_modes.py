@@ -6,8 +6,8 @@ matching loss and its meta-gradient w.r.t. the synthetic images, texts and both 
 the same random model, synthetic set and minibatches for every mode. Peak memory is the resident
 set's high-water mark above its level before the iteration (and the CUDA peak allocation on a GPU).
 
-    python bench/bench_matching_modes.py                                # demo model, steps 2 4 8 16 32
-    python bench/bench_matching_modes.py --steps 2 4 --processes 1 --plot /tmp/modes.png
+    python -m bench.bench_matching_modes                                # demo model, steps 2 4 8 16 32
+    python -m bench.bench_matching_modes --steps 2 4 --processes 1 --plot /tmp/modes.png
 
 The last line prints the two ratios the low-memory mode is judged by: exact_lowmem's peak at the
 largest step count over its peak at 4 steps, and the worst exact_lowmem / unroll time ratio.
@@ -17,24 +17,22 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-sys.path[:0] = [str(HERE.parent), str(HERE)]
 
-import torch  # noqa: E402
+import torch
 
-from matching.meta_gradient import MATCHING_MODES, matching_gradients  # noqa: E402
-from matching.trajectory import contrastive_step_loss, draw_minibatches  # noqa: E402
-from matching_problem import (  # noqa: E402
+from matching.meta_gradient import MATCHING_MODES, matching_gradients
+from matching.trajectory import contrastive_step_loss, draw_minibatches
+from bench.matching_problem import (
     add_problem_args,
     measure_iteration,
     problem_flags,
     random_problem,
     run_worker,
 )
-from utils.device import pick_device  # noqa: E402
+from utils.device import pick_device
 
 
 def parse_args():
@@ -73,7 +71,7 @@ def measure_all(args) -> dict:
         runs = {mode: [] for mode in args.modes}
         for _ in range(args.processes):
             for mode in args.modes:
-                runs[mode].append(run_worker(__file__, ["--worker", mode, "--syn_steps", str(steps), "--repeats",
+                runs[mode].append(run_worker(__spec__.name, ["--worker", mode, "--syn_steps", str(steps), "--repeats",
                                                         str(args.repeats), *problem_flags(args)]))
         for mode, measured in runs.items():
             results[mode][steps] = {key: statistics.median(r[key] for r in measured)

@@ -1,8 +1,8 @@
-"""Benchmark utils.metrics.retrieval_metrics against a per-row numpy argsort loop.
+"""Benchmark evaluation.metrics.retrieval_metrics against a per-row numpy argsort loop.
 
 Run from the repository root::
 
-    .venv/bin/python bench/bench_metrics.py [--images 1000] [--captions-per-image 5]
+    .venv/bin/python -m bench.bench_metrics [--images 1000] [--captions-per-image 5]
 
 Builds random float32 scores (fixed seed), checks that the vectorised torch
 implementation and the reference loop give identical metrics, and prints a
@@ -18,20 +18,17 @@ far slower than single-threaded because its worker threads get descheduled).
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
 
-sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parents[1] / "tests")]
 
-import argparse  # noqa: E402
-import time  # noqa: E402
-from collections.abc import Callable  # noqa: E402
+import argparse
+import time
+from collections.abc import Callable
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+import numpy as np
+import torch
 
-from test_metrics import reference_metrics  # noqa: E402  (the per-row argsort loop the tests trust)
-from utils.metrics import retrieval_metrics  # noqa: E402
+from evaluation.metrics_reference import reference_metrics
+from evaluation.metrics import retrieval_metrics
 
 def best_time(fn: Callable[[], object], repeats: int) -> float:
     """Best wall-clock time of ``repeats`` calls, after one warm-up call."""
@@ -75,7 +72,7 @@ def main() -> None:
     t_ref = best_time(lambda: reference_metrics(scores_np, txt2img_np), args.ref_repeats)
     torch.set_num_threads(args.threads)
     t_ours = best_time(run_ours, args.repeats)
-    label = "utils.metrics.retrieval_metrics, {} thread(s)"
+    label = "evaluation.metrics.retrieval_metrics, {} thread(s)"
     rows = [(label.format(args.threads), args.repeats, t_ours)]
     if default_threads != args.threads:
         torch.set_num_threads(default_threads)

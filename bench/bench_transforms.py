@@ -1,22 +1,20 @@
 """Per-image cost of the training data pipeline: opening + decoding, and each transform step.
 
-    python bench/bench_transforms.py --image_root ~/.cache/vl-distill/shapes --image_size 32
+    python -m bench.bench_transforms --image_root ~/.cache/vl-distill/shapes --image_size 32
 """
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
-from PIL import Image  # noqa: E402
-from torchvision import transforms as T  # noqa: E402
-from torchvision.transforms import InterpolationMode  # noqa: E402
+import torch
+from PIL import Image
+from torchvision import transforms as T
+from torchvision.transforms import InterpolationMode
 
-from data.transforms import normalize, train_transform  # noqa: E402
+from data.transforms import normalize, train_transform
 
 
 def per_image_ms(fn, items) -> float:

@@ -50,9 +50,9 @@ def random_problem(image_encoder: str, image_size: int, text_dim: int, num_queri
     return MatchingProblem(model, students, image_syn, text_syn, lr_img, lr_txt, start, target, segment)
 
 
-def run_worker(script: str, flags: list[str]) -> dict:
-    """Run `script` with `flags` in a fresh Python process; its last stdout line is a JSON object."""
-    output = subprocess.run([sys.executable, script, *flags], check=True, capture_output=True, text=True).stdout
+def run_worker(module: str, flags: list[str]) -> dict:
+    """Run module `module` (python -m) with `flags` in a fresh Python process; its last stdout line is a JSON object."""
+    output = subprocess.run([sys.executable, "-m", module, *flags], check=True, capture_output=True, text=True).stdout
     return json.loads(output.strip().splitlines()[-1])
 
 

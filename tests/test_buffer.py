@@ -13,7 +13,7 @@ import torch
 
 import buffer
 from networks import build_model
-from utils.buffers import expert_files, load_expert_pair, read_metadata
+from experts.files import expert_files, load_expert_pair, read_metadata
 from utils.cli import UserError
 
 from conftest import tiny_flags
@@ -54,7 +54,7 @@ def test_writes_one_expert_per_file_pair_with_epochs_plus_one_snapshots(two_expe
 
 
 def test_each_expert_writes_its_per_epoch_retrieval(two_experts):
-    from utils.buffers import read_expert_metrics
+    from experts.files import read_expert_metrics
 
     found = read_expert_metrics(two_experts)
     assert sorted(found) == [0, 1]

@@ -8,7 +8,7 @@ from torch import nn
 
 from data.build import load_retrieval_data
 from networks.contrastive import ImageTextModel
-from utils import coresets
+from evaluation import coresets
 
 
 def brute_force_herding(features: torch.Tensor, count: int) -> list[int]:

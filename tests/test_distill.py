@@ -14,7 +14,7 @@ from data.distilled_set import load_distilled_set
 from data.model_inputs import inputs_from_args
 from networks import build_model
 from utils.cli import UserError
-from utils.evaluation import evaluate_pairs
+from evaluation.protocol import evaluate_pairs
 
 
 def test_saves_sets_grids_and_captions_that_reload_safely(run4):

@@ -180,10 +180,10 @@ def test_help_lists_the_modes(capsys):
 
 def test_evaluation_models_never_start_from_an_experts_initialisation(tiny_shapes, cache_dir, experts, monkeypatch):
     """Expert n starts from seed n (buffer.py, --seed 0); evaluation model k must not (utils/evaluation.py)."""
-    from matching.experts import load_expert_weights
+    from experts.cycler import load_expert_weights
     from networks import build_model
-    from utils import evaluation
-    from utils.buffers import read_metadata
+    from evaluation import protocol as evaluation
+    from experts.files import read_metadata
     from utils.device import seed_everything
 
     args = evaluate.parse_args(tiny_flags(tiny_shapes, cache_dir, "--coreset", "random", "--num_queries", "4",

@@ -12,7 +12,7 @@ import buffer
 import distill
 import evaluate
 from data.distilled_set import load_distilled_set, save_distilled_set
-from utils.buffers import expert_files, load_expert_pair, read_metadata
+from experts.files import expert_files, load_expert_pair, read_metadata
 from utils.cli import UserError
 
 FAST = ("--Iteration", "2", "--draw", "False")

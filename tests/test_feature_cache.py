@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import os
-from argparse import Namespace
 
 import pytest
 import torch
@@ -145,7 +144,7 @@ def test_buffer_experts_over_cached_outputs_record_only_the_trained_top(tiny_sha
     """buffer.py with --train_stages 1: trunk outputs cached once, experts train the last stage and the heads."""
     import buffer
     from conftest import tiny_flags
-    from utils.buffers import read_metadata
+    from experts.files import read_metadata
 
     torch.manual_seed(0)
     weights = tmp_path / "convnet.pt"

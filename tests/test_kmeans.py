@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from utils import coresets
+from evaluation import coresets
 from utils.cli import UserError
 
 BLOB_SIZE = 30

@@ -1,4 +1,4 @@
-"""Tests for utils.metrics (retrieval Recall@K, run summaries and formatting)."""
+"""Tests for evaluation.metrics (retrieval Recall@K, run summaries and formatting)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from utils.metrics import format_metrics, format_summary, retrieval_metrics, summarize_runs
+from evaluation.metrics import format_metrics, format_summary, retrieval_metrics, summarize_runs
+from evaluation.metrics_reference import reference_metrics
 
 DEFAULT_KEYS = [
     "txt_r1",
@@ -21,40 +22,6 @@ DEFAULT_KEYS = [
     "img_r_mean",
     "r_mean",
 ]
-
-
-# --------------------------------------------------------------------------- #
-# Reference implementation: one numpy stable argsort per row / column.
-# --------------------------------------------------------------------------- #
-def reference_ranks(scores: np.ndarray, txt2img: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Best caption rank per image and true-image rank per caption, via per-row argsort."""
-    num_images, num_captions = scores.shape
-    txt_rank = np.empty(num_images, dtype=np.int64)
-    for i in range(num_images):
-        order = np.argsort(-scores[i], kind="stable")
-        position = np.empty(num_captions, dtype=np.int64)
-        position[order] = np.arange(num_captions)
-        txt_rank[i] = position[txt2img == i].min()
-    img_rank = np.empty(num_captions, dtype=np.int64)
-    for t in range(num_captions):
-        order = np.argsort(-scores[:, t], kind="stable")
-        img_rank[t] = int(np.flatnonzero(order == txt2img[t])[0])
-    return txt_rank, img_rank
-
-
-def reference_metrics(
-    scores: np.ndarray, txt2img: np.ndarray, ks: tuple[int, ...] = (1, 5, 10)
-) -> dict[str, float]:
-    txt_rank, img_rank = reference_ranks(scores, txt2img)
-    out: dict[str, float] = {}
-    for k in ks:
-        out[f"txt_r{k}"] = 100.0 * int((txt_rank < k).sum()) / len(txt_rank)
-    for k in ks:
-        out[f"img_r{k}"] = 100.0 * int((img_rank < k).sum()) / len(img_rank)
-    out["txt_r_mean"] = sum(out[f"txt_r{k}"] for k in ks) / len(ks)
-    out["img_r_mean"] = sum(out[f"img_r{k}"] for k in ks) / len(ks)
-    out["r_mean"] = (out["txt_r_mean"] + out["img_r_mean"]) / 2
-    return out
 
 
 def random_txt2img(rng: np.random.Generator, num_images: int, num_captions: int) -> np.ndarray:
@@ -281,7 +248,7 @@ def test_brute_force_sparse_ties_mixed_with_distinct_scores(seed):
 
 def test_default_chunking_with_several_slabs(monkeypatch):
     """chunk_size=None splits rows by a target element count; force several slabs."""
-    import utils.metrics as metrics_module
+    import evaluation.metrics as metrics_module
 
     monkeypatch.setattr(metrics_module, "_AUTO_CHUNK_ELEMENTS", 100)  # -> 100 // 40 = 2 rows
     rng = np.random.default_rng(11)
@@ -432,7 +399,7 @@ def test_summarize_runs_bad_input():
 
 
 def test_format_table_rows_columns_and_alignment():
-    from utils.metrics import format_table
+    from evaluation.metrics import format_table
 
     a = summarize_runs([{"img_r1": 1.0, "txt_r1": 3.0, "r_mean": 2.0}, {"img_r1": 3.0, "txt_r1": 5.0, "r_mean": 4.0}])
     b = summarize_runs([{"img_r1": 10.0, "txt_r1": 30.0, "r_mean": 20.0}])

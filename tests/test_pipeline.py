@@ -1,4 +1,4 @@
-"""The whole chain (bench/pipeline.py, what `make demo` runs) at toy size: table, artefacts, reuse."""
+"""The whole chain (pipeline.py, what `make demo` runs) at toy size: table, artefacts, reuse."""
 from __future__ import annotations
 
 import json
@@ -8,8 +8,8 @@ import pytest
 import torch
 from PIL import Image
 
-from bench import pipeline
-from bench.bench_coresets import launch as real_launch
+from comparison import pipeline, programs
+from comparison.programs import launch as real_launch
 from data.distilled_set import load_distilled_set
 from utils.cli import UserError
 
@@ -60,7 +60,7 @@ epochs_per_size = {{12 = 2, all = 1}}
 
 
 def launch_in_process(program: str, flags: list[str], log=None) -> int:
-    """bench_coresets.launch without a new Python process (the same programs' main(), seconds faster each)."""
+    """comparison.programs.launch without a new Python process (the same programs' main(), seconds faster each)."""
     import contextlib
     import importlib
 
@@ -77,10 +77,8 @@ def launch_in_process(program: str, flags: list[str], log=None) -> int:
 
 @pytest.fixture(scope="module", autouse=True)
 def programs_in_process():
-    from bench import bench_coresets
-
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(bench_coresets, "launch", launch_in_process)
+        patch.setattr(programs, "launch", launch_in_process)
         yield
 
 
@@ -127,7 +125,7 @@ def test_table_has_every_row_metric_worth_and_choice(toy_run):
     worth = results["worth_n"]
     assert worth["random-6"] is None and worth["full data"] is None and worth["kmeans-6"] is not None
     for label in ("distilled-6 (2 seeds)", "kmeans-6"):
-        from utils.worth import worth_n
+        from evaluation.worth import worth_n
         expected = worth_n({int(k): v for k, v in results["ladder"].items()}, rows[label]["r_mean"]["mean"],
                            rows[label]["r_mean"]["std"]).as_dict()
         assert worth[label] == expected
@@ -219,7 +217,7 @@ def test_interrupted_experts_resume_and_a_distill_change_redoes_only_its_row(tin
 
 
 def test_methods_benchmark_reuses_the_base_experts_and_tables_every_method(toy_run, capsys):
-    from bench import bench_methods
+    from comparison import methods as bench_methods
 
     config, out = toy_run
     text = config.read_text().replace('lr_lr = 1e-6', 'lr_lr = 1e-9') + (
@@ -267,7 +265,7 @@ def test_methods_benchmark_reuses_the_base_experts_and_tables_every_method(toy_r
 
 def test_regimes_benchmark_gives_each_regime_its_budget_and_tables_them(tiny_shapes, cache_dir, convnet_weights,
                                                                         tmp_path):
-    from bench import bench_regimes
+    from comparison import regimes as bench_regimes
 
     config = tmp_path / "regimes.toml"
     text = TOY.format(out=tmp_path / "run", root=tiny_shapes, cache=cache_dir)
@@ -295,7 +293,7 @@ def test_regimes_benchmark_gives_each_regime_its_budget_and_tables_them(tiny_sha
 def test_the_programs_run_in_processes_of_their_own(tmp_path):
     # The other tests of this module run the programs in-process; here the real launcher.
     with open(tmp_path / "log.txt", "w") as log:
-        assert real_launch("evaluate.py", ["--help"], log) == 0
-        assert real_launch("evaluate.py", ["--coreset", "random"], log) == 2
+        assert real_launch("evaluate", ["--help"], log) == 0
+        assert real_launch("evaluate", ["--coreset", "random"], log) == 2
     text = (tmp_path / "log.txt").read_text()
     assert "usage: evaluate.py" in text and "error: --coreset needs --num_queries" in text

@@ -11,7 +11,7 @@ import distill
 import evaluate
 from data.distilled_set import load_distilled_set
 from utils.cli import UserError
-from utils.evaluation import TUNING_SEED_OFFSET
+from evaluation.protocol import TUNING_SEED_OFFSET
 
 QUICK = ("--num_eval", "2", "--epoch_eval_train", "2", "--batch_train", "4")
 

@@ -1,4 +1,4 @@
-"""Tests for utils.worth (worth-N of a score against a ladder of random coresets).
+"""Tests for evaluation.worth (worth-N of a score against a ladder of random coresets).
 
 Every expected number is worked out by hand in the comments: on a segment from
 (N_a, m_a) to (N_b, m_b) the worth of a score m is
@@ -12,7 +12,7 @@ import json
 import pytest
 from PIL import Image
 
-from utils.worth import DPI, FIGSIZE, WorthN, format_worth, plot_worth, worth_n
+from evaluation.worth import DPI, FIGSIZE, WorthN, format_worth, plot_worth, worth_n
 
 REL = 1e-6
 

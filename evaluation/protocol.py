@@ -27,8 +27,8 @@ from data.model_inputs import ModelInputs, trunk_outputs_of
 from networks import build_model
 from utils.device import seed_everything
 from utils.dsa import dsa_augment
-from utils.metrics import summarize_runs
-from utils.training import evaluate_retrieval, scale_learning_rates, sgd_pair, train_one_epoch
+from evaluation.metrics import summarize_runs
+from evaluation.training import evaluate_retrieval, scale_learning_rates, sgd_pair, train_one_epoch
 
 EVAL_MOMENTUM = 0.9
 EVAL_WEIGHT_DECAY = 5e-4

@@ -6,7 +6,7 @@ from pathlib import Path
 import torch
 
 from networks import trainable_parameters
-from utils.buffers import (
+from experts.files import (
     COMPATIBILITY_KEYS,
     LEGACY_DEFAULTS,
     META_NAME,

@@ -28,7 +28,7 @@ from data.datasets import ImageDataset, load_rgb
 from data.transforms import test_transform
 from networks.contrastive import similarity_logits
 from utils.cli import UserError
-from utils.training import sgd_pair, train_one_epoch
+from evaluation.training import sgd_pair, train_one_epoch
 
 # New methods go at the end: callers seed with METHODS.index(method), so existing offsets must not move.
 METHODS = ("random", "herding", "kcenter", "forgetting", "kmeans")
@@ -240,7 +240,7 @@ def expert_pair_features(model, directory, meta: dict, data: RetrievalData, args
                          number: int | None = None, epoch: int | None = None) -> tuple[torch.Tensor, tuple[int, int]]:
     """Joint embeddings of the training pairs under buffer expert `number` at snapshot `epoch` (default: the
     lowest expert, its last snapshot), and the (number, epoch) used."""
-    from matching.experts import load_expert_weights
+    from experts.cycler import load_expert_weights
     from networks import image_norm
 
     used = load_expert_weights(model, directory, meta, number, epoch)

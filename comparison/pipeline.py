@@ -1,7 +1,7 @@
 """The whole comparison in one command: experts -> real-data rows -> distilled sets -> one table, worth-N, a plot.
 
-    python bench/pipeline.py configs/demo.toml            # what `make demo` runs
-    python bench/pipeline.py configs/flickr8k.toml --data ../shared/data/flickr8k
+    python pipeline.py configs/demo.toml            # what `make demo` runs
+    python pipeline.py configs/flickr8k.toml --data ../shared/data/flickr8k
 
 The TOML file holds every setting: `[common]` flags go to every program (data set, encoders, image
 size, how much of the encoder trains, ...), `[buffer]` to buffer.py, `[distill]` to distill.py
@@ -31,23 +31,18 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import sys
 import time
 import tomllib
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from comparison.programs import run, run_configuration
+from data.distilled_set import load_distilled_set
+from evaluation.metrics import format_table, markdown_table, summarize_runs, table_cells
+from evaluation.worth import plot_worth, worth_n
+from experts.files import expert_files, read_expert_metrics
+from utils.cli import UserError
 
-from bench import bench_coresets  # noqa: E402
-from bench.bench_coresets import run_configuration  # noqa: E402
-from data.distilled_set import load_distilled_set  # noqa: E402
-from utils.buffers import expert_files, read_expert_metrics  # noqa: E402
-from utils.cli import UserError, run_cli  # noqa: E402
-from utils.metrics import format_table, markdown_table, summarize_runs, table_cells  # noqa: E402
-from utils.worth import plot_worth, worth_n  # noqa: E402
-
-SECTIONS = ("common", "buffer", "distill", "evaluate", "compare", "methods", "regimes")  # bench_methods, bench_regimes
+SECTIONS = ("common", "buffer", "distill", "evaluate", "compare", "methods", "regimes")  # [methods], [regimes]: comparison/methods.py, regimes.py
 NOT_METRICS = ("epoch", "train_loss", "train_acc")
 FULL = "all"  # the key of the full-data row in `epochs_per_size`
 
@@ -121,12 +116,6 @@ class Stage:
 
 def banner(text: str) -> None:
     print(f"\n=== {text} ===", flush=True)
-
-
-def run(program: str, flags: list[str]) -> None:
-    code = bench_coresets.launch(program, flags)
-    if code != 0:
-        raise UserError(f"{program} failed (exit {code}); the output above says why")
 
 
 def experts_stage(config: dict, out: Path) -> Path:
@@ -341,6 +330,3 @@ def verdict(reports: dict[str, dict], worth: dict[str, dict | None]) -> str:
             lines.append(f"{label} is worth {value['text']} random real pairs")
     return "\n".join(lines)
 
-
-if __name__ == "__main__":
-    run_cli(main)

@@ -9,7 +9,7 @@ ladder by linear interpolation of ``log N`` against ``r_mean``.
 
 The ladder is a mapping ``N -> summary`` where a summary is a dict holding at
 least ``"mean"`` and ``"std"`` (e.g. the ``"r_mean"`` entry of
-:func:`utils.metrics.summarize_runs`).
+:func:`evaluation.metrics.summarize_runs`).
 """
 from __future__ import annotations
 

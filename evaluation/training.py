@@ -8,7 +8,7 @@ from torch import nn
 from tqdm import tqdm
 
 from networks.contrastive import contrastive_loss, in_batch_accuracy, trainable_parameters
-from utils.metrics import retrieval_metrics
+from evaluation.metrics import retrieval_metrics
 
 
 def sgd_pair(model: nn.Module, lr_img: float, lr_txt: float, momentum: float = 0.0,
