@@ -32,14 +32,15 @@ def main() -> None:
         at = argv.index("--batches")
         batches = int(argv[at + 1])
         del argv[at:at + 2]
-    args = buffer.parse_args(argv + ["--wandb_mode", "disabled"])
-    device = pick_device(args.device)
+    settings = buffer.parse_args(argv + ["--wandb_mode", "disabled"])
+    model_settings, batch = settings.model, settings.experts.expert_batch
+    device = pick_device(settings.runtime.device)
     seed_everything(0)
-    data = load_retrieval_data(args, device, progress=False)
-    loader = train_loader(data, args.image_size, args.batch_train, args.num_workers, seed=0)
-    model = build_model(args, data.text_dim).to(device)
-    optimizers = sgd_pair(model, args.lr_teacher_img, args.lr_teacher_txt)
-    pairs = batches * args.batch_train
+    data = load_retrieval_data(settings.data, model_settings, device, progress=False)
+    loader = train_loader(data, model_settings.image_size, batch, settings.data.num_workers, seed=0)
+    model = build_model(model_settings, data.text_dim).to(device)
+    optimizers = sgd_pair(model, settings.experts.expert_lr_img, settings.experts.expert_lr_txt)
+    pairs = batches * batch
 
     def timed(fn) -> float:
         if device.type == "cuda":
@@ -52,8 +53,8 @@ def main() -> None:
 
     next(iter(loader))  # start the workers
     data_s = timed(lambda: [None for _ in itertools.islice(loader, batches)])
-    images = torch.randn(args.batch_train, 3, args.image_size, args.image_size, device=device)
-    texts = data.train_text[:args.batch_train].to(device)
+    images = torch.randn(batch, 3, model_settings.image_size, model_settings.image_size, device=device)
+    texts = data.train_text[:batch].to(device)
 
     def model_steps():
         model.train()
@@ -68,15 +69,15 @@ def main() -> None:
     model_steps()  # warm-up
     model_s = timed(model_steps)
     both_s = timed(lambda: train_one_epoch(model, itertools.islice(loader, batches), optimizers, device, False))
-    eval_loader = eval_image_loader(data, args.image_size, args.batch_size_test, args.num_workers)
+    eval_loader = eval_image_loader(data, model_settings.image_size, settings.data.batch_size_test, settings.data.num_workers)
     features = {}
     embed_s = timed(lambda: features.update(zip(("img", "txt"), embed_eval_split(model, eval_loader, data.eval_text,
                                                                                  device, False))))
     scores = torch.nn.functional.normalize(features["img"], dim=1) @ torch.nn.functional.normalize(features["txt"], dim=1).t()
     metric_s = timed(lambda: retrieval_metrics(scores, data.eval_txt2img.to(device)))
     epoch_pairs = len(data.train.captions)
-    print(f"{args.dataset}, {args.image_encoder} at {args.image_size}px, batch {args.batch_train}, "
-          f"{args.num_workers} loader workers, {torch.get_num_threads()} torch threads, device {device}")
+    print(f"{settings.data.dataset}, {model_settings.image_encoder} at {model_settings.image_size}px, batch {batch}, "
+          f"{settings.data.num_workers} loader workers, {torch.get_num_threads()} torch threads, device {device}")
     print("| part | time | throughput |\n|---|---:|---:|")
     print(f"| data pipeline alone ({pairs} pairs) | {data_s:.1f} s | {pairs / data_s:.0f} pairs/s |")
     print(f"| model step alone ({pairs} pairs) | {model_s:.1f} s | {pairs / model_s:.0f} pairs/s |")

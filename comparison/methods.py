@@ -37,8 +37,8 @@ from comparison.pipeline import (
     experts_stage,
     load_config,
 )
-from data.distilled_set import load_distilled_set
 from utils.cli import UserError
+from utils.io import read_json_if_present
 from evaluation.metrics import markdown_table, table_cells
 
 LORS = {"sim_type": "lowrank", "sim_rank": 10, "sim_alpha": 1.0, "lr_sim": 1.0, "loss_type": "infonce"}  # 10 diverged on shapes
@@ -81,7 +81,8 @@ def method_experts(config: dict, name: str, out: Path) -> tuple[dict, Path]:
 
 
 def seconds_per_iteration(distilled: Path) -> float:
-    timing = load_distilled_set(distilled)["state"].get("timing", {})
+    """Seconds per matching iteration of the run that wrote `distilled` (its timing.json, evaluations excluded)."""
+    timing = read_json_if_present(Path(distilled).parent / "timing.json") or {}
     return timing.get("seconds", float("nan")) / max(timing.get("iterations", 0), 1)
 
 
@@ -141,7 +142,7 @@ def main(argv=None) -> int:
     (out / "methods.json").write_text(json.dumps(
         {name: {"metrics": r["metrics"], "start_metrics": r["start"], "seconds_per_iteration": r["seconds_per_iteration"]}
          for name, r in reports.items()}, indent=1))
-    banner(f"methods at {config['distill'].get('num_queries', 100)} pairs, {config['distill'].get('Iteration')} "
+    banner(f"methods at {config['distill'].get('num_pairs', 100)} pairs, {config['distill'].get('Iteration')} "
            f"iterations each")
     print(table)
     print(f"wrote {out / 'methods.md'}, {out / 'methods.json'}")

@@ -40,11 +40,14 @@ from data.distilled_set import load_distilled_set
 from evaluation.metrics import format_table, markdown_table, summarize_runs, table_cells
 from evaluation.worth import plot_worth, worth_n
 from experts.files import expert_files, read_expert_metrics
+from settings.programs import check_section
 from utils.cli import UserError
 
 SECTIONS = ("common", "buffer", "distill", "evaluate", "compare", "methods", "regimes")  # [methods], [regimes]: comparison/methods.py, regimes.py
 NOT_METRICS = ("epoch", "train_loss", "train_acc")
-FULL = "all"  # the key of the full-data row in `epochs_per_size`
+FULL = "all"
+# The sections whose keys are flags of a program, and the keys the pipeline itself reads there.
+PROGRAM_SECTIONS = {"buffer": ("buffer", ()), "distill": ("distill", ("seeds",)), "evaluate": ("evaluate", ())}  # the key of the full-data row in `epochs_per_size`
 
 
 def parse_args(argv=None):
@@ -69,6 +72,14 @@ def load_config(path: str, data: str | None) -> dict:
         raise UserError(f"config file {path} has unknown sections {sorted(unknown)}; expected {', '.join(SECTIONS)}")
     for section in SECTIONS:
         config.setdefault(section, {})
+        if not isinstance(config[section], dict):
+            raise UserError(f"config file {path}: [{section}] must be a table, got {config[section]!r}")
+    # Every program's section is checked against its typed settings (settings/programs.py): an unknown key
+    # is an error naming the nearest valid one, a value of the wrong type an error naming the key.
+    for program in PROGRAM_SECTIONS:
+        config["common"] = check_section(program, config["common"], f"{path} [common]")
+    for section, (program, extra) in PROGRAM_SECTIONS.items():
+        config[section] = check_section(program, config[section], f"{path} [{section}]", extra)
     if data is not None:
         if not Path(data).is_dir():
             raise UserError(f"--data {data} is not a folder")
@@ -186,7 +197,7 @@ def full_data_row(config: dict, out: Path, expert_dir: Path, evaluate_flags: lis
 
 def coreset_row(config: dict, results: Path, evaluate_flags: list[str], method: str, count: int) -> tuple[str, dict]:
     label = f"{method}-{count}"
-    flags = ["--coreset", method, "--num_queries", str(count), "--coreset_file",
+    flags = ["--coreset", method, "--coreset_size", str(count), "--coreset_file",
              str(results / "coresets" / f"{label}.pt"), *epochs_for(config, count)]
     return label, run_configuration(label, flags, evaluate_flags, results)
 
@@ -208,7 +219,7 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     started, times = time.time(), {}
     _, seeds = distill_settings(config)
-    size = int(config["distill"].get("num_queries", 100))
+    size = int(config["distill"].get("num_pairs", 100))
     compare = config["compare"]
 
     expert_dir = experts_stage(config, out)

@@ -1,4 +1,4 @@
-"""Reading image-caption annotations in the BLIP / Karpathy JSON layout (SPEC §5).
+"""Reading image-caption annotations in the BLIP / Karpathy JSON layout (docs/file-formats.md).
 
 Train file: one entry per caption, ``{"image": relative path, "caption": str, "image_id": str}``.
 Val/test file: one entry per image, ``{"image": relative path, "caption": [str, ...]}``.
@@ -23,7 +23,7 @@ ANNOTATION_PREFIX = {
 WHERE_TO_GET = (
     "Use the BLIP/Karpathy-split annotation files (flickr30k_{train,val,test}.json, "
     "coco_karpathy_{train,val,test}.json; the BLIP project publishes them) or any file in the same "
-    "layout (see SPEC §5 / README 'Data'), and pass the folder holding them as --ann_root"
+    "layout (see README 'Data' and docs/file-formats.md), and pass the folder holding them as --ann_root"
 )
 
 

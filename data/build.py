@@ -1,7 +1,6 @@
 """From the shared flags to ready-to-use splits, cached text embeddings and data loaders."""
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,13 +12,13 @@ from data.datasets import ImageDataset, PairDataset
 from data.text_cache import cache_path, cached_text_embeddings
 from data.transforms import test_transform, train_transform
 from networks.text_encoders import FrozenTextEncoder, text_encoder_identity
+from settings.choices import DATASETS
+from settings.data import DataSettings, default_cache_dir
+from settings.model import ModelSettings
 from utils.cli import UserError
 
-DATASETS = ("flickr", "coco", "flickr8k", "shapes")
-
-
-def default_cache_dir() -> str:
-    return os.environ.get("VL_DISTILL_CACHE", str(Path.home() / ".cache" / "vl-distill"))
+__all__ = ["DATASETS", "default_cache_dir", "RetrievalData", "EvalSplit", "load_retrieval_data", "has_split",
+           "dataset_roots", "train_loader", "eval_image_loader"]
 
 
 @dataclass
@@ -69,62 +68,61 @@ class RetrievalData:
         return self.splits[name]
 
 
-def dataset_roots(args) -> tuple[Path, Path]:
+def dataset_roots(settings: DataSettings, progress: bool = True) -> tuple[Path, Path]:
     """(image_root, ann_root); the embedded `shapes` data set is generated in the cache on first use."""
-    if args.dataset not in DATASETS:
-        raise UserError(f"unknown --dataset {args.dataset!r}; choose one of {', '.join(DATASETS)}")
-    image_root = args.image_root
-    if image_root is None and args.dataset == "shapes":
+    if settings.dataset not in DATASETS:
+        raise UserError(f"unknown --dataset {settings.dataset!r}; choose one of {', '.join(DATASETS)}")
+    image_root = settings.image_root
+    if image_root is None and settings.dataset == "shapes":
         from data.shapes import ensure_shapes
 
         try:
-            image_root = ensure_shapes(Path(args.cache_dir) / "shapes", progress=getattr(args, "progress", True))
+            image_root = ensure_shapes(Path(settings.cache_dir) / "shapes", progress=progress)
         except ValueError as err:
             raise UserError(str(err)) from None
     if image_root is None:
-        raise UserError(f"--dataset {args.dataset} needs --image_root (the folder the annotation "
+        raise UserError(f"--dataset {settings.dataset} needs --image_root (the folder the annotation "
                         f"'image' paths are relative to) and --ann_root (the folder of the annotation JSON files)")
-    ann_root = args.ann_root or Path(image_root) / "annotations"
+    ann_root = settings.ann_root or Path(image_root) / "annotations"
     return Path(image_root), Path(ann_root)
 
 
-def has_split(args, split: str) -> bool:
+def has_split(settings: DataSettings, split: str) -> bool:
     """Whether the annotation file of `split` is present (e.g. flickr8k_test.json beside the others)."""
-    _, ann_root = dataset_roots(args)
-    return annotation_file(args.dataset, split, ann_root).is_file()
+    _, ann_root = dataset_roots(settings)
+    return annotation_file(settings.dataset, split, ann_root).is_file()
 
 
-def load_retrieval_data(args, device: torch.device, progress: bool = True,
+def load_retrieval_data(settings: DataSettings, model: ModelSettings, device: torch.device, progress: bool = True,
                         extra_splits: tuple[str, ...] = ()) -> RetrievalData:
-    """Parse the train split, `--eval_split` and `extra_splits` and attach cached text embeddings."""
-    image_root, ann_root = dataset_roots(args)
+    """Parse the train split, `--eval_split` and `extra_splits` and attach cached text embeddings of
+    `model`'s text encoder."""
+    image_root, ann_root = dataset_roots(settings, progress)
     splits = {}
-    roles = [("train", "train"), ("eval", args.eval_split)]
-    roles += [(name, name) for name in extra_splits if name != args.eval_split]
+    roles = [("train", "train"), ("eval", settings.eval_split)]
+    roles += [(name, name) for name in extra_splits if name != settings.eval_split]
     for role, split in roles:
-        parsed = read_split(args.dataset, split, ann_root, image_root, args.skip_bad_images)
-        limit = getattr(args, "max_train_images", None)
+        parsed = read_split(settings.dataset, split, ann_root, image_root, settings.skip_bad_images)
+        limit = settings.max_train_images
         if role == "train" and limit is not None:
-            if limit < 1:
-                raise UserError(f"--max_train_images must be at least 1, got {limit}")
             parsed = first_images(parsed, limit)
         if parsed.skipped_images:
             print(f"--skip_bad_images: left out {parsed.skipped_images} missing images of the {split} split")
         splits[role] = (split, parsed)
-    identity = text_encoder_identity(args.text_encoder, args.text_model)
+    identity = text_encoder_identity(model.text_encoder, model.text_model)
     encoder = []  # loaded at most once, and only on a cache miss
 
     def make_encoder():
         if not encoder:
-            encoder.append(FrozenTextEncoder(args.text_encoder, args.text_model, device))
+            encoder.append(FrozenTextEncoder(model.text_encoder, model.text_model, device))
         return encoder[0]
 
     texts = {}
     for role, (split, parsed) in splits.items():
-        path = cache_path(args.cache_dir, args.dataset, split, identity, parsed.captions)
+        path = cache_path(settings.cache_dir, settings.dataset, split, identity, parsed.captions)
         texts[role] = cached_text_embeddings(parsed.captions, path, make_encoder, progress)
     evals = {split: EvalSplit(split, parsed, texts[role]) for role, (split, parsed) in splits.items() if role != "train"}
-    return RetrievalData(splits["train"][1], texts["train"], identity, evals, args.eval_split, args.dataset)
+    return RetrievalData(splits["train"][1], texts["train"], identity, evals, settings.eval_split, settings.dataset)
 
 
 def _loader(dataset, batch_size: int, shuffle: bool, workers: int, seed: int | None = None,

@@ -1,4 +1,4 @@
-"""Caption cleaning, as in SPEC §5 (the BLIP `pre_caption` behaviour the reference uses)."""
+"""Caption cleaning: the BLIP `pre_caption` behaviour the reference implementation uses."""
 from __future__ import annotations
 
 import re

@@ -1,4 +1,4 @@
-"""The distilled-set file (SPEC §6): one `.pt` of tensors and plain Python values.
+"""The distilled-set file (docs/file-formats.md): one `.pt` of tensors and plain Python values.
 
 Keys: `format`, `version`, `image_syn` [N,3,H,W] (normalised pixels; `config["image_norm"]` says with
 which statistics) or, for a set of features that only a frozen trunk can use (the k-means feature

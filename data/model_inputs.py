@@ -16,6 +16,8 @@ from tqdm import tqdm
 from data.build import RetrievalData, eval_image_loader, train_loader
 from data.feature_cache import FeatureBatches, cached_trunk_outputs, compute_trunk_outputs, trunk_key
 from networks import image_norm
+from settings.data import DataSettings
+from settings.model import ModelSettings
 
 
 @dataclass
@@ -90,9 +92,9 @@ def trunk_outputs_of(model, images: torch.Tensor, device: torch.device, batch_si
     return compute_trunk_outputs(model.trunk.to(device), dataset, device, batch_size, 0, False, "trunk outputs")
 
 
-def inputs_from_args(args, data: RetrievalData, model, device: torch.device, progress: bool = True,
-                     need_train: bool = True) -> ModelInputs:
-    """`prepare_inputs` with the shared flags (encoder, size, normalisation, views, cache, batch, workers)."""
-    return prepare_inputs(data, model, args.image_encoder, args.image_size, image_norm(args),
-                          getattr(args, "feature_views", 0), args.cache_dir, device, args.batch_size_test,
-                          args.num_workers, progress, need_train)
+def inputs_for(settings: DataSettings, model_settings: ModelSettings, data: RetrievalData, model,
+               device: torch.device, progress: bool = True, need_train: bool = True) -> ModelInputs:
+    """`prepare_inputs` with a run's settings (encoder, size, normalisation, views, cache, batch, workers)."""
+    return prepare_inputs(data, model, model_settings.image_encoder, model_settings.image_size,
+                          image_norm(model_settings), settings.feature_views, settings.cache_dir, device,
+                          settings.batch_size_test, settings.num_workers, progress, need_train)

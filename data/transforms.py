@@ -3,20 +3,15 @@
 Normalisation statistics by name (`--image_norm`): `clip` is what the reference applies to every
 encoder; pretrained weights expect the statistics they were trained with (timm's `pretrained_cfg`:
 `imagenet` for most ImageNet weights, `inception` = mean 0.5 / std 0.5 for the TensorFlow-ported
-EfficientNet-Lite0 and ViT weights). networks/image_encoders.py picks one for `--image_norm auto`.
+EfficientNet-Lite0 and ViT weights). networks/image_encoders.py picks one for `--image_norm auto`; the statistics
+themselves live in networks/normalization.py.
 """
 from __future__ import annotations
 
 from torchvision import transforms
 from torchvision.transforms import InterpolationMode
 
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-NORMALIZATIONS = {
-    "clip": (CLIP_MEAN, CLIP_STD),
-    "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
-    "inception": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
-}
+from networks.normalization import NORMALIZATIONS
 
 
 def normalize(norm: str = "clip") -> transforms.Normalize:

@@ -1,4 +1,4 @@
-"""Coresets of real training pairs, the baselines a distilled set is compared with (SPEC §1, §2).
+"""Coresets of real training pairs, the baselines a distilled set is compared with (docs/evaluation-protocol.md).
 
 A pair is one training caption with its image. Five ways to choose N of them:
 - `random`: uniform without replacement.
@@ -26,12 +26,17 @@ from tqdm import tqdm
 from data.build import RetrievalData
 from data.datasets import ImageDataset, load_rgb
 from data.transforms import test_transform
+from experts.files import load_expert_weights
+from networks import image_norm
 from networks.contrastive import similarity_logits
+from settings.data import DataSettings
+from settings.model import ModelSettings
+from settings.choices import CORESET_METHODS
 from utils.cli import UserError
 from evaluation.training import sgd_pair, train_one_epoch
 
 # New methods go at the end: callers seed with METHODS.index(method), so existing offsets must not move.
-METHODS = ("random", "herding", "kcenter", "forgetting", "kmeans")
+METHODS = CORESET_METHODS
 
 
 def select_random(num_pairs: int, count: int, generator: torch.Generator) -> torch.Tensor:
@@ -192,12 +197,12 @@ class ForgettingCounter:
         self.ever_learned[pair_indices] |= correct
 
 
-def count_forgetting(args, data: RetrievalData, model, device: torch.device, epochs: int, loader,
-                     progress: bool = True) -> ForgettingCounter:
+def count_forgetting(lr_img: float, lr_txt: float, data: RetrievalData, model, device: torch.device, epochs: int,
+                     loader, progress: bool = True) -> ForgettingCounter:
     """Train `model` on all training pairs (`loader`: shuffled batches of pixels or cached trunk outputs)
-    like an expert (--lr_teacher_img/txt, plain SGD) and count each pair's forgetting events."""
+    like an expert (plain SGD at `lr_img` / `lr_txt`) and count each pair's forgetting events."""
     counter = ForgettingCounter(len(data.train.captions))
-    optimizers = sgd_pair(model, args.lr_teacher_img, args.lr_teacher_txt)
+    optimizers = sgd_pair(model, lr_img, lr_txt)
     for epoch in tqdm(range(epochs), desc="forgetting expert", unit="epoch", disable=not progress):
         train_one_epoch(model, loader, optimizers, device, progress, desc=f"epoch {epoch}",
                         on_batch=lambda batch, img, txt: counter.update(batch[2], img, txt))
@@ -236,16 +241,14 @@ def pair_features(model, data: RetrievalData, image_size: int, batch_size: int, 
     return torch.cat([F.normalize(images, dim=1)[txt2img], F.normalize(texts, dim=1)], dim=1)
 
 
-def expert_pair_features(model, directory, meta: dict, data: RetrievalData, args, device: torch.device,
-                         number: int | None = None, epoch: int | None = None) -> tuple[torch.Tensor, tuple[int, int]]:
+def expert_pair_features(model, directory, meta: dict, data: RetrievalData, settings: DataSettings,
+                         model_settings: ModelSettings, device: torch.device, number: int | None = None,
+                         epoch: int | None = None, progress: bool = True) -> tuple[torch.Tensor, tuple[int, int]]:
     """Joint embeddings of the training pairs under buffer expert `number` at snapshot `epoch` (default: the
     lowest expert, its last snapshot), and the (number, epoch) used."""
-    from experts.cycler import load_expert_weights
-    from networks import image_norm
-
     used = load_expert_weights(model, directory, meta, number, epoch)
-    features = pair_features(model, data, args.image_size, args.batch_size_test, args.num_workers, device,
-                             args.progress, image_norm(args))
+    features = pair_features(model, data, model_settings.image_size, settings.batch_size_test, settings.num_workers,
+                             device, progress, image_norm(model_settings))
     return features, used
 
 
@@ -265,6 +268,6 @@ def coreset_pairs(data: RetrievalData, caption_indices: torch.Tensor, image_size
 
 def check_count(count: int, num_pairs: int) -> None:
     if count < 1:
-        raise UserError(f"--num_queries must be at least 1, got {count}")
+        raise UserError(f"--coreset_size must be at least 1, got {count}")
     if count > num_pairs:
         raise UserError(f"--num_queries {count} is larger than the {num_pairs} training pairs")

@@ -25,21 +25,16 @@ from tqdm import tqdm
 from data.feature_cache import FeatureBatches
 from data.model_inputs import ModelInputs, trunk_outputs_of
 from networks import build_model
+from settings.model import ModelSettings
+from settings.protocol import ProtocolSettings
 from utils.device import seed_everything
+from utils.seeds import TUNING_SEED_OFFSET, eval_model_seed
 from utils.dsa import dsa_augment
 from evaluation.metrics import summarize_runs
 from evaluation.training import evaluate_retrieval, scale_learning_rates, sgd_pair, train_one_epoch
 
 EVAL_MOMENTUM = 0.9
 EVAL_WEIGHT_DECAY = 5e-4
-# Evaluation model `seed` is initialised from seed SEED_OFFSET + seed, never from the seeds of the
-# experts (buffer.py: seed * 100_003 + expert number). A model initialised like an expert starts at
-# the very point the distilled data was matched from and scores far higher than a fresh one (the
-# demo's 100 distilled pairs: r_mean 11.8-20.4 from the inits of experts 0-2, 4.8-5.6 from others;
-# BENCHMARKS.md §7), which is not what a distilled set is judged on.
-SEED_OFFSET = 1_000_000_007
-# Seeds of the models that tune the learning rate: apart from the reported models' seeds.
-TUNING_SEED_OFFSET = 500_000
 
 
 def _pairs_loader(images, texts, batch_size: int, seed: int, dsa_strategy: str | None) -> DataLoader:
@@ -59,23 +54,24 @@ def _pairs_loader(images, texts, batch_size: int, seed: int, dsa_strategy: str |
                       generator=generator, drop_last=drop_last, collate_fn=collate)
 
 
-def train_fresh_model(args, loader, lr: float, text_dim: int, device: torch.device, seed: int,
-                      similarity: torch.Tensor | None = None, epochs: int | None = None):
-    """A fresh model (encoders from `args`) trained on `loader` batches with the evaluation protocol:
-    `args.loss_type`, against `similarity[idx, idx]` when the set has a learned similarity."""
-    seed_everything(SEED_OFFSET + seed)
-    model = build_model(args, text_dim).to(device)
+def train_fresh_model(settings: ModelSettings, protocol: ProtocolSettings, loader, lr: float, text_dim: int,
+                      device: torch.device, seed: int, similarity: torch.Tensor | None = None,
+                      epochs: int | None = None):
+    """A fresh model (built from `settings`) trained on `loader` batches with the evaluation protocol, with
+    the model's loss, against `similarity[idx, idx]` when the set has a learned similarity."""
+    seed_everything(eval_model_seed(seed))
+    model = build_model(settings, text_dim).to(device)
     optimizers = sgd_pair(model, lr, lr, EVAL_MOMENTUM, EVAL_WEIGHT_DECAY)
-    epochs = args.epoch_eval_train if epochs is None else epochs
+    epochs = protocol.epoch_eval_train if epochs is None else epochs
     for epoch in range(epochs):
         if epoch == epochs // 2:
             scale_learning_rates(optimizers, 0.1)
         train_one_epoch(model, loader, optimizers, device, progress=False,
-                        loss_type=getattr(args, "loss_type", "infonce"), similarity=similarity)
+                        loss_type=settings.loss_type, similarity=similarity)
     return model
 
 
-def evaluate_models(args, make_loader: Callable[[int], object], lr: float, inputs: ModelInputs, device: torch.device,
+def evaluate_models(settings: ModelSettings, protocol: ProtocolSettings, make_loader: Callable[[int], object], lr: float, inputs: ModelInputs, device: torch.device,
                     num_eval: int, seed: int, progress: bool = True, similarity: torch.Tensor | None = None,
                     splits: tuple[str, ...] | None = None) -> dict[str, dict]:
     """Per split (default: the selection split), mean, std and per-run values of every retrieval metric over
@@ -85,7 +81,7 @@ def evaluate_models(args, make_loader: Callable[[int], object], lr: float, input
     bar = tqdm(range(num_eval), desc=f"evaluation models (lr {lr:.3g})", unit="model", leave=False,
                disable=not progress)
     for run in bar:
-        model = train_fresh_model(args, make_loader(seed + run), lr, inputs.data.text_dim, device, seed + run,
+        model = train_fresh_model(settings, protocol, make_loader(seed + run), lr, inputs.data.text_dim, device, seed + run,
                                   similarity)
         for name in splits:
             split = inputs.data.split(name)
@@ -95,7 +91,7 @@ def evaluate_models(args, make_loader: Callable[[int], object], lr: float, input
     return {name: summarize_runs(values) for name, values in runs.items()}
 
 
-def judge(args, make_loader: Callable[[int], object], lrs: list[float], inputs: ModelInputs, device: torch.device,
+def judge(settings: ModelSettings, protocol: ProtocolSettings, make_loader: Callable[[int], object], lrs: list[float], inputs: ModelInputs, device: torch.device,
           num_eval: int, seed: int, report_split: str | None = None, tune_models: int = 1, progress: bool = True,
           similarity: torch.Tensor | None = None) -> dict:
     """The protocol with its choices: the learning rate from `lrs` by `tune_models` models per value on the
@@ -109,7 +105,7 @@ def judge(args, make_loader: Callable[[int], object], lrs: list[float], inputs: 
     tuning = {}
     if len(lrs) > 1:
         for lr in lrs:
-            summary = evaluate_models(args, make_loader, lr, inputs, device, tune_models, seed + TUNING_SEED_OFFSET,
+            summary = evaluate_models(settings, protocol, make_loader, lr, inputs, device, tune_models, seed + TUNING_SEED_OFFSET,
                                       progress, similarity)[select]
             tuning[f"{lr:g}"] = summary["r_mean"]["mean"]
             if progress:
@@ -118,36 +114,36 @@ def judge(args, make_loader: Callable[[int], object], lrs: list[float], inputs: 
         lr = max(lrs, key=lambda value: tuning[f"{value:g}"])
     else:
         lr = lrs[0]
-    summaries = evaluate_models(args, make_loader, lr, inputs, device, num_eval, seed, progress, similarity,
+    summaries = evaluate_models(settings, protocol, make_loader, lr, inputs, device, num_eval, seed, progress, similarity,
                                 splits=tuple(dict.fromkeys((report, select))))
     return {"metrics": summaries[report], "split": report, "lr": lr, "tuning": tuning,
             "selection_metrics": summaries[select]}
 
 
-def pair_batches(args, model, inputs: ModelInputs, device: torch.device, texts: torch.Tensor,
+def pair_batches(protocol: ProtocolSettings, model, inputs: ModelInputs, device: torch.device, texts: torch.Tensor,
                  images: torch.Tensor | None = None, trunk_outputs: torch.Tensor | None = None
                  ) -> Callable[[int], object]:
     """`make_loader(seed)` over a fixed set of pairs: pixels (a distilled set, a coreset) or trunk outputs (a
     feature-level set). With a frozen trunk and no pixel augmentation the pixels go through the trunk once
     and the models train over its outputs; `model` (any model of this run's structure) supplies the trunk."""
     texts = texts.detach().cpu()
-    strategy = args.dsa_strategy if getattr(args, "dsa", False) else None
+    strategy = protocol.augmentation
     if trunk_outputs is None and model.has_trunk and strategy is None:
         trunk_outputs = trunk_outputs_of(model, images, device)
     if trunk_outputs is not None:
         outputs = trunk_outputs.detach().cpu().unsqueeze(0)
-        return lambda s: FeatureBatches(outputs, torch.arange(len(texts)), texts, args.batch_train, s)
+        return lambda s: FeatureBatches(outputs, torch.arange(len(texts)), texts, protocol.batch_train, s)
     images = images.detach().cpu()
-    return lambda s: _pairs_loader(images, texts, args.batch_train, s, strategy)
+    return lambda s: _pairs_loader(images, texts, protocol.batch_train, s, strategy)
 
 
-def evaluate_pairs(args, images: torch.Tensor, texts: torch.Tensor, lr: float, inputs: ModelInputs,
+def evaluate_pairs(settings: ModelSettings, protocol: ProtocolSettings, images: torch.Tensor, texts: torch.Tensor, lr: float, inputs: ModelInputs,
                    device: torch.device, num_eval: int, seed: int, progress: bool = True,
                    similarity: torch.Tensor | None = None, model=None) -> dict:
     """The protocol at one learning rate on a fixed set of (image tensor, text embedding) pairs, on the
     selection split: a distilled set or a coreset, with its learned [N, N] target similarity if it has one."""
-    model = model if model is not None else build_model(args, inputs.data.text_dim)
+    model = model if model is not None else build_model(settings, inputs.data.text_dim)
     similarity = None if similarity is None else similarity.detach().to(device)
-    make_loader = pair_batches(args, model, inputs, device, texts, images)
-    return evaluate_models(args, make_loader, lr, inputs, device, num_eval, seed, progress,
+    make_loader = pair_batches(protocol, model, inputs, device, texts, images)
+    return evaluate_models(settings, protocol, make_loader, lr, inputs, device, num_eval, seed, progress,
                            similarity)[inputs.data.eval_name]

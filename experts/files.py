@@ -1,4 +1,4 @@
-"""Expert trajectory buffers: layout, metadata, atomic saving and validated loading (SPEC §2, §6).
+"""Expert trajectory buffers: layout, metadata, atomic saving and validated loading (docs/file-formats.md).
 
 Layout: `<buffer_path>/<dataset>/<image_encoder>/<text_encoder>/` holds `img_replay_buffer_<n>.pt`
 and `txt_replay_buffer_<n>.pt` (each a list of trajectories; a trajectory is a list of snapshots;
@@ -15,6 +15,8 @@ import torch
 from torch import nn
 
 from networks import image_norm, trainable_parameters, trainable_parts
+from settings.data import DataSettings
+from settings.model import ModelSettings
 from utils.cli import UserError
 from utils.io import atomic_torch_save, atomic_write_json, safe_torch_load
 
@@ -34,23 +36,24 @@ def parameter_shapes(module: nn.Module) -> list[list[int]]:
     return [list(p.shape) for p in trainable_parameters(module)]
 
 
-def describe_experts(args, model, text_identity: str, text_dim: int, train_pairs: int) -> dict:
-    """Metadata for experts of `model` trained with `args` on `train_pairs` training pairs."""
+def describe_experts(data: DataSettings, settings: ModelSettings, model, text_identity: str, text_dim: int,
+                     train_pairs: int) -> dict:
+    """Metadata for experts of `model` (built from `settings`) trained on `train_pairs` training pairs."""
     return {
         "format": FORMAT_VERSION,
-        "dataset": args.dataset,
+        "dataset": data.dataset,
         "train_pairs": train_pairs,
-        "image_encoder": args.image_encoder,
-        "text_encoder": args.text_encoder,
+        "image_encoder": settings.image_encoder,
+        "text_encoder": settings.text_encoder,
         "text_model": text_identity,
-        "image_size": args.image_size,
+        "image_size": settings.image_size,
         "text_dim": text_dim,
         "image_dim": model.image_dim,
-        "image_pretrained": bool(args.image_pretrained or args.image_weights),
-        "image_norm": image_norm(args),
-        "trainable_parts": trainable_parts(args),
-        "feature_views": getattr(args, "feature_views", 0) if model.has_trunk else None,
-        "loss_type": getattr(args, "loss_type", "infonce"),
+        "image_pretrained": settings.pretrained,
+        "image_norm": image_norm(settings),
+        "trainable_parts": trainable_parts(settings),
+        "feature_views": data.feature_views if model.has_trunk else None,
+        "loss_type": settings.loss_type,
         "image_param_shapes": parameter_shapes(model.image_part),
         "text_param_shapes": parameter_shapes(model.text_projection),
         "image_param_count": sum(p.numel() for p in trainable_parameters(model.image_part)),
@@ -74,9 +77,46 @@ LEGACY_DEFAULTS = {"trainable_parts": ["image_encoder", "text_projection"], "ima
 
 
 def mismatches(found: dict, expected: dict) -> list[str]:
+    """The one compatibility check: every COMPATIBILITY_KEYS entry that `expected` states and `found` (a
+    buffer's metadata) disagrees with."""
     found = {**LEGACY_DEFAULTS, **found}
-    return [f"{key}: buffer has {found.get(key)!r}, this run has {expected.get(key)!r}"
-            for key in COMPATIBILITY_KEYS if found.get(key) != expected.get(key)]
+    return [f"{key}: buffer has {found.get(key)!r}, this run asks for {expected[key]!r}"
+            for key in COMPATIBILITY_KEYS if key in expected and found.get(key) != expected[key]]
+
+
+def locate_buffer(buffer_path, dataset: str, image_encoder: str, text_encoder: str) -> Path:
+    """`--buffer_path` may be the folder holding the files or the buffer root (then the layout is appended)."""
+    given = Path(buffer_path)
+    if (given / META_NAME).is_file() or any(given.glob("img_replay_buffer_*.pt")):
+        return given
+    return buffer_dir(given, dataset, image_encoder, text_encoder)
+
+
+def expected_metadata(data: DataSettings, settings: ModelSettings, text_identity: str, text_dim: int | None = None,
+                      train_pairs: int | None = None) -> dict:
+    """What a run with these settings needs its experts' metadata to say (checked by `check_buffer_matches`)."""
+    expected = {"dataset": data.dataset, "image_encoder": settings.image_encoder, "text_encoder": settings.text_encoder,
+                "text_model": text_identity, "image_size": settings.image_size, "image_norm": image_norm(settings),
+                "trainable_parts": trainable_parts(settings)}
+    if text_dim is not None:
+        expected["text_dim"] = text_dim
+    if train_pairs is not None:
+        expected["train_pairs"] = train_pairs
+    return expected
+
+
+def check_buffer_matches(meta: dict | None, directory: Path, expected: dict) -> None:
+    """Refuse a buffer made with other encoders, image size, text dimension or data set than asked."""
+    if meta is None:
+        raise UserError(f"no experts in {directory} (no {META_NAME}): run buffer.py with the same --dataset, "
+                        f"--image_encoder and --text_encoder first, or point --buffer_path at its output")
+    problems = mismatches(meta, expected)
+    if problems:
+        hint = (" (the experts must train what distillation matches: the same --train_stages, --image_projection "
+                "and --lora_rank)" if any(p.startswith("trainable_parts") for p in problems) else
+                " (pass the --image_norm the experts were trained with)" if any(p.startswith("image_norm")
+                                                                                 for p in problems) else "")
+        raise UserError(f"the experts in {directory} do not fit this run ({'; '.join(problems[:3])}){hint}")
 
 
 def claim_metadata(directory: Path, meta: dict) -> None:
@@ -168,3 +208,24 @@ def load_expert_pair(image_path: Path, text_path: Path, meta: dict) -> list[tupl
     if len(image_trajs) != len(text_trajs) or any(len(a) != len(b) for a, b in zip(image_trajs, text_trajs)):
         raise UserError(f"buffer files {image_path.name} and {text_path.name} disagree in their trajectories")
     return list(zip(image_trajs, text_trajs))
+
+
+def load_expert_weights(model, directory: Path, meta: dict, number: int | None = None,
+                        epoch: int | None = None) -> tuple[int, int]:
+    """Copy expert `number`'s snapshot at `epoch` (default: the first file's expert, its last snapshot)
+    into the trainable parameters of `model.image_part` and `model.text_projection`; returns (number, epoch) used."""
+    files = {n: (img, txt) for n, img, txt in expert_files(directory)}
+    if not files:
+        raise UserError(f"no expert files in {directory}: run buffer.py first")
+    number = min(files) if number is None else number
+    if number not in files:
+        raise UserError(f"no expert file pair number {number} in {directory} (have {sorted(files)})")
+    image_traj, text_traj = load_expert_pair(*files[number], meta)[0]
+    epoch = len(image_traj) - 1 if epoch is None else epoch
+    if not 0 <= epoch < len(image_traj):
+        raise UserError(f"expert {number} has snapshots 0..{len(image_traj) - 1}, asked for epoch {epoch}")
+    with torch.no_grad():
+        for module, snapshot in ((model.image_part, image_traj[epoch]), (model.text_projection, text_traj[epoch])):
+            for param, value in zip(trainable_parameters(module), snapshot):
+                param.copy_(value)
+    return number, epoch

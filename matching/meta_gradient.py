@@ -28,8 +28,9 @@ from dataclasses import dataclass
 import torch
 
 from matching.trajectory import Segment, StepLoss, Students, unroll
+from settings.choices import MATCHING_MODES
+from utils.rng import device_rng_state, set_device_rng_state
 
-MATCHING_MODES = ("unroll", "exact_lowmem", "tesla")
 
 
 @dataclass
@@ -63,16 +64,6 @@ def _unrolled(students, step_loss, num_steps, learned, syn_lr_img, syn_lr_txt, s
     return MetaGradient(loss.image_term.detach(), loss.text_term.detach(), grads[:-2], grads[-2], grads[-1])
 
 
-def _rng_state(device: torch.device):
-    return torch.get_rng_state(), (torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
-
-
-def _set_rng_state(state, device: torch.device) -> None:
-    torch.set_rng_state(state[0])
-    if state[1] is not None:
-        torch.cuda.set_rng_state(state[1], device)
-
-
 def _term_and_adjoint(final: torch.Tensor, start: torch.Tensor, target: torch.Tensor):
     """‖final − target‖² / ‖start − target‖² and its gradient w.r.t. `final`."""
     denominator = (start - target).pow(2).sum()
@@ -92,7 +83,7 @@ def _reverse_sweep(exact: bool, students: Students, step_loss: StepLoss, num_ste
     theta_img, theta_txt = segment.start_img.detach(), segment.start_txt.detach()
     for step in range(num_steps):
         thetas.append((theta_img, theta_txt))
-        states.append(_rng_state(device))
+        states.append(device_rng_state(device))
         leaf_img, leaf_txt = theta_img.clone().requires_grad_(True), theta_txt.clone().requires_grad_(True)
         loss = step_loss(step, students.image.split(leaf_img), students.text.split(leaf_txt), frozen)
         grad_img, grad_txt = torch.autograd.grad(loss, (leaf_img, leaf_txt))
@@ -107,7 +98,7 @@ def _reverse_sweep(exact: bool, students: Students, step_loss: StepLoss, num_ste
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else [], device_type=device.type):
         for step in reversed(range(num_steps)):
             theta_img, theta_txt = thetas.pop()
-            _set_rng_state(states.pop(), device)
+            set_device_rng_state(states.pop(), device)
             leaf_img, leaf_txt = theta_img.requires_grad_(True), theta_txt.requires_grad_(True)
             leaves = [t.detach().requires_grad_(True) for t in learned]
             loss = step_loss(step, students.image.split(leaf_img), students.text.split(leaf_txt), leaves)

@@ -1,4 +1,4 @@
-"""Initial values of the learned synthetic set (SPEC §2 "Init")."""
+"""Initial values of the learned synthetic set (docs/method.md)."""
 from __future__ import annotations
 
 import torch

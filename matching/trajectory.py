@@ -1,4 +1,4 @@
-"""The trajectory-matching objective of SPEC §2 (steps 2-4), unrolled through the student's SGD steps."""
+"""The trajectory-matching objective (docs/method.md), unrolled through the student's SGD steps."""
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence

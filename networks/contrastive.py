@@ -1,4 +1,4 @@
-"""The image-text model (image encoder + text projection head) and its contrastive loss (SPEC §3-4)."""
+"""The image-text model (image encoder + text projection head) and its contrastive loss (docs/method.md)."""
 from __future__ import annotations
 
 import torch
@@ -7,6 +7,7 @@ from torch import nn
 
 from networks.projection import ProjectionHead
 from networks.split import split_encoder
+from settings.choices import LOSS_TYPES
 
 TEMPERATURE = 0.07
 
@@ -17,7 +18,6 @@ def similarity_logits(image_features: torch.Tensor, text_features: torch.Tensor,
     return F.normalize(image_features, dim=1) @ F.normalize(text_features, dim=1).t() / temperature
 
 
-LOSS_TYPES = ("infonce", "wbce", "bce", "kl", "mse")
 KL_TARGET_SHARPNESS = 10.0  # `kl`: a row of S becomes the distribution softmax(10 · row), as in LoRS
 
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 import timm
 from torch import nn
 
-from data.transforms import NORMALIZATIONS
+from networks.normalization import NORMALIZATIONS
+from settings.choices import IMAGE_ENCODERS, IMAGE_NORMS, check_registry
 from networks.convnet import ConvNet
 from networks.pretrained import load_local_weights, load_encoder_weights, packaged_lite0_state_dict
 from utils.cli import UserError
@@ -24,7 +25,7 @@ TIMM_NAMES = {
 }
 # The dataset-distillation ConvNet (depth 3) and its narrower variants, by channel width.
 CONVNET_WIDTHS = {"convnet": 128, "convnet_w64": 64, "convnet_w32": 32}
-IMAGE_ENCODERS = tuple(TIMM_NAMES)
+check_registry("image encoders", IMAGE_ENCODERS, TIMM_NAMES)
 # Encoders whose pretrained weights ship inside an installed package (no download needed).
 PACKAGED_WEIGHTS = {"efficientnet_lite0": packaged_lite0_state_dict}
 
@@ -70,9 +71,6 @@ def create_image_encoder(name: str, image_size: int, pretrained: bool = False,
                 f"--image_pretrained False")
         load_encoder_weights(model, PACKAGED_WEIGHTS[name](), f"the packaged {name} weights")
     return model
-
-
-IMAGE_NORMS = ("auto", *NORMALIZATIONS)
 
 
 def pretrained_normalization(name: str) -> str:

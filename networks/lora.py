@@ -8,10 +8,12 @@ from __future__ import annotations
 
 from torch import nn
 
+from settings.choices import LORA_ENCODERS, check_registry
 from utils.cli import UserError
 
 # Encoders that take adapters, and which of their linear layers get them (a regex over module names).
 LORA_TARGETS = {"vit": r".*blocks\.\d+\.(attn\.(qkv|proj)|mlp\.(fc1|fc2))"}
+check_registry("LoRA encoders", LORA_ENCODERS, LORA_TARGETS)
 
 
 def add_lora(encoder: nn.Module, encoder_name: str, rank: int) -> nn.Module:

@@ -1,4 +1,4 @@
-"""The text projection head of SPEC §3."""
+"""The text projection head: frozen text-encoder embeddings to the image embedding space."""
 from __future__ import annotations
 
 import torch

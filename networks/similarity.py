@@ -16,8 +16,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+from settings.choices import SIM_TYPES
 
-SIM_TYPES = ("none", "full", "lowrank")
 
 
 class TargetSimilarity:
@@ -52,8 +52,3 @@ class TargetSimilarity:
         if indices is not None:
             diagonal, left, right = diagonal[indices], left[indices], right[indices]
         return torch.diag(diagonal) + (self.alpha / self.rank) * left @ right.t()
-
-
-def similarity_from_args(args, size: int) -> TargetSimilarity:
-    return TargetSimilarity(getattr(args, "sim_type", "none"), size, getattr(args, "sim_rank", 10),
-                            getattr(args, "sim_alpha", 1.0))

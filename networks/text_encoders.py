@@ -9,7 +9,7 @@ from tqdm import tqdm
 
 from utils.cli import UserError
 
-TEXT_ENCODERS = ("bert", "minilm")
+from settings.choices import TEXT_ENCODERS
 DEFAULT_TEXT_MODEL = {"bert": "bert-base-uncased", "minilm": None}
 MAX_TOKENS = 64  # cleaned captions have at most 30 words
 

@@ -6,6 +6,8 @@ import shutil
 import subprocess
 import sys
 from argparse import Namespace
+
+from settings import ModelSettings
 from pathlib import Path
 
 import pytest
@@ -35,8 +37,7 @@ def two_experts(tiny_shapes, cache_dir, tmp_path_factory):
 def test_writes_one_expert_per_file_pair_with_epochs_plus_one_snapshots(two_experts):
     files = expert_files(two_experts)
     assert [n for n, _, _ in files] == [0, 1]
-    model = build_model(Namespace(image_encoder="convnet", image_size=16, image_pretrained=False,
-                                  image_weights=None), text_dim=384)
+    model = build_model(ModelSettings(image_encoder="convnet", image_size=16, image_pretrained=False), text_dim=384)
     shapes = {"img": [p.shape for p in model.image_encoder.parameters()],
               "txt": [p.shape for p in model.text_projection.parameters()]}
     for _, img_path, txt_path in files:
@@ -79,7 +80,7 @@ def test_rerun_adds_experts_and_refuses_other_settings(two_experts, tiny_shapes,
     shutil.copytree(two_experts, root / "shapes" / "convnet" / "minilm")
     assert buffer.main(_flags(tiny_shapes, cache_dir, root, "--num_experts", "1", "--train_epochs", "1")) == 0
     assert [n for n, _, _ in expert_files(root / "shapes" / "convnet" / "minilm")] == [0, 1, 2]
-    with pytest.raises(UserError, match=r"made with other settings \(image_size: buffer has 16, this run has 32"):
+    with pytest.raises(UserError, match=r"made with other settings \(image_size: buffer has 16, this run asks for 32"):
         buffer.main(_flags(tiny_shapes, cache_dir, root, "--num_experts", "1", "--image_size", "32"))
 
 

@@ -112,9 +112,10 @@ def test_pair_features_recompute_batchnorm_statistics_and_are_normalised(tiny_sh
     from data.datasets import load_rgb
     from data.transforms import test_transform
     from evaluate import parse_args
+    from settings import programs
 
-    args = parse_args(tiny_flags(tiny_shapes, cache_dir, "--full"))
-    data = load_retrieval_data(args, torch.device("cpu"), progress=False)
+    settings = programs.from_namespace("evaluate", parse_args(tiny_flags(tiny_shapes, cache_dir, "--full"))[0])
+    data = load_retrieval_data(settings.data, settings.model, torch.device("cpu"), progress=False)
     torch.manual_seed(0)
     model = ImageTextModel(TinyBatchNormEncoder(), data.text_dim)
     features = coresets.pair_features(model, data, 16, 8, 0, torch.device("cpu"), progress=False)

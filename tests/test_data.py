@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 import shutil
-from argparse import Namespace
+from settings import DataSettings, ModelSettings
 
 import pytest
 import torch
@@ -107,16 +107,16 @@ def test_text_cache_encodes_distinct_captions_once_and_reloads(tmp_path):
 
 
 def test_load_retrieval_data_embeds_with_minilm_and_reuses_the_cache(tiny_shapes, cache_dir, monkeypatch):
-    args = Namespace(dataset="shapes", image_root=str(tiny_shapes), ann_root=None, eval_split="val",
-                     skip_bad_images=False, cache_dir=str(cache_dir), text_encoder="minilm", text_model=None)
-    data = load_retrieval_data(args, torch.device("cpu"), progress=False)
+    settings = DataSettings(dataset="shapes", image_root=str(tiny_shapes), cache_dir=str(cache_dir))
+    minilm = ModelSettings(text_encoder="minilm")
+    data = load_retrieval_data(settings, minilm, torch.device("cpu"), progress=False)
     assert data.train_text.shape == (200, 384) and data.eval_text.shape == (50, 384)
     assert data.text_identity.startswith("minilm-")
     from networks.text_encoders import FrozenTextEncoder
     direct = FrozenTextEncoder("minilm", None, torch.device("cpu")).encode(data.eval.captions[:3], progress=False)
     torch.testing.assert_close(data.eval_text[:3], direct, atol=1e-5, rtol=1e-4)
     monkeypatch.setattr("data.build.FrozenTextEncoder", lambda *a: pytest.fail("the cache was not reused"))
-    again = load_retrieval_data(args, torch.device("cpu"), progress=False)
+    again = load_retrieval_data(settings, minilm, torch.device("cpu"), progress=False)
     assert torch.equal(again.train_text, data.train_text)
     batch = next(iter(train_loader(again, 16, 8, 0, seed=1)))
     assert batch[0].shape == (8, 3, 16, 16) and torch.equal(batch[1], again.train_text[batch[2]])
@@ -125,14 +125,14 @@ def test_load_retrieval_data_embeds_with_minilm_and_reuses_the_cache(tiny_shapes
 
 
 def test_max_train_images_keeps_the_first_images_with_all_their_captions(tiny_shapes, cache_dir):
-    base = dict(dataset="shapes", image_root=str(tiny_shapes), ann_root=None, eval_split="val",
-                skip_bad_images=False, cache_dir=str(cache_dir), text_encoder="minilm", text_model=None)
-    full = load_retrieval_data(Namespace(**base), torch.device("cpu"), progress=False)
-    part = load_retrieval_data(Namespace(**base, max_train_images=7), torch.device("cpu"), progress=False)
+    base = dict(dataset="shapes", image_root=str(tiny_shapes), cache_dir=str(cache_dir))
+    minilm = ModelSettings(text_encoder="minilm")
+    full = load_retrieval_data(DataSettings(**base), minilm, torch.device("cpu"), progress=False)
+    part = load_retrieval_data(DataSettings(**base, max_train_images=7), minilm, torch.device("cpu"), progress=False)
     assert part.train.image_paths == full.train.image_paths[:7]
     kept = [c for c, i in enumerate(full.train.txt2img) if i < 7]
     assert part.train.captions == [full.train.captions[c] for c in kept] and len(kept) == 35
     torch.testing.assert_close(part.train_text, full.train_text[kept], atol=1e-5, rtol=1e-4)  # other padding
     assert part.eval.captions == full.eval.captions  # the evaluation split is untouched
     with pytest.raises(UserError, match="--max_train_images must be at least 1"):
-        load_retrieval_data(Namespace(**base, max_train_images=0), torch.device("cpu"), progress=False)
+        DataSettings(**base, max_train_images=0).validate()

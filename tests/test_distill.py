@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-from argparse import Namespace
 
 import pytest
 import torch
@@ -11,7 +10,9 @@ from conftest import distill_flags
 import distill
 from data.build import load_retrieval_data
 from data.distilled_set import load_distilled_set
-from data.model_inputs import inputs_from_args
+from data.model_inputs import inputs_for
+from settings import DataSettings, ModelSettings, ProtocolSettings
+from utils.seeds import distill_eval_seed
 from networks import build_model
 from utils.cli import UserError
 from evaluation.protocol import evaluate_pairs
@@ -40,12 +41,16 @@ def test_saves_sets_grids_and_captions_that_reload_safely(run4):
 
 def test_reloaded_set_evaluates_to_the_same_metrics(run4, tiny_shapes, cache_dir):
     payload = load_distilled_set(run4 / "distilled_000004.pt")
-    args = Namespace(**{**payload["config"]})
-    data = load_retrieval_data(args, torch.device("cpu"), progress=False)
-    model = build_model(args, data.text_dim)
-    inputs = inputs_from_args(args, data, model, torch.device("cpu"), progress=False, need_train=False)
-    summary = evaluate_pairs(args, payload["image_syn"], payload["text_syn"], payload["syn_lr_img"], inputs,
-                             torch.device("cpu"), args.num_eval, seed=args.seed + 1_000_003 + 4, progress=False)
+    config = payload["config"]
+    data_settings, model_settings, protocol = (cls.from_saved(config) for cls in
+                                               (DataSettings, ModelSettings, ProtocolSettings))
+    data = load_retrieval_data(data_settings, model_settings, torch.device("cpu"), progress=False)
+    model = build_model(model_settings, data.text_dim)
+    inputs = inputs_for(data_settings, model_settings, data, model, torch.device("cpu"), progress=False,
+                        need_train=False)
+    summary = evaluate_pairs(model_settings, protocol, payload["image_syn"], payload["text_syn"],
+                             payload["syn_lr_img"], inputs, torch.device("cpu"), protocol.num_eval,
+                             seed=distill_eval_seed(config["seed"], 4), progress=False)
     assert summary == payload["metrics"]
 
 
@@ -65,7 +70,7 @@ def test_resume_continues_at_the_right_iteration_with_the_same_state(run4, tiny_
 
 
 @pytest.mark.parametrize("extra,message", [
-    (("--mini_batch_size", "9"), "--mini_batch_size 9 is larger than --num_queries 8"),
+    (("--mini_batch_size", "9"), "--mini_batch_size 9 is larger than --num_pairs 8"),
     (("--lr_img", "0"), "--lr_img must be positive"),
     (("--lr_lr", "-1"), "--lr_lr must be positive"),
     (("--max_start_epoch", "3", "--expert_epochs", "2"), r"holds trajectories of 4 snapshots, but .*need 5"),
@@ -93,7 +98,7 @@ def test_missing_or_foreign_buffers_are_refused(tiny_shapes, cache_dir, experts,
 
 
 def test_resume_file_that_does_not_match_is_refused(run4, tiny_shapes, cache_dir, experts, tmp_path):
-    with pytest.raises(UserError, match=r"does not match this run \(num_queries: file has 8, this run has 6"):
+    with pytest.raises(UserError, match=r"does not match this run \(num_pairs: file has 8, this run has 6"):
         distill.main(distill_flags(tiny_shapes, cache_dir, experts, tmp_path, "--Iteration", "4", "--num_queries", "6",
                                    "--resume", str(run4 / "distilled_last.pt")))
     (tmp_path / "junk.pt").write_bytes(b"junk")
@@ -207,5 +212,5 @@ def test_a_time_budget_stops_after_the_iteration_that_exceeds_it_and_saves(tiny_
     last = load_distilled_set(tmp_path / "distilled_last.pt")
     assert last["iteration"] == 1 and last["metrics"]  # evaluated and saved as at the end of a run
     assert (tmp_path / "distilled_000001.pt").is_file()
-    with pytest.raises(UserError, match="--time_budget must be a positive"):
+    with pytest.raises(UserError, match="--time_budget must be positive"):
         distill.main(distill_flags(tiny_shapes, cache_dir, experts, tmp_path, "--time_budget", "0"))

@@ -139,7 +139,7 @@ def test_buffers_that_train_other_parts_are_refused(experts, projection_experts,
      "exclude each other"),
     (("--image_projection", "True"), "needs --image_pretrained True"),
     (("--blend_alpha", "-1"), "--blend_alpha must be 0"),
-    (("--sim_type", "lowrank", "--sim_rank", "0"), "--sim_rank must be positive"),
+    (("--sim_type", "lowrank", "--sim_rank", "0"), "--sim_rank must be at least 1"),
 ])
 def test_bad_combinations_are_refused(experts, tiny_shapes, cache_dir, tmp_path, extra, message):
     with pytest.raises(UserError, match=message):

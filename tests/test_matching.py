@@ -103,16 +103,15 @@ def test_minibatches_are_distinct_indices_of_the_right_size():
 
 
 def test_real_and_clean_initialisation_share_the_pairs_and_differ_in_augmentation(tiny_shapes, cache_dir):
-    from argparse import Namespace
-
     from data.build import load_retrieval_data
     from data.datasets import load_rgb
     from data.transforms import test_transform
     from matching.synthetic import initial_synthetic_set, real_pairs
 
-    args = Namespace(dataset="shapes", image_root=str(tiny_shapes), ann_root=None, eval_split="val",
-                     skip_bad_images=False, cache_dir=str(cache_dir), text_encoder="minilm", text_model=None)
-    data = load_retrieval_data(args, torch.device("cpu"), progress=False)
+    from settings import DataSettings, ModelSettings
+
+    data = load_retrieval_data(DataSettings(dataset="shapes", image_root=str(tiny_shapes), cache_dir=str(cache_dir)),
+                               ModelSettings(text_encoder="minilm"), torch.device("cpu"), progress=False)
     sets = {init: initial_synthetic_set(data, 5, 16, init, "real", "minilm", torch.Generator().manual_seed(4))
             for init in ("real", "clean")}
     images, captions = real_pairs(data, 5, torch.Generator().manual_seed(4))

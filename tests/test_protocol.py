@@ -11,7 +11,7 @@ import distill
 import evaluate
 from data.distilled_set import load_distilled_set
 from utils.cli import UserError
-from evaluation.protocol import TUNING_SEED_OFFSET
+from utils.seeds import DISTILL_EVAL_OFFSET, TUNING_SEED_OFFSET
 
 QUICK = ("--num_eval", "2", "--epoch_eval_train", "2", "--batch_train", "4")
 
@@ -69,7 +69,7 @@ def test_distillation_through_a_frozen_trunk_learns_pixels_and_reloads(trunk_run
     assert last["config"]["train_stages"] == 1 and last["config"]["image_norm"] == "clip"
     assert not torch.equal(first["image_syn"], last["image_syn"])  # the gradient reached the pixels
     report = evaluate_json(["--distilled", str(trunk_run / "distilled_last.pt"), "--num_workers", "0", "--progress",
-                            "False", "--wandb_mode", "disabled", "--seed", str(1_000_003 + 3)], tmp_path / "e.json")
+                            "False", "--wandb_mode", "disabled", "--seed", str(DISTILL_EVAL_OFFSET + 3)], tmp_path / "e.json")
     assert report["selection_metrics"] == last["metrics"]  # evaluate.py reproduces distill.py's own evaluation
 
 

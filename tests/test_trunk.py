@@ -1,7 +1,6 @@
 """A frozen trunk and a trainable top (--train_stages): the split, the model, and the meta-gradient through it."""
 from __future__ import annotations
 
-from argparse import Namespace
 
 import pytest
 import timm
@@ -12,7 +11,8 @@ from torch.func import functional_call
 from data.transforms import NORMALIZATIONS, renormalize
 from matching.meta_gradient import matching_gradients
 from matching.trajectory import Segment, Students, contrastive_step_loss, draw_minibatches
-from networks import ImageTextModel, effective_train_stages, trainable_parameters, trainable_parts
+from networks import ImageTextModel, trainable_parameters, trainable_parts
+from settings import ModelSettings
 from networks.convnet import ConvNet
 from networks.image_encoders import resolve_image_norm
 from networks.split import num_stages, split_encoder
@@ -81,14 +81,14 @@ def test_model_freezes_the_trunk_keeps_it_in_eval_mode_and_trains_the_rest():
 
 def test_train_stages_flag_and_what_buffers_record():
     def args(**kw):
-        return Namespace(**{"train_stages": None, "image_projection": False, "lora_rank": 0, **kw})
-    assert effective_train_stages(args()) is None and trainable_parts(args()) == ["image_encoder", "text_projection"]
-    assert effective_train_stages(args(image_projection=True)) == 0
+        return ModelSettings(**kw)  # (no pretrained-weights check: only the recorded parts are asked for)
+    assert args().trainable_stages is None and trainable_parts(args()) == ["image_encoder", "text_projection"]
+    assert args(image_projection=True).trainable_stages == 0
     assert trainable_parts(args(image_projection=True)) == ["image_projection", "text_projection"]
     assert trainable_parts(args(train_stages=2)) == ["image_encoder.last2_stages", "text_projection"]
     assert trainable_parts(args(train_stages=1, image_projection=True)) == [
         "image_encoder.last1_stages", "image_projection", "text_projection"]
-    assert effective_train_stages(args(train_stages="all", image_projection=True)) is None
+    assert args(train_stages="all", image_projection=True).trainable_stages is None
 
 
 def test_normalisation_follows_the_pretrained_weights():

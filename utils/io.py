@@ -66,3 +66,14 @@ def safe_torch_load(path, what: str = "file"):
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise UserError(f"{what} {path} is corrupt, truncated or not a tensor file ({reason[:200]}); "
                         f"delete it and create it again") from None
+
+
+def read_json_if_present(path) -> dict | None:
+    """The JSON object in `path`, or None when there is no such file (a damaged file is a clear error)."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise UserError(f"{path} is not valid JSON ({err}); delete it to start it anew") from None

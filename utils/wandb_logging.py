@@ -14,14 +14,16 @@ class NullRun:
         pass
 
 
-def start_run(args, job_type: str, directory: str | None = None, suffix: str = ""):
-    if args.wandb_mode == "disabled":
+def start_run(mode: str, project: str, entity: str | None, name: str, config: dict, job_type: str,
+              directory: str | None = None, suffix: str = ""):
+    """A wandb run (`mode`: online, offline or disabled) logging `config` as its configuration."""
+    if mode == "disabled":
         return NullRun()
     os.environ.setdefault("WANDB_SILENT", "true")
     import wandb
 
     if directory:
         os.makedirs(directory, exist_ok=True)
-    return wandb.init(mode=args.wandb_mode, project=args.wandb_project, entity=args.wandb_entity,
-                      name=f"{args.name}{suffix}", job_type=job_type, config=vars(args), dir=directory,
+    return wandb.init(mode=mode, project=project, entity=entity, name=f"{name}{suffix}", job_type=job_type,
+                      config=config, dir=directory,
                       reinit="finish_previous")

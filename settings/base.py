@@ -1,0 +1,212 @@
+"""The machinery behind the typed settings: one dataclass field = one flag = one TOML key.
+
+A settings class is a dataclass whose fields are declared with `setting(...)`: the default, the help
+text, the allowed values and the check live there once. From it come
+
+- the command-line flags (`add_arguments`: `--name` plus any aliases, the type from the annotation,
+  booleans as `--name True|False` with a bare `--name` meaning True);
+- the object built from a parsed command line (`from_namespace`) or from a TOML table / a saved
+  configuration (`from_mapping`: an unknown key is an error naming the nearest valid one, a value of
+  the wrong type is an error naming the key), checked in one place (`validate`);
+- its serialisation (`to_dict`), which is what runs save as their configuration snapshot.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import math
+import types
+import typing
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, ClassVar
+
+from utils.cli import UserError, str2bool
+
+Check = Callable[[Any], str | None]  # returns what is wrong with a value, or None
+
+
+def setting(default: Any, help: str, *, aliases: Iterable[str] = (), choices: Iterable | None = None,
+            check: Check | None = None, parse: Callable[[str], Any] | None = None, metavar: str | None = None):
+    """A field of a settings class: its default, help text, accepted other flag names (`aliases`, e.g. the
+    reference implementation's), allowed values and a check run by `validate`."""
+    metadata = {"help": help, "aliases": tuple(aliases), "choices": None if choices is None else tuple(choices),
+                "check": check, "parse": parse, "metavar": metavar}
+    if isinstance(default, (list, dict)):
+        return dataclasses.field(default_factory=lambda: type(default)(default), metadata=metadata)
+    return dataclasses.field(default=default, metadata=metadata)
+
+
+# Checks, each returning what is wrong or None.
+def at_least(low: float) -> Check:
+    return lambda v: None if v is None or v >= low else f"must be at least {low:g}"
+
+
+def positive(v) -> str | None:
+    if v is None:
+        return None
+    return None if math.isfinite(v) and v > 0 else "must be positive (and finite)"
+
+
+def non_negative(v) -> str | None:
+    if v is None:
+        return None
+    return None if math.isfinite(v) and v >= 0 else "must be 0 or positive (and finite)"
+
+
+def all_positive(values) -> str | None:
+    if values is None:
+        return None
+    bad = [v for v in values if positive(v)]
+    return None if not bad else f"must be positive (and finite) numbers only (got {bad[0]})"
+
+
+def _base_type(annotation) -> tuple[type, bool, bool]:
+    """(element type, optional, list) of a field annotation such as `int | None` or `list[float] | None`."""
+    args = typing.get_args(annotation)
+    optional = False
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        members = [a for a in args if a is not type(None)]
+        optional = len(members) < len(args)
+        annotation = members[0] if len(members) == 1 else annotation
+    if typing.get_origin(annotation) is list:
+        return typing.get_args(annotation)[0], optional, True
+    return annotation, optional, False
+
+
+def _accepts(kind: type, value) -> bool:
+    if kind is bool:
+        return isinstance(value, bool)
+    if kind is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if kind is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if kind is str:
+        return isinstance(value, str)
+    return True
+
+
+class Settings:
+    """Base of the settings dataclasses (see the module docstring)."""
+
+    title: ClassVar[str] = "settings"
+
+    @classmethod
+    def specs(cls) -> list[dataclasses.Field]:
+        hints = typing.get_type_hints(cls)
+        fields = dataclasses.fields(cls)
+        for f in fields:
+            f.type = hints[f.name]
+        return list(fields)
+
+    @classmethod
+    def names(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls)]
+
+    @classmethod
+    def aliases(cls) -> dict[str, str]:
+        """Other accepted key / flag name -> field name."""
+        return {alias.lstrip("-"): f.name for f in dataclasses.fields(cls) for alias in f.metadata["aliases"]}
+
+    @classmethod
+    def add_arguments(cls, parser: argparse.ArgumentParser, defaults: Mapping[str, Any] | None = None,
+                      skip: Iterable[str] = (), title: str | None = None) -> None:
+        """One flag per field (program-specific `defaults` replace the field defaults)."""
+        defaults, skip = dict(defaults or {}), set(skip)
+        group = parser.add_argument_group(title or cls.title)
+        for f in cls.specs():
+            if f.name in skip:
+                continue
+            kind, optional, many = _base_type(f.type)
+            meta = f.metadata
+            default = defaults.get(f.name, f.default if f.default is not dataclasses.MISSING else f.default_factory())
+            names = [f"--{f.name}", *(a if a.startswith("-") else f"--{a}" for a in meta["aliases"])]
+            kwargs: dict[str, Any] = {"dest": f.name, "default": default, "help": meta["help"]}
+            if meta["choices"] is not None:
+                kwargs["choices"] = meta["choices"]
+            if meta["metavar"]:
+                kwargs["metavar"] = meta["metavar"]
+            if kind is bool and not many:
+                kwargs.update(type=str2bool, nargs="?", const=True, metavar=meta["metavar"] or "True|False")
+            else:
+                kwargs["type"] = meta["parse"] or kind
+                if many:
+                    kwargs["nargs"] = "+"
+            group.add_argument(*names, **kwargs)
+
+    @classmethod
+    def from_namespace(cls, namespace: argparse.Namespace, **overrides):
+        """The settings held by a parsed command line (fields the parser did not define keep their defaults)."""
+        values = {name: getattr(namespace, name) for name in cls.names() if hasattr(namespace, name)}
+        return cls(**{**values, **overrides}).validate()
+
+    @classmethod
+    def from_mapping(cls, mapping: Mapping[str, Any], where: str, known: Iterable[str] = ()):
+        """The settings of a TOML table or a saved configuration; keys in `known` belong to others and are
+        ignored, any other unknown key is an error naming the nearest valid key."""
+        aliases, names, values = cls.aliases(), cls.names(), {}
+        specs = {f.name: f for f in cls.specs()}
+        for key, value in mapping.items():
+            name = aliases.get(key, key)
+            if name not in specs:
+                if key in set(known):
+                    continue
+                near = difflib.get_close_matches(key, [*names, *aliases], n=1)
+                raise UserError(f"{where}: unknown key {key!r}" + (f"; did you mean {near[0]!r}?" if near else
+                                                                   f" (valid keys: {', '.join(names)})"))
+            values[name] = coerce(specs[name], value, where, key)
+        return cls(**values).validate()
+
+    @classmethod
+    def from_saved(cls, config: Mapping[str, Any], where: str = "saved configuration"):
+        """This group's settings from a saved configuration snapshot (a set file's `config`), ignoring the keys
+        of other groups."""
+        keys = {*cls.names(), *cls.aliases()}
+        return cls.from_mapping({k: v for k, v in config.items() if k in keys}, where)
+
+    def validate(self):
+        """Every field's allowed values and check, then the class's own rules (`check`); returns self."""
+        for f in self.specs():
+            value = getattr(self, f.name)
+            meta = f.metadata
+            if meta["choices"] is not None and value is not None and value not in meta["choices"]:
+                raise UserError(f"--{f.name} {value!r} is not one of {', '.join(map(str, meta['choices']))}")
+            if meta["check"] is not None:
+                problem = meta["check"](value)
+                if problem:
+                    raise UserError(f"--{f.name} {problem}, got {value!r}")
+        self.check()
+        return self
+
+    def check(self) -> None:
+        """Rules between fields (overridden by the classes that have some)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in self.names()}
+
+
+def coerce(f: dataclasses.Field, value, where: str, key: str):
+    """A TOML / JSON value as the field's type (ints accepted for floats, "all"-style values through `parse`)."""
+    kind, optional, many = _base_type(f.type)
+    if value is None and optional:
+        return None
+    if many:
+        if not isinstance(value, list) or not all(_accepts(kind, v) for v in value):
+            raise UserError(f"{where}: {key} must be a list of {kind.__name__} values, got {value!r}")
+        return [kind(v) for v in value]
+    if f.metadata["parse"] is not None:
+        try:
+            return f.metadata["parse"](str(value))
+        except (argparse.ArgumentTypeError, ValueError) as err:
+            raise UserError(f"{where}: {key}: {err}") from None
+    if not _accepts(kind, value):
+        raise UserError(f"{where}: {key} must be a {kind.__name__}, got {value!r}")
+    return kind(value) if kind in (int, float) else value
+
+
+def flatten(*groups: Settings) -> dict[str, Any]:
+    """One flat configuration snapshot (flag name -> value) of several settings groups."""
+    out: dict[str, Any] = {}
+    for group in groups:
+        out.update(group.to_dict())
+    return out

@@ -1,0 +1,26 @@
+"""The names a setting may take, in one place: the packages that implement them register under these
+names (networks/, data/, matching/, evaluation/) and check at import time that they cover exactly these."""
+
+DATASETS = ("flickr", "coco", "flickr8k", "shapes")
+IMAGE_ENCODERS = ("nfnet", "nf_resnet50", "nf_regnet", "vit", "resnet18", "efficientnet_lite0", "convnet",
+                  "convnet_w64", "convnet_w32")
+NORMALIZATIONS = ("clip", "imagenet", "inception")
+IMAGE_NORMS = ("auto", *NORMALIZATIONS)
+TEXT_ENCODERS = ("bert", "minilm")
+LORA_ENCODERS = ("vit",)
+LOSS_TYPES = ("infonce", "wbce", "bce", "kl", "mse")
+SIM_TYPES = ("none", "full", "lowrank")
+MATCHING_MODES = ("unroll", "exact_lowmem", "tesla")
+PIX_INITS = ("real", "clean", "kmeans", "noise")
+TXT_INITS = ("real", "noise")
+CORESET_METHODS = ("random", "herding", "kcenter", "forgetting", "kmeans")
+CENTROIDS = "centroids"
+SPLITS = ("val", "test")
+WANDB_MODES = ("online", "offline", "disabled")
+
+
+def check_registry(kind: str, names, registered) -> None:
+    """Fail at import time when an implementation's registry and the settings' names drift apart."""
+    if tuple(names) != tuple(registered):
+        raise RuntimeError(f"{kind}: settings/choices.py lists {tuple(names)}, the implementation registers "
+                           f"{tuple(registered)}")

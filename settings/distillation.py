@@ -1,0 +1,68 @@
+"""Trajectory matching (distill.py): the synthetic set, its optimisers, the matching, what is saved."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from settings.base import Settings, at_least, non_negative, positive, setting
+from settings.choices import MATCHING_MODES, PIX_INITS, SIM_TYPES, TXT_INITS
+from utils.cli import UserError
+
+
+@dataclass
+class DistillSettings(Settings):
+    title = "trajectory matching"
+
+    buffer_path: str = setting("./buffers", "buffer root (dataset/image_encoder/text_encoder is appended) or the "
+                                            "folder of the files")
+    syn_steps: int = setting(20, "student SGD steps per iteration", check=at_least(1))
+    matching: str = setting("unroll", "how the meta-gradient is computed: unroll = one graph through all student "
+                                      "steps (the reference; memory grows with --syn_steps); exact_lowmem = the same "
+                                      "gradient by a reverse sweep that rebuilds one step at a time (memory flat in "
+                                      "--syn_steps, somewhat slower); tesla = TESLA/LoRS's approximation: that sweep "
+                                      "without the Hessian terms", choices=MATCHING_MODES)
+    expert_epochs: int = setting(3, "expert epochs between start and target", check=at_least(1))
+    max_start_epoch: int = setting(25, "start epoch is drawn from 0..max_start_epoch-1", check=at_least(1))
+    num_pairs: int = setting(100, "synthetic pairs N", aliases=("num_queries",), check=at_least(1))
+    mini_batch_size: int = setting(100, "synthetic pairs per student step", check=at_least(1))
+    Iteration: int = setting(50000, "distillation iterations", aliases=("iterations",), check=at_least(1))
+    lr_img: float = setting(1000, "learning rate of the synthetic images", check=positive)
+    lr_txt: float = setting(1000, "learning rate of the synthetic text embeddings", check=positive)
+    lr_lr: float = setting(1e-3, "learning rate of the two learned step sizes", check=positive)
+    student_lr_img: float = setting(0.1, "initial value of the learned student step size of the image side",
+                                    aliases=("lr_teacher_img",), check=positive)
+    student_lr_txt: float = setting(0.1, "initial value of the learned student step size of the text head",
+                                    aliases=("lr_teacher_txt",), check=positive)
+    pix_init: str = setting("real", "synthetic image initialisation: real = random training images through the "
+                                    "training augmentation (the reference), clean = the same without augmentation, "
+                                    "kmeans = the k-means coreset (the real pair nearest to each of N centroids of the "
+                                    "joint image+text features: the frozen trunk's, else the first expert's), noise = "
+                                    "Gaussian", choices=PIX_INITS)
+    txt_init: str = setting("real", "synthetic text initialisation", choices=TXT_INITS)
+    sim_type: str = setting("none", "LoRS: learn the target similarity between synthetic images and texts: none = "
+                                    "identity (the paper), full = an N x N matrix, lowrank = diag(a) + (sim_alpha / "
+                                    "sim_rank) L R^T; saved with the set and used by evaluate.py", choices=SIM_TYPES)
+    sim_rank: int = setting(10, "rank r of the low-rank similarity", check=at_least(1))
+    sim_alpha: float = setting(1.0, "scale alpha of the low-rank part", check=positive)
+    lr_sim: float = setting(10.0, "learning rate of the similarity (SGD momentum 0.5)", check=positive)
+    blend_alpha: float = setting(0.0, "RepBlend: in every student step blend the minibatch's image and text "
+                                      "representations with a shuffled copy, lambda ~ Beta(A, A) (0 = off)",
+                                 check=non_negative)
+    max_files: int | None = setting(None, "use only this many expert files", check=at_least(1))
+    max_experts: int | None = setting(None, "use only this many experts per file", check=at_least(1))
+    skip_spikes: float = setting(10.0, "skip (and count) a step whose meta-gradient norm, for the pixels, texts, step "
+                                       "sizes or similarity, exceeds this many times its median over the last 20 "
+                                       "applied steps (0 = never skip a finite step); non-finite steps and steps that "
+                                       "would make a step size non-positive are always skipped", check=non_negative)
+    max_skips: int = setting(20, "stop (keeping the last good set) after this many skipped steps in a row",
+                             check=at_least(1))
+    eval_it: int = setting(50, "evaluate and save every this many iterations", check=at_least(1))
+    time_budget: float | None = setting(None, "stop after this many minutes (at the end of an iteration), then "
+                                              "evaluate and save as at the end of a run; comparisons at equal CPU "
+                                              "time", check=positive, metavar="MINUTES")
+    draw: bool = setting(True, "save image grids and nearest real captions at each evaluation")
+    save_dir: str | None = setting(None, "output folder (default: runs/<dataset>/<name>)")
+    resume: str | None = setting(None, "a distilled_*.pt of an earlier run to continue from")
+
+    def check(self) -> None:
+        if self.mini_batch_size > self.num_pairs:
+            raise UserError(f"--mini_batch_size {self.mini_batch_size} is larger than --num_pairs {self.num_pairs}")

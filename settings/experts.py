@@ -1,0 +1,24 @@
+"""Training the experts whose trajectories distillation matches (buffer.py)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from settings.base import Settings, at_least, non_negative, positive, setting
+
+
+@dataclass
+class ExpertSettings(Settings):
+    title = "experts"
+
+    buffer_path: str = setting("./buffers", "root folder of the expert buffers")
+    num_experts: int = setting(100, "experts to train (added to those present)", check=at_least(1))
+    train_epochs: int = setting(50, "epochs per expert (snapshots = epochs + 1)", check=at_least(1))
+    expert_lr_img: float = setting(0.1, "SGD learning rate of the experts' image side", aliases=("lr_teacher_img",),
+                                   check=positive)
+    expert_lr_txt: float = setting(0.1, "SGD learning rate of the experts' text head", aliases=("lr_teacher_txt",),
+                                   check=positive)
+    expert_batch: int = setting(128, "training batch size of the experts (real pairs)",
+                                aliases=("batch_train", "batch_size_train"), check=at_least(1))
+    mom: float = setting(0.0, "SGD momentum", check=non_negative)
+    l2: float = setting(0.0, "SGD weight decay", check=non_negative)
+    decay: bool = setting(False, "multiply both learning rates by 0.1 after epoch train_epochs // 2 + 1")

@@ -1,0 +1,68 @@
+"""What evaluate.py judges and how it chooses (the set, the coreset selection, the learning rate, the split)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from settings.base import Settings, all_positive, at_least, positive, setting
+from settings.choices import CENTROIDS, CORESET_METHODS, IMAGE_ENCODERS
+from utils.cli import UserError
+
+# The evaluation learning rate of real sets (coresets, full data) when neither --lr_eval nor --lr_grid is given.
+DEFAULT_REAL_LR = 0.1
+
+
+@dataclass
+class JudgingSettings(Settings):
+    title = "evaluation choices"
+
+    coreset_size: int | None = setting(None, "coreset size N (pairs)", aliases=("num_queries",), check=at_least(1))
+    lr_eval: float | None = setting(None, "learning rate of the evaluation models (default: the set's learned step "
+                                          f"size; for coresets and --full, {DEFAULT_REAL_LR:g})", check=positive)
+    lr_grid: list[float] | None = setting(None, "choose the learning rate from these values on --eval_split (the same "
+                                                "budget for every set judged); without it the rate is --lr_eval or the "
+                                                "default above", check=all_positive, metavar="LR")
+    tune_models: int = setting(1, "models per --lr_grid value", check=at_least(1))
+    report_split: str = setting("auto", "split the final numbers are reported on: auto = test when its annotation "
+                                        "file exists, else --eval_split", choices=("auto", "val", "test"))
+    eval_image_encoder: str | None = setting(None, "train this image encoder instead of the one the set was made "
+                                                   "with", choices=IMAGE_ENCODERS)
+    out: str | None = setting(None, "write the metrics and configuration to this JSON file")
+
+    def check(self) -> None:
+        if self.lr_grid is not None and self.lr_eval is not None:
+            raise UserError("--lr_eval fixes the learning rate, --lr_grid chooses it: give one of them")
+
+
+@dataclass
+class CoresetSettings(Settings):
+    title = "coreset selection"
+
+    buffer_path: str = setting("./buffers", "experts that embed pairs for herding / kcenter / kmeans (root or the "
+                                            "folder of the files)")
+    expert_number: int | None = setting(None, "expert file pair to use (default: lowest)", check=at_least(0))
+    expert_epoch: int | None = setting(None, "snapshot of that expert (default: last)", check=at_least(0))
+    forgetting_epochs: int = setting(2, "epochs of the expert that counts forgetting", check=at_least(1))
+    forgetting_batch: int = setting(128, "batch size of that expert", check=at_least(1))
+    forgetting_lr_img: float = setting(0.1, "image-side learning rate of the forgetting expert",
+                                       aliases=("lr_teacher_img",), check=positive)
+    forgetting_lr_txt: float = setting(0.1, "text-head learning rate of the forgetting expert",
+                                       aliases=("lr_teacher_txt",), check=positive)
+    coreset_file: str | None = setting(None, "where the selected coreset is saved (default runs/<dataset>/coresets/"
+                                             "<method>_<N>_seed<seed>.pt); an existing file made with the same "
+                                             "settings is reused")
+
+
+@dataclass
+class TargetSettings(Settings):
+    title = "what to evaluate (exactly one)"
+
+    distilled: str | None = setting(None, "a distilled-set (or coreset) .pt file")
+    coreset: str | None = setting(None, "select real pairs with this method (centroids: the k-means feature-centroid "
+                                        "set)", choices=(*CORESET_METHODS, CENTROIDS))
+    full: bool = setting(False, "train on the whole training split")
+
+    def check(self) -> None:
+        given = [f"--{name}" for name in ("distilled", "coreset", "full") if getattr(self, name)]
+        if len(given) != 1:
+            raise UserError("give exactly one of --distilled PATH, --coreset METHOD, --full" +
+                            (f" (got {' and '.join(given)})" if given else ""))

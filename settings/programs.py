@@ -1,0 +1,137 @@
+"""Which settings groups each program takes, its command line built from them, and the parsed bundle.
+
+`parse(program, argv)` is the one place where a command line becomes typed settings: every group is
+built from the flags and validated before any work starts. The pipeline's TOML sections are checked
+against the same groups (`check_section`), so a key means the same thing, has the same default and
+passes the same check wherever it is written.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import dataclass, fields
+
+from settings.base import Settings, flatten
+from settings.data import DataSettings
+from settings.distillation import DistillSettings
+from settings.experts import ExpertSettings
+from settings.judging import CoresetSettings, JudgingSettings, TargetSettings
+from settings.model import ModelSettings
+from settings.protocol import ProtocolSettings
+from settings.runtime import RuntimeSettings
+from utils.cli import UserError
+
+
+@dataclass
+class ProgramSettings:
+    """The settings of one program run, one typed group per concern."""
+
+    def groups(self) -> list[Settings]:
+        return [getattr(self, f.name) for f in fields(self)]
+
+    def snapshot(self) -> dict:
+        """The flat configuration (flag name -> value) saved with everything the run writes."""
+        return flatten(*self.groups())
+
+
+@dataclass
+class BufferSettings(ProgramSettings):
+    data: DataSettings
+    model: ModelSettings
+    experts: ExpertSettings
+    runtime: RuntimeSettings
+
+
+@dataclass
+class DistillRunSettings(ProgramSettings):
+    data: DataSettings
+    model: ModelSettings
+    distill: DistillSettings
+    protocol: ProtocolSettings
+    runtime: RuntimeSettings
+
+
+@dataclass
+class EvaluateSettings(ProgramSettings):
+    target: TargetSettings
+    judging: JudgingSettings
+    coreset: CoresetSettings
+    data: DataSettings
+    model: ModelSettings
+    protocol: ProtocolSettings
+    runtime: RuntimeSettings
+
+
+PROGRAMS: dict[str, type[ProgramSettings]] = {"buffer": BufferSettings, "distill": DistillRunSettings,
+                                              "evaluate": EvaluateSettings}
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    pass
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with the project's one way of reporting a user mistake: a one-line `error: ...`, exit 2."""
+
+    def error(self, message: str):
+        raise UserError(f"{message} (see {self.prog} --help)")
+
+
+def group_classes(program: str) -> dict[str, type[Settings]]:
+    bundle = PROGRAMS[program]
+    return {f.name: f.type if isinstance(f.type, type) else _resolve(bundle, f.name) for f in fields(bundle)}
+
+
+def _resolve(bundle, name: str):
+    import typing
+
+    return typing.get_type_hints(bundle)[name]
+
+
+def build_parser(program: str, description: str, prog: str | None = None) -> Parser:
+    parser = Parser(description=description, formatter_class=HelpFormatter, prog=prog or f"{program}.py")
+    for cls in group_classes(program).values():
+        cls.add_arguments(parser)
+    return parser
+
+
+def from_namespace(program: str, namespace: argparse.Namespace) -> ProgramSettings:
+    """The typed, validated settings of a parsed command line."""
+    groups = {name: cls.from_namespace(namespace) for name, cls in group_classes(program).items()}
+    return PROGRAMS[program](**groups)
+
+
+def parse(program: str, description: str, argv=None) -> ProgramSettings:
+    parser = build_parser(program, description)
+    return from_namespace(program, parser.parse_args(sys.argv[1:] if argv is None else list(argv)))
+
+
+def known_keys(program: str) -> dict[str, str]:
+    """Every key (and alias) the program takes -> its canonical name."""
+    out = {}
+    for cls in group_classes(program).values():
+        out.update({name: name for name in cls.names()})
+        out.update(cls.aliases())
+    return out
+
+
+def check_section(program: str, section: dict, where: str, extra: tuple[str, ...] = ()) -> dict:
+    """A TOML table of flags for `program`: unknown keys are errors naming the nearest valid key, values of the
+    wrong type are errors naming the key; returns it with canonical key names (aliases resolved)."""
+    import difflib
+
+    from settings.base import coerce
+
+    keys = known_keys(program)
+    specs = {f.name: f for cls in group_classes(program).values() for f in cls.specs()}
+    out = {}
+    for key, value in section.items():
+        if key in extra:
+            out[key] = value
+            continue
+        if key not in keys:
+            near = difflib.get_close_matches(key, [*keys, *extra], n=1)
+            raise UserError(f"{where}: unknown key {key!r} for {program}.py" +
+                            (f"; did you mean {near[0]!r}?" if near else ""))
+        out[keys[key]] = coerce(specs[keys[key]], value, where, key)
+    return out

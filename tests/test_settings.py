@@ -1,0 +1,74 @@
+"""Typed settings: flags, TOML keys and saved configurations all come from one dataclass field."""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from settings import DataSettings, DistillSettings, ModelSettings, RuntimeSettings, programs
+from settings.programs import check_section
+from utils.cli import UserError
+
+
+def test_every_flag_default_is_its_field_default():
+    for program in programs.PROGRAMS:
+        parser = programs.build_parser(program, "")
+        namespace = parser.parse_args([])
+        for cls in programs.group_classes(program).values():
+            for f in dataclasses.fields(cls):
+                default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+                assert getattr(namespace, f.name) == default, (program, f.name)
+
+
+def test_reference_flag_names_are_aliases_of_the_names_that_say_what_they_mean():
+    distill = programs.parse("distill", "", ["--num_queries", "8", "--mini_batch_size", "4", "--lr_teacher_img",
+                                             "0.2"])
+    assert distill.distill.num_pairs == 8 and distill.distill.student_lr_img == 0.2
+    buffer = programs.parse("buffer", "", ["--lr_teacher_img", "0.3", "--batch_train", "7"])
+    assert buffer.experts.expert_lr_img == 0.3 and buffer.experts.expert_batch == 7
+    evaluate = programs.parse("evaluate", "", ["--coreset", "random", "--num_queries", "5", "--lr_teacher_txt", "2"])
+    assert evaluate.judging.coreset_size == 5 and evaluate.coreset.forgetting_lr_txt == 2
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--lr_img", "nan"], "--lr_img must be positive"),
+    (["--lr_img", "inf"], "--lr_img must be positive"),
+    (["--num_workers", "-1"], "--num_workers must be at least 0"),
+    (["--seed", str(2**66)], "--seed must be a whole number"),
+    (["--mini_batch_size", "200"], "--mini_batch_size 200 is larger than --num_pairs 100"),
+    (["--train_stages", "0"], "add --image_projection True"),
+    (["--syn_steps", "x"], "invalid int value"),
+])
+def test_bad_values_are_refused_before_any_work_with_the_flag_named(flags, message):
+    with pytest.raises(UserError, match=message):
+        programs.parse("distill", "", flags)
+
+
+def test_a_toml_section_is_checked_against_the_program_settings():
+    assert check_section("distill", {"num_queries": 10, "lr_img": 100}, "[distill]") == {"num_pairs": 10,
+                                                                                         "lr_img": 100.0}
+    with pytest.raises(UserError, match=r"\[distill\]: unknown key 'lr_imgg' for distill.py; did you mean 'lr_img'"):
+        check_section("distill", {"lr_imgg": 1}, "[distill]")
+    with pytest.raises(UserError, match=r"\[distill\]: syn_steps must be a int, got '20'"):
+        check_section("distill", {"syn_steps": "20"}, "[distill]")
+    with pytest.raises(UserError, match="train_stages: expected all or a number of stages"):
+        check_section("buffer", {"train_stages": "some"}, "[common]")
+    assert check_section("distill", {"seeds": [0, 1]}, "[distill]", extra=("seeds",)) == {"seeds": [0, 1]}
+
+
+def test_saved_configurations_rebuild_the_same_settings():
+    model = ModelSettings(image_encoder="convnet", image_size=16, image_pretrained=False, train_stages="all")
+    config = {**model.to_dict(), **DataSettings(dataset="shapes").to_dict(), "text_identity": "x"}
+    assert ModelSettings.from_saved(config) == model
+    assert DistillSettings.from_saved({"num_queries": 4, "mini_batch_size": 2}).num_pairs == 4
+
+
+def test_wandb_mode_flag_wins_then_the_environment_then_offline(monkeypatch):
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    assert RuntimeSettings().logging_mode == "offline"
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    assert RuntimeSettings().logging_mode == "disabled"
+    assert RuntimeSettings(wandb_mode="online").logging_mode == "online"
+    monkeypatch.setenv("WANDB_MODE", "sometimes")
+    with pytest.raises(UserError, match="WANDB_MODE='sometimes'"):
+        RuntimeSettings().logging_mode
