@@ -79,7 +79,7 @@ def check_resume(payload: dict, settings: DistillRunSettings, text_identity: str
 
 def kmeans_start(settings: DistillRunSettings, data, model, directory, meta: dict,
                  device: torch.device) -> torch.Tensor:
-    """The k-means coreset of --num_queries pairs (the same selection as evaluate.py --coreset kmeans)."""
+    """The k-means coreset of --num_pairs pairs (the same selection as evaluate.py --coreset kmeans)."""
     if model.has_trunk:
         outputs = inputs_for(settings.data, settings.model, data, model, device,
                              settings.runtime.progress).train_outputs[0]

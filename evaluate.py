@@ -4,7 +4,7 @@ Exactly one of:
   --distilled PATH        a saved distilled set (or a saved coreset: the same file format). Data set,
                           encoders, image size and evaluation settings come from the file unless
                           given on the command line; the learning rate is the learned step size.
-  --coreset METHOD        choose --num_queries real training pairs (random, herding, kcenter,
+  --coreset METHOD        choose --coreset_size real training pairs (random, herding, kcenter,
                           forgetting, kmeans), save them as a set file, and evaluate them the same way;
                           `centroids` (frozen trunk only) is the k-means feature-centroid set instead:
                           per cluster the mean trunk output and the mean text embedding of its pairs.

@@ -12,7 +12,7 @@ which rows to build:
 - `ladder`: sizes N of random real coresets (e.g. [100, 200, 500, 1000, 2000, 5000]); with the
   full-data row on top (`full = "train"`: evaluate.py --full, the same protocol) they form the curve
   that every other set is read against: its worth-N is the number of random real pairs that reach
-  the same r_mean (utils/worth.py);
+  the same r_mean (evaluation/worth.py);
 - `coreset_methods` at `coreset_sizes` (default: the distilled size), and `centroids = true` for the
   k-means feature-centroid set (frozen trunk only);
 - `epochs_per_size = {5000 = 10, all = 4}`: `--epoch_eval_train` of rows of that many pairs (CPU budgets).
@@ -45,9 +45,9 @@ from utils.cli import UserError
 
 SECTIONS = ("common", "buffer", "distill", "evaluate", "compare", "methods", "regimes")  # [methods], [regimes]: comparison/methods.py, regimes.py
 NOT_METRICS = ("epoch", "train_loss", "train_acc")
-FULL = "all"
+FULL = "all"  # the key of the full-data row in `epochs_per_size`
 # The sections whose keys are flags of a program, and the keys the pipeline itself reads there.
-PROGRAM_SECTIONS = {"buffer": ("buffer", ()), "distill": ("distill", ("seeds",)), "evaluate": ("evaluate", ())}  # the key of the full-data row in `epochs_per_size`
+PROGRAM_SECTIONS = {"buffer": ("buffer", ()), "distill": ("distill", ("seeds",)), "evaluate": ("evaluate", ())}
 
 
 def parse_args(argv=None):

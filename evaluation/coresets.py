@@ -270,4 +270,4 @@ def check_count(count: int, num_pairs: int) -> None:
     if count < 1:
         raise UserError(f"--coreset_size must be at least 1, got {count}")
     if count > num_pairs:
-        raise UserError(f"--num_queries {count} is larger than the {num_pairs} training pairs")
+        raise UserError(f"--coreset_size {count} is larger than the {num_pairs} training pairs")

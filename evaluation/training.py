@@ -74,7 +74,7 @@ def embed_eval_split(model: nn.Module, eval_images, eval_text: torch.Tensor, dev
 @torch.no_grad()
 def evaluate_retrieval(model: nn.Module, eval_images, eval_text: torch.Tensor, txt2img: torch.Tensor,
                        device: torch.device, progress: bool = True) -> dict[str, float]:
-    """Retrieval metrics (utils/metrics.py) of `model` on an evaluation split (cosine similarity scores)."""
+    """Retrieval metrics (evaluation/metrics.py) of `model` on an evaluation split (cosine similarity scores)."""
     image_features, text_features = embed_eval_split(model, eval_images, eval_text, device, progress)
     image_features = torch.nn.functional.normalize(image_features, dim=1)
     text_features = torch.nn.functional.normalize(text_features, dim=1)

@@ -16,7 +16,7 @@ def real_pairs(data: RetrievalData, count: int, generator: torch.Generator) -> t
     """(image indices, caption indices) of `count` training pairs with distinct images, at random."""
     num_images = len(data.train.image_paths)
     if count > num_images:
-        raise UserError(f"--num_queries {count} is larger than the {num_images} training images")
+        raise UserError(f"--num_pairs {count} is larger than the {num_images} training images")
     images = torch.randperm(num_images, generator=generator)[:count]
     captions = torch.tensor([data.train.img2txt[i][int(torch.randint(len(data.train.img2txt[i]), (1,),
                                                                       generator=generator))]
