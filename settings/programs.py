@@ -8,10 +8,12 @@ passes the same check wherever it is written.
 from __future__ import annotations
 
 import argparse
+import difflib
 import sys
+import typing
 from dataclasses import dataclass, fields
 
-from settings.base import Settings, flatten
+from settings.base import Settings, coerce, flatten
 from settings.data import DataSettings
 from settings.distillation import DistillSettings
 from settings.experts import ExpertSettings
@@ -78,15 +80,8 @@ class Parser(argparse.ArgumentParser):
 
 
 def group_classes(program: str) -> dict[str, type[Settings]]:
-    bundle = PROGRAMS[program]
-    return {f.name: f.type if isinstance(f.type, type) else _resolve(bundle, f.name) for f in fields(bundle)}
-
-
-def _resolve(bundle, name: str):
-    import typing
-
-    return typing.get_type_hints(bundle)[name]
-
+    """The program's settings groups by name, in the order its --help lists them."""
+    return typing.get_type_hints(PROGRAMS[program])
 
 def build_parser(program: str, description: str, prog: str | None = None) -> Parser:
     parser = Parser(description=description, formatter_class=HelpFormatter, prog=prog or f"{program}.py")
@@ -118,10 +113,6 @@ def known_keys(program: str) -> dict[str, str]:
 def check_section(program: str, section: dict, where: str, extra: tuple[str, ...] = ()) -> dict:
     """A TOML table of flags for `program`: unknown keys are errors naming the nearest valid key, values of the
     wrong type are errors naming the key; returns it with canonical key names (aliases resolved)."""
-    import difflib
-
-    from settings.base import coerce
-
     keys = known_keys(program)
     specs = {f.name: f for cls in group_classes(program).values() for f in cls.specs()}
     out = {}
