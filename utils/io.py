@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from utils.cli import UserError
+from utils.paths import disk_full_message
 
 
 def _temporary_sibling(path: Path) -> Path:
@@ -32,6 +33,11 @@ def atomic_torch_save(obj, path, *, overwrite: bool = True) -> Path:
             os.replace(tmp, path)
         else:
             os.link(tmp, path)  # fails if `path` exists, atomically
+    except (OSError, RuntimeError) as err:  # torch.save reports a failed write as RuntimeError
+        full = disk_full_message(err if isinstance(err, OSError) else _os_error_in(err), path)
+        if full:
+            raise UserError(full) from None
+        raise
     finally:
         if tmp.exists():
             tmp.unlink()
@@ -45,10 +51,27 @@ def atomic_write_text(text: str, path) -> Path:
     try:
         tmp.write_text(text)
         os.replace(tmp, path)
+    except OSError as err:
+        full = disk_full_message(err, path)
+        if full:
+            raise UserError(full) from None
+        raise
     finally:
         if tmp.exists():
             tmp.unlink()
     return path
+
+
+def _os_error_in(err: BaseException) -> OSError | None:
+    """The OSError behind `err` (torch.save wraps a failed write in a RuntimeError)."""
+    while err is not None:
+        if isinstance(err, OSError):
+            return err
+        if "No space left on device" in str(err):
+            import errno
+            return OSError(errno.ENOSPC, "No space left on device")
+        err = err.__cause__ or err.__context__
+    return None
 
 
 def atomic_write_json(obj, path) -> Path:
