@@ -37,28 +37,73 @@ def setting(default: Any, help: str, *, aliases: Iterable[str] = (), choices: It
     return dataclasses.field(default=default, metadata=metadata)
 
 
-# Checks, each returning what is wrong or None.
+# Upper ends of the learning rates: the synthetic pixels, text embeddings and similarity move by large steps
+# (the reference's --lr_img is 1000), network weights and the learned step sizes by small ones (0.1).
+DATA_LR_MAX = 1e6
+WEIGHT_LR_MAX = 100.0
+
+# Checks, each returning what is wrong or None; `allowed` says what is accepted, in the flag's --help.
+# Numbers must be finite: float flags also parse "nan" and "inf".
+def _finite(v) -> bool:
+    return not isinstance(v, float) or math.isfinite(v)  # (ints are; math.isfinite overflows on huge ones)
+
+
+def described(check: Check, allowed: str) -> Check:
+    """`check` with the description of what it accepts that --help shows."""
+    def described_check(v) -> str | None:
+        return check(v)
+    described_check.allowed = allowed
+    return described_check
+
+
+def _check(allowed: str, ok: Callable[[Any], bool], problem: str) -> Check:
+    return described(lambda v: None if v is None or ok(v) else problem, allowed)
+
+
+INT64_MAX = 2**63 - 1  # beyond it a count overflows as soon as torch or numpy sees it
+
+
 def at_least(low: float) -> Check:
-    return lambda v: None if v is None or v >= low else f"must be at least {low:g}"
+    def check(v) -> str | None:
+        if v is None or (_finite(v) and low <= v <= INT64_MAX):
+            return None
+        return f"must be at least {low:g}" if not v >= low else f"must be at most {INT64_MAX} (2**63 - 1)"
+    return described(check, f">= {low:g}")
 
 
-def positive(v) -> str | None:
-    if v is None:
-        return None
-    return None if math.isfinite(v) and v > 0 else "must be positive (and finite)"
+positive = _check("> 0", lambda v: _finite(v) and v > 0, "must be positive (and finite)")
+non_negative = _check(">= 0", lambda v: _finite(v) and v >= 0, "must be 0 or positive (and finite)")
 
 
-def non_negative(v) -> str | None:
-    if v is None:
-        return None
-    return None if math.isfinite(v) and v >= 0 else "must be 0 or positive (and finite)"
+non_empty = described(lambda v: None if v is None or v.strip() else "must not be empty", "not empty")
 
 
-def all_positive(values) -> str | None:
-    if values is None:
-        return None
-    bad = [v for v in values if positive(v)]
-    return None if not bad else f"must be positive (and finite) numbers only (got {bad[0]})"
+def positive_up_to(high: float) -> Check:
+    """A finite number in (0, high]: learning rates, whose sane ranges differ by orders of magnitude between
+    pixels (the reference's 1000) and network weights (0.1)."""
+    return _check(f"> 0 and <= {high:g}", lambda v: _finite(v) and 0 < v <= high,
+                  f"must be positive and at most {high:g} (a finite number)")
+
+
+def in_interval(low: float, high: float, *, high_included: bool = True) -> Check:
+    """A finite number in [low, high] (or [low, high) when `high_included` is false)."""
+    below = (lambda v: v <= high) if high_included else (lambda v: v < high)
+    return _check(f">= {low:g} and {'<=' if high_included else '<'} {high:g}",
+                  lambda v: _finite(v) and low <= v and below(v),
+                  f"must be from {low:g} to {high:g}" + ("" if high_included else f" ({high:g} excluded)"))
+
+
+def each(check: Check) -> Check:
+    """A check of a list: not empty, and every element passes `check`."""
+    def check_all(values) -> str | None:
+        if values is None:
+            return None
+        if not values:
+            return "needs at least one value"
+        problems = [check(v) for v in values if check(v)]
+        return f"{problems[0]}, each of them" if problems else None
+    check_all.allowed = f"each {getattr(check, 'allowed', '')}".strip()
+    return check_all
 
 
 def _base_type(annotation) -> tuple[type, bool, bool]:
@@ -121,7 +166,9 @@ class Settings:
             meta = f.metadata
             default = defaults.get(f.name, f.default if f.default is not dataclasses.MISSING else f.default_factory())
             names = [f"--{f.name}", *(a if a.startswith("-") else f"--{a}" for a in meta["aliases"])]
-            kwargs: dict[str, Any] = {"dest": f.name, "default": default, "help": meta["help"]}
+            allowed = getattr(meta["check"], "allowed", None)
+            help_text = meta["help"] + (f" (allowed: {allowed})" if allowed else "")
+            kwargs: dict[str, Any] = {"dest": f.name, "default": default, "help": help_text}
             if meta["choices"] is not None:
                 kwargs["choices"] = meta["choices"]
             if meta["metavar"]:
@@ -167,14 +214,9 @@ class Settings:
     def validate(self):
         """Every field's allowed values and check, then the class's own rules (`check`); returns self."""
         for f in self.specs():
-            value = getattr(self, f.name)
-            meta = f.metadata
-            if meta["choices"] is not None and value is not None and value not in meta["choices"]:
-                raise UserError(f"--{f.name} {value!r} is not one of {', '.join(map(str, meta['choices']))}")
-            if meta["check"] is not None:
-                problem = meta["check"](value)
-                if problem:
-                    raise UserError(f"--{f.name} {problem}, got {value!r}")
+            problem = value_problem(f, getattr(self, f.name))
+            if problem:
+                raise UserError(f"--{f.name} {problem}")
         self.check()
         return self
 
@@ -183,6 +225,16 @@ class Settings:
 
     def to_dict(self) -> dict[str, Any]:
         return {name: getattr(self, name) for name in self.names()}
+
+
+def value_problem(f: dataclasses.Field, value) -> str | None:
+    """What is wrong with `value` for the field `f` (its allowed values, then its check), or None; the text
+    follows the flag or key name in a message."""
+    meta = f.metadata
+    if meta["choices"] is not None and value is not None and value not in meta["choices"]:
+        return f"{value!r} is not one of {', '.join(map(str, meta['choices']))}"
+    problem = meta["check"](value) if meta["check"] is not None else None
+    return f"{problem}, got {value!r}" if problem else None
 
 
 def coerce(f: dataclasses.Field, value, where: str, key: str):

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from settings.base import Settings, at_least, non_negative, positive, setting
+from settings.base import (DATA_LR_MAX, WEIGHT_LR_MAX, Settings, at_least, non_negative, positive, positive_up_to,
+                           setting)
 from settings.choices import MATCHING_MODES, PIX_INITS, SIM_TYPES, TXT_INITS
 from utils.cli import UserError
 
@@ -25,13 +26,15 @@ class DistillSettings(Settings):
     num_pairs: int = setting(100, "synthetic pairs N", aliases=("num_queries",), check=at_least(1))
     mini_batch_size: int = setting(100, "synthetic pairs per student step", check=at_least(1))
     Iteration: int = setting(50000, "distillation iterations", aliases=("iterations",), check=at_least(1))
-    lr_img: float = setting(1000, "learning rate of the synthetic images", check=positive)
-    lr_txt: float = setting(1000, "learning rate of the synthetic text embeddings", check=positive)
-    lr_lr: float = setting(1e-3, "learning rate of the two learned step sizes", check=positive)
+    lr_img: float = setting(1000, "learning rate of the synthetic images", check=positive_up_to(DATA_LR_MAX))
+    lr_txt: float = setting(1000, "learning rate of the synthetic text embeddings",
+                            check=positive_up_to(DATA_LR_MAX))
+    lr_lr: float = setting(1e-3, "learning rate of the two learned step sizes",
+                           check=positive_up_to(WEIGHT_LR_MAX))
     student_lr_img: float = setting(0.1, "initial value of the learned student step size of the image side",
-                                    aliases=("lr_teacher_img",), check=positive)
+                                    aliases=("lr_teacher_img",), check=positive_up_to(WEIGHT_LR_MAX))
     student_lr_txt: float = setting(0.1, "initial value of the learned student step size of the text head",
-                                    aliases=("lr_teacher_txt",), check=positive)
+                                    aliases=("lr_teacher_txt",), check=positive_up_to(WEIGHT_LR_MAX))
     pix_init: str = setting("real", "synthetic image initialisation: real = random training images through the "
                                     "training augmentation (the reference), clean = the same without augmentation, "
                                     "kmeans = the k-means coreset (the real pair nearest to each of N centroids of the "
@@ -43,7 +46,8 @@ class DistillSettings(Settings):
                                     "sim_rank) L R^T; saved with the set and used by evaluate.py", choices=SIM_TYPES)
     sim_rank: int = setting(10, "rank r of the low-rank similarity", check=at_least(1))
     sim_alpha: float = setting(1.0, "scale alpha of the low-rank part", check=positive)
-    lr_sim: float = setting(10.0, "learning rate of the similarity (SGD momentum 0.5)", check=positive)
+    lr_sim: float = setting(10.0, "learning rate of the similarity (SGD momentum 0.5)",
+                            check=positive_up_to(DATA_LR_MAX))
     blend_alpha: float = setting(0.0, "RepBlend: in every student step blend the minibatch's image and text "
                                       "representations with a shuffled copy, lambda ~ Beta(A, A) (0 = off)",
                                  check=non_negative)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from settings.base import Settings, at_least, non_negative, positive, setting
+from settings.base import WEIGHT_LR_MAX, Settings, at_least, in_interval, positive_up_to, setting
 
 
 @dataclass
@@ -14,11 +14,11 @@ class ExpertSettings(Settings):
     num_experts: int = setting(100, "experts to train (added to those present)", check=at_least(1))
     train_epochs: int = setting(50, "epochs per expert (snapshots = epochs + 1)", check=at_least(1))
     expert_lr_img: float = setting(0.1, "SGD learning rate of the experts' image side", aliases=("lr_teacher_img",),
-                                   check=positive)
+                                   check=positive_up_to(WEIGHT_LR_MAX))
     expert_lr_txt: float = setting(0.1, "SGD learning rate of the experts' text head", aliases=("lr_teacher_txt",),
-                                   check=positive)
+                                   check=positive_up_to(WEIGHT_LR_MAX))
     expert_batch: int = setting(128, "training batch size of the experts (real pairs)",
                                 aliases=("batch_train", "batch_size_train"), check=at_least(1))
-    mom: float = setting(0.0, "SGD momentum", check=non_negative)
-    l2: float = setting(0.0, "SGD weight decay", check=non_negative)
+    mom: float = setting(0.0, "SGD momentum", check=in_interval(0, 1, high_included=False))
+    l2: float = setting(0.0, "SGD weight decay", check=in_interval(0, 1))
     decay: bool = setting(False, "multiply both learning rates by 0.1 after epoch train_epochs // 2 + 1")

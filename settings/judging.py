@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from settings.base import Settings, all_positive, at_least, positive, setting
+from settings.base import WEIGHT_LR_MAX, Settings, at_least, each, positive_up_to, setting
 from settings.choices import CENTROIDS, CORESET_METHODS, IMAGE_ENCODERS
 from utils.cli import UserError
 
@@ -17,10 +17,12 @@ class JudgingSettings(Settings):
 
     coreset_size: int | None = setting(None, "coreset size N (pairs)", aliases=("num_queries",), check=at_least(1))
     lr_eval: float | None = setting(None, "learning rate of the evaluation models (default: the set's learned step "
-                                          f"size; for coresets and --full, {DEFAULT_REAL_LR:g})", check=positive)
+                                          f"size; for coresets and --full, {DEFAULT_REAL_LR:g})",
+                                   check=positive_up_to(WEIGHT_LR_MAX))
     lr_grid: list[float] | None = setting(None, "choose the learning rate from these values on --eval_split (the same "
                                                 "budget for every set judged); without it the rate is --lr_eval or the "
-                                                "default above", check=all_positive, metavar="LR")
+                                                "default above", check=each(positive_up_to(WEIGHT_LR_MAX)),
+                                          metavar="LR")
     tune_models: int = setting(1, "models per --lr_grid value", check=at_least(1))
     report_split: str = setting("auto", "split the final numbers are reported on: auto = test when its annotation "
                                         "file exists, else --eval_split", choices=("auto", "val", "test"))
@@ -44,9 +46,9 @@ class CoresetSettings(Settings):
     forgetting_epochs: int = setting(2, "epochs of the expert that counts forgetting", check=at_least(1))
     forgetting_batch: int = setting(128, "batch size of that expert", check=at_least(1))
     forgetting_lr_img: float = setting(0.1, "image-side learning rate of the forgetting expert",
-                                       aliases=("lr_teacher_img",), check=positive)
+                                       aliases=("lr_teacher_img",), check=positive_up_to(WEIGHT_LR_MAX))
     forgetting_lr_txt: float = setting(0.1, "text-head learning rate of the forgetting expert",
-                                       aliases=("lr_teacher_txt",), check=positive)
+                                       aliases=("lr_teacher_txt",), check=positive_up_to(WEIGHT_LR_MAX))
     coreset_file: str | None = setting(None, "where the selected coreset is saved (default runs/<dataset>/coresets/"
                                              "<method>_<N>_seed<seed>.pt); an existing file made with the same "
                                              "settings is reused")

@@ -13,7 +13,7 @@ import sys
 import typing
 from dataclasses import dataclass, fields
 
-from settings.base import Settings, coerce, flatten
+from settings.base import Settings, coerce, flatten, value_problem
 from settings.data import DataSettings
 from settings.distillation import DistillSettings
 from settings.experts import ExpertSettings
@@ -112,7 +112,8 @@ def known_keys(program: str) -> dict[str, str]:
 
 def check_section(program: str, section: dict, where: str, extra: tuple[str, ...] = ()) -> dict:
     """A TOML table of flags for `program`: unknown keys are errors naming the nearest valid key, values of the
-    wrong type are errors naming the key; returns it with canonical key names (aliases resolved)."""
+    wrong type or outside the field's allowed values or range are errors naming the key; returns it with
+    canonical key names (aliases resolved)."""
     keys = known_keys(program)
     specs = {f.name: f for cls in group_classes(program).values() for f in cls.specs()}
     out = {}
@@ -124,5 +125,21 @@ def check_section(program: str, section: dict, where: str, extra: tuple[str, ...
             near = difflib.get_close_matches(key, [*keys, *extra], n=1)
             raise UserError(f"{where}: unknown key {key!r} for {program}.py" +
                             (f"; did you mean {near[0]!r}?" if near else ""))
-        out[keys[key]] = coerce(specs[keys[key]], value, where, key)
+        field = specs[keys[key]]
+        out[keys[key]] = coerce(field, value, where, key)
+        problem = value_problem(field, out[keys[key]])
+        if problem:
+            raise UserError(f"{where}: {key} {problem}")
     return out
+
+
+def check_together(program: str, section: dict, where: str, skip: tuple[str, ...] = ("target",)) -> None:
+    """The rules between the flags of `program` (e.g. --mini_batch_size <= --num_pairs) on a checked section
+    (`check_section`: canonical key names) that holds everything the program will be given; the groups in
+    `skip` are left out (evaluate.py's target is added per call)."""
+    for name, cls in group_classes(program).items():
+        if name not in skip:
+            try:
+                cls(**{key: value for key, value in section.items() if key in cls.names()}).validate()
+            except UserError as err:
+                raise UserError(f"{where}: {err}") from None

@@ -5,13 +5,18 @@ import datetime
 import os
 from dataclasses import dataclass
 
-from settings.base import Settings, setting
+from settings.base import Settings, described, non_empty, setting
 from settings.choices import WANDB_MODES
 from utils.cli import UserError
+from utils.device import device_problem
 
+# numpy's legacy seeding takes 32 bits (utils/device.py reduces larger seeds modulo 2**32, so two such seeds
+# would share numpy's stream); up to this bound, every seed derived from it (utils/seeds.py: seed * 100003 +
+# expert number, seed + about 1e9) stays far inside what torch.manual_seed accepts (below 2**63).
+MAX_SEED = 2**32 - 1
 
-def check_seed(value) -> str | None:
-    return None if 0 <= value < 2**63 else "must be a whole number from 0 to 2**63 - 1"
+check_seed = described(lambda v: None if 0 <= v <= MAX_SEED else f"must be a whole number from 0 to {MAX_SEED}",
+                       f"0 to {MAX_SEED}")
 
 
 @dataclass
@@ -19,13 +24,14 @@ class RuntimeSettings(Settings):
     title = "runtime and logging"
 
     seed: int = setting(0, "random seed", check=check_seed)
-    device: str | None = setting(None, "torch device (default: cuda when available, else cpu)")
+    device: str | None = setting(None, "torch device (default: cuda when available, else cpu)",
+                                 check=described(device_problem, "cpu, or cuda[:N] / mps when present"))
     wandb_mode: str | None = setting(None, "wandb logging mode (default: $WANDB_MODE, else offline; offline needs no "
                                            "account or network, sync later with `wandb sync`)", choices=WANDB_MODES)
-    wandb_project: str = setting("vl-distill", "wandb project")
+    wandb_project: str = setting("vl-distill", "wandb project", check=non_empty)
     wandb_entity: str | None = setting(None, "wandb entity (team or user)")
     name: str = setting(datetime.datetime.now().strftime("%Y-%m-%d_%H-%M-%S"), "run name (wandb, default output "
-                                                                               "folders)")
+                                                                               "folders)", check=non_empty)
     progress: bool = setting(True, "show progress bars")
 
     @property

@@ -69,6 +69,10 @@ def test_wandb_mode_flag_wins_then_the_environment_then_offline(monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "disabled")
     assert RuntimeSettings().logging_mode == "disabled"
     assert RuntimeSettings(wandb_mode="online").logging_mode == "online"
+    for program in programs.PROGRAMS:  # the same order when the mode comes from a command line
+        argv = ["--full"] if program == "evaluate" else []
+        assert programs.parse(program, "", [*argv, "--wandb_mode", "offline"]).runtime.logging_mode == "offline"
+        assert programs.parse(program, "", argv).runtime.logging_mode == "disabled"
     monkeypatch.setenv("WANDB_MODE", "sometimes")
     with pytest.raises(UserError, match="WANDB_MODE='sometimes'"):
         RuntimeSettings().logging_mode
