@@ -5,7 +5,14 @@ embeddings) trained with plain SGD for --train_epochs epochs; a snapshot of all 
 parameters is taken before training and after every epoch, and every epoch ends with retrieval
 evaluation on --eval_split. Experts are written one per file pair,
 <buffer_path>/<dataset>/<image_encoder>/<text_encoder>/{img,txt}_replay_buffer_<n>.pt, numbering
-from the first free n, so re-running adds experts.
+from the lowest free n, so re-running adds experts.
+
+Interruptions: the expert in training is kept in a hidden partial folder after every epoch
+(experts/checkpoint.py); simply rerunning the command removes what the killed run left (temporary
+files, half-written pairs) and continues its partial expert under the same number, so that the
+finished expert is bit-identical to one trained in one go (with --num_workers 0 or cached trunk
+outputs: loader worker processes keep random state of their own). The written files hold no
+timestamps: two runs with the same seed write identical .pt files (timing is in metrics_<n>.json).
 
 Several processes: `torchrun --nproc_per_node=K buffer.py ...` splits the experts over K processes.
 """
@@ -23,16 +30,11 @@ from networks import build_model, trainable_parameters
 from settings import programs
 from settings.programs import BufferSettings
 from utils import distributed
-from experts.files import (
-    buffer_dir,
-    claim_metadata,
-    describe_experts,
-    next_free_index,
-    save_expert,
-    save_expert_metrics,
-)
+from experts.checkpoint import ExpertCheckpoint, numbers_to_train, tidy
+from experts.files import buffer_dir, claim_metadata, describe_experts, save_expert, save_expert_metrics
 from utils.cli import run_cli
 from utils.device import pick_device, seed_everything
+from utils.paths import ensure_output_dir
 from utils.seeds import expert_seed
 from evaluation.metrics import format_metrics, format_summary, summarize_runs
 from evaluation.training import (
@@ -62,17 +64,36 @@ def main_process_first(group: distributed.ProcessGroupInfo):
         distributed.barrier()
 
 
-def train_expert(settings: BufferSettings, inputs, device, seed: int, label: str, run):
-    """Train one expert; returns its image and text trajectories and its per-epoch statistics."""
+# Settings that do not change an expert's training (left out when a partial expert is continued).
+NOT_SHAPING_AN_EXPERT = ("num_experts", "buffer_path", "cache_dir", "wandb_mode", "wandb_project", "wandb_entity",
+                         "name", "progress")
+
+
+def expert_settings(settings: BufferSettings, device, seed: int) -> dict:
+    """What an expert's training depends on: a partial expert is continued only under the same."""
+    shaping = {k: v for k, v in settings.snapshot().items() if k not in NOT_SHAPING_AN_EXPERT}
+    return {**shaping, "expert_seed": seed, "device": device.type}
+
+
+def train_expert(settings: BufferSettings, inputs, device, seed: int, label: str, run,
+                 checkpoint: ExpertCheckpoint, resumed: dict | None = None):
+    """Train one expert (continuing from `resumed`, a checkpoint state, if given), saving `checkpoint`
+    after every epoch; returns its image and text trajectories and its per-epoch statistics."""
     data, how, progress = inputs.data, settings.experts, settings.runtime.progress
+    started = time.time() - (resumed["seconds"] if resumed else 0.0)  # seconds count across interruptions
     seed_everything(seed)
     model = build_model(settings.model, data.text_dim).to(device)
     optimizers = sgd_pair(model, how.expert_lr_img, how.expert_lr_txt, how.mom, how.l2)
     loader = inputs.train_batches(how.expert_batch, seed)
-    image_traj, text_traj = [snapshot(model.image_part)], [snapshot(model.text_projection)]
+    if resumed is None:
+        image_traj, text_traj = [snapshot(model.image_part)], [snapshot(model.text_projection)]
+        checkpoint.save_snapshot(0, image_traj[0], text_traj[0])
+        history, done = [], 0
+    else:
+        image_traj, text_traj = checkpoint.restore(resumed, model, optimizers, loader)
+        history, done = resumed["history"], resumed["epochs_done"]
     decay_after = how.train_epochs // 2 + 1
-    history = []
-    epochs = tqdm(range(how.train_epochs), desc=label, unit="epoch", disable=not progress)
+    epochs = tqdm(range(done, how.train_epochs), desc=label, unit="epoch", disable=not progress)
     for epoch in epochs:
         stats = train_one_epoch(model, loader, optimizers, device, progress, desc=f"epoch {epoch}",
                                 loss_type=settings.model.loss_type)
@@ -86,12 +107,15 @@ def train_expert(settings: BufferSettings, inputs, device, seed: int, label: str
                      f"{format_metrics(metrics)}")
         if how.decay and epoch == decay_after:
             scale_learning_rates(optimizers, 0.1)
-    return image_traj, text_traj, history
+        checkpoint.save_snapshot(epoch + 1, image_traj[-1], text_traj[-1])
+        checkpoint.save(epoch + 1, model, optimizers, loader, history, time.time() - started)
+    return image_traj, text_traj, history, time.time() - started
 
 
 def main(argv=None) -> int:
     settings = parse_args(argv)
     runtime, model_settings = settings.runtime, settings.model
+    ensure_output_dir(settings.experts.buffer_path, "--buffer_path")  # a bad folder fails now, not after training
     device = pick_device(runtime.device)
     group = distributed.init_from_env(device)
     with main_process_first(group):
@@ -106,8 +130,9 @@ def main(argv=None) -> int:
         if group.is_main:
             claim_metadata(directory, describe_experts(settings.data, model_settings, probe, data.text_identity,
                                                        data.text_dim, len(data.train.captions)))
-        first = next_free_index(directory)
-    distributed.barrier()  # every rank has read `first` before anyone writes an expert
+            tidy(directory)
+        numbers = numbers_to_train(directory, settings.experts.num_experts)
+    distributed.barrier()  # every rank has its numbers before anyone starts an expert
 
     print(f"[rank {group.rank}] {len(data.train.captions)} train pairs ({len(data.train.image_paths)} images), "
           f"{len(data.eval.image_paths)} {settings.data.eval_split} images; device {device}; experts -> {directory}")
@@ -115,14 +140,17 @@ def main(argv=None) -> int:
                     settings.snapshot(), "buffer", suffix=f"-rank{group.rank}" if group.world_size > 1 else "")
     finals, start = [], time.time()
     for index in group.my_share(settings.experts.num_experts):
-        number = first + index
-        label = f"expert {number}"
-        started = time.time()
-        image_traj, text_traj, history = train_expert(settings, inputs, device, expert_seed(runtime.seed, number),
-                                                      label, run)
+        number, label = numbers[index], f"expert {numbers[index]}"
+        seed = expert_seed(runtime.seed, number)
+        checkpoint, resumed = ExpertCheckpoint.claim(directory, number, expert_settings(settings, device, seed))
+        if resumed is not None:
+            print(f"{label}: continuing the interrupted run's expert after epoch {resumed['epochs_done']}")
+        image_traj, text_traj, history, seconds = train_expert(settings, inputs, device, seed, label, run,
+                                                               checkpoint, resumed)
         saved = save_expert(directory, number, image_traj, text_traj)
         save_expert_metrics(directory, saved, history, {"eval_split": settings.data.eval_split,
-                                                        "seconds": round(time.time() - started, 1)})
+                                                        "seconds": round(seconds, 1)})
+        checkpoint.remove()
         finals.append({k: v for k, v in history[-1].items() if k not in ("epoch", "train_loss", "train_acc")})
         print(f"saved {label} -> {directory}/{{img,txt}}_replay_buffer_{saved}.pt")
     if finals:

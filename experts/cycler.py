@@ -1,12 +1,33 @@
 """Cycling through expert trajectories without loading every buffer file at once (distill.py)."""
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import torch
 
-from experts.files import expert_files, load_expert_pair
+from experts.files import expert_files, load_expert_pair, unpaired_files
 from utils.cli import UserError
+
+
+def _same(first: list[torch.Tensor], second: list[torch.Tensor]) -> bool:
+    return all(torch.equal(a, b) for a, b in zip(first, second))  # stops at the first difference
+
+
+def zero_segment(trajectory: list, min_snapshots: int, expert_epochs: int | None) -> tuple[int, int] | None:
+    """(start, target) epochs of a segment distillation could draw whose two snapshots are identical.
+
+    Matching divides by the distance the expert moved over the segment, so such a segment gives an
+    infinite loss. With `expert_epochs` known, the segments checked are exactly those drawn (start
+    0..min_snapshots - expert_epochs - 1); without it, every epoch that left the parameters unchanged
+    within the snapshots used (a sound expert changes its parameters every epoch).
+    """
+    usable = trajectory[:min_snapshots]
+    step = expert_epochs or 1
+    for start in range(len(usable) - step):
+        if _same(usable[start], usable[start + step]):
+            return start, start + step
+    return None
 
 
 class ExpertCycler:
@@ -18,14 +39,17 @@ class ExpertCycler:
     """
 
     def __init__(self, directory: Path, meta: dict, generator: torch.Generator, min_snapshots: int,
-                 max_files: int | None = None, max_experts: int | None = None):
+                 max_files: int | None = None, max_experts: int | None = None, expert_epochs: int | None = None):
         files = expert_files(directory)
         if not files:
             raise UserError(f"no expert files (img_replay_buffer_<n>.pt + txt_replay_buffer_<n>.pt) in {directory}: "
                             f"run buffer.py first")
+        for path in unpaired_files(directory):
+            print(f"warning: ignoring {path} (its img/txt partner is missing: an interrupted write, or a deleted "
+                  f"file; rerun buffer.py on the folder to finish it, or delete it)", file=sys.stderr)
         self.files = files[:max_files] if max_files else files
         self.meta, self.generator = meta, generator
-        self.min_snapshots, self.max_experts = min_snapshots, max_experts
+        self.min_snapshots, self.max_experts, self.expert_epochs = min_snapshots, max_experts, expert_epochs
         self.order: list[int] = []
         self.file_pos = 0
         self.traj_pos = 0
@@ -42,13 +66,24 @@ class ExpertCycler:
             _, image_path, text_path = self.files[index]
             pairs = load_expert_pair(image_path, text_path, self.meta)
             pairs = pairs[:self.max_experts] if self.max_experts else pairs
-            for image_traj, _ in pairs:
+            for number, (image_traj, text_traj) in enumerate(pairs):
                 if len(image_traj) < self.min_snapshots:
                     raise UserError(f"{image_path.name} holds trajectories of {len(image_traj)} snapshots, but "
                                     f"--max_start_epoch and --expert_epochs need {self.min_snapshots} "
                                     f"(start epochs 0..max_start_epoch-1 plus expert_epochs)")
+                for path, trajectory in ((image_path, image_traj), (text_path, text_traj)):
+                    self._refuse_zero_segment(path, number, trajectory)
             self._loaded = (index, pairs)
         return self._loaded[1]
+
+    def _refuse_zero_segment(self, path: Path, number: int, trajectory: list) -> None:
+        segment = zero_segment(trajectory, self.min_snapshots, self.expert_epochs)
+        if segment is not None:
+            start, target = segment
+            raise UserError(f"{path}, expert {number} of the file: the snapshots of epochs {start} and {target} are "
+                            f"identical, so the segment between them has zero length and matching it would divide "
+                            f"by zero; the expert did not train there (learning rate 0 or frozen parameters?): "
+                            f"train it again, or move its file pair out of the folder")
 
     def peek_check(self) -> None:
         """Load the first file now, so that a bad buffer fails before any heavy work."""

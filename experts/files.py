@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 from pathlib import Path
 
 import torch
@@ -18,11 +19,12 @@ from networks import image_norm, trainable_parameters, trainable_parts
 from settings.data import DataSettings
 from settings.model import ModelSettings
 from utils.cli import UserError
+from experts.reference import REFERENCE_FORMAT, derived_metadata, shape_problem
 from utils.io import atomic_torch_save, atomic_write_json, safe_torch_load
 
 META_NAME = "buffer_meta.json"
+MODEL_KEY = "model_settings"  # in `expected_metadata`: the settings that build the model
 FORMAT_VERSION = 1
-_FILE = re.compile(r"img_replay_buffer_(\d+)\.pt")
 # Metadata entries that must agree for two sets of experts to share a folder or be matched against.
 COMPATIBILITY_KEYS = ("dataset", "train_pairs", "image_encoder", "text_encoder", "text_model", "image_size", "text_dim",
                       "image_dim", "image_norm", "trainable_parts", "image_param_shapes", "text_param_shapes")
@@ -61,7 +63,7 @@ def describe_experts(data: DataSettings, settings: ModelSettings, model, text_id
     }
 
 
-def read_metadata(directory: Path) -> dict | None:
+def _read_meta_file(directory: Path) -> dict | None:
     path = Path(directory) / META_NAME
     if not path.is_file():
         return None
@@ -70,6 +72,15 @@ def read_metadata(directory: Path) -> dict | None:
     except json.JSONDecodeError as err:
         raise UserError(f"buffer metadata {path} is not valid JSON ({err}); delete it only if you know "
                         f"which settings made the experts beside it") from None
+
+
+def read_metadata(directory: Path) -> dict | None:
+    """The folder's buffer_meta.json; for expert files without one (the reference implementation's
+    format) what their tensors tell (`reference_metadata`); None for a folder without experts."""
+    found = _read_meta_file(directory)
+    if found is None and expert_files(directory):
+        return reference_metadata(directory)
+    return found
 
 
 # What buffers written before a metadata entry existed hold.
@@ -97,7 +108,8 @@ def expected_metadata(data: DataSettings, settings: ModelSettings, text_identity
     """What a run with these settings needs its experts' metadata to say (checked by `check_buffer_matches`)."""
     expected = {"dataset": data.dataset, "image_encoder": settings.image_encoder, "text_encoder": settings.text_encoder,
                 "text_model": text_identity, "image_size": settings.image_size, "image_norm": image_norm(settings),
-                "trainable_parts": trainable_parts(settings)}
+                "trainable_parts": trainable_parts(settings),
+                MODEL_KEY: settings}  # not a metadata entry: builds the model a buffer without metadata must fit
     if text_dim is not None:
         expected["text_dim"] = text_dim
     if train_pairs is not None:
@@ -108,8 +120,14 @@ def expected_metadata(data: DataSettings, settings: ModelSettings, text_identity
 def check_buffer_matches(meta: dict | None, directory: Path, expected: dict) -> None:
     """Refuse a buffer made with other encoders, image size, text dimension or data set than asked."""
     if meta is None:
-        raise UserError(f"no experts in {directory} (no {META_NAME}): run buffer.py with the same --dataset, "
+        half = [p.name for p in unpaired_files(directory)] if Path(directory).is_dir() else []
+        found = (f"only {', '.join(half[:3])} without its partner (an interrupted write)" if half else
+                 "no img_replay_buffer_<n>.pt / txt_replay_buffer_<n>.pt pair" if Path(directory).is_dir() else
+                 "no such folder")
+        raise UserError(f"no experts in {directory} ({found}): run buffer.py with the same --dataset, "
                         f"--image_encoder and --text_encoder first, or point --buffer_path at its output")
+    if meta.get("format") == REFERENCE_FORMAT:
+        adopt_reference_buffer(meta, directory, expected)
     problems = mismatches(meta, expected)
     if problems:
         hint = (" (the experts must train what distillation matches: the same --train_stages, --image_projection "
@@ -119,11 +137,35 @@ def check_buffer_matches(meta: dict | None, directory: Path, expected: dict) -> 
         raise UserError(f"the experts in {directory} do not fit this run ({'; '.join(problems[:3])}){hint}")
 
 
+def reference_metadata(directory: Path) -> dict:
+    """Metadata derived from the first expert file pair of a folder without buffer_meta.json."""
+    _, image_path, text_path = expert_files(directory)[0]
+    return derived_metadata(image_path, text_path)
+
+
+def adopt_reference_buffer(meta: dict, directory: Path, expected: dict) -> None:
+    """Check a reference-format buffer's shapes against the model this run builds and complete `meta` in place
+    with this run's settings (what the files cannot tell), with a warning that those are not checked."""
+    settings = expected.get(MODEL_KEY)
+    if settings is None:
+        raise UserError(f"{directory} has expert files but no {META_NAME}, and this program cannot check them "
+                        f"without it")
+    problem = shape_problem(meta, settings)
+    if problem:
+        raise UserError(f"the experts in {directory} (no {META_NAME}: read as the reference implementation's "
+                        f"format) do not fit this run: {problem}")
+    meta.update({key: expected[key] for key in COMPATIBILITY_KEYS
+                 if key in expected and key not in ("text_dim", "train_pairs")})
+    print(f"warning: {directory} has no {META_NAME}: read as the reference implementation's format; the "
+          f"parameter shapes fit this run's model, the data set, text model and image normalisation the "
+          f"experts were trained with cannot be checked", file=sys.stderr)
+
+
 def claim_metadata(directory: Path, meta: dict) -> None:
     """Write `meta` beside new experts, or check it agrees with the experts already there."""
-    found = read_metadata(directory)
+    found = _read_meta_file(directory)
     if found is None:
-        if any(Path(directory).glob("img_replay_buffer_*.pt")):
+        if used_numbers(directory):
             raise UserError(f"{directory} holds expert files but no {META_NAME}; write new experts elsewhere")
         atomic_write_json(meta, Path(directory) / META_NAME)
         return
@@ -133,20 +175,38 @@ def claim_metadata(directory: Path, meta: dict) -> None:
                         f"use another --buffer_path or the same settings")
 
 
+def _numbered(directory: Path, prefix: str) -> dict[int, Path]:
+    found = {}
+    for path in Path(directory).glob(f"{prefix}_replay_buffer_*.pt"):
+        match = re.fullmatch(rf"{prefix}_replay_buffer_(\d+)\.pt", path.name)
+        if match:
+            found[int(match[1])] = path
+    return found
+
+
 def expert_files(directory: Path) -> list[tuple[int, Path, Path]]:
     """(n, image file, text file) for every complete numbered pair, in order of n."""
-    found = []
-    for path in Path(directory).glob("img_replay_buffer_*.pt"):
-        match = _FILE.fullmatch(path.name)
-        txt = path.with_name(f"txt_replay_buffer_{match[1]}.pt") if match else None
-        if txt is not None and txt.is_file():
-            found.append((int(match[1]), path, txt))
-    return sorted(found)
+    images, texts = _numbered(directory, "img"), _numbered(directory, "txt")
+    return [(n, images[n], texts[n]) for n in sorted(images.keys() & texts.keys())]
+
+
+def complete_numbers(directory: Path) -> set[int]:
+    return {n for n, _, _ in expert_files(directory)}
+
+
+def used_numbers(directory: Path) -> set[int]:
+    """Numbers with an image or a text file (a complete pair or half of one)."""
+    return _numbered(directory, "img").keys() | _numbered(directory, "txt").keys()
+
+
+def unpaired_files(directory: Path) -> list[Path]:
+    """Buffer files whose partner is missing (an interrupted write, or a deleted file): readers skip them."""
+    images, texts = _numbered(directory, "img"), _numbered(directory, "txt")
+    return sorted([images[n] for n in images.keys() - texts.keys()] + [texts[n] for n in texts.keys() - images.keys()])
 
 
 def next_free_index(directory: Path) -> int:
-    used = {int(m[1]) for p in Path(directory).glob("*_replay_buffer_*.pt")
-            if (m := re.fullmatch(r"(?:img|txt)_replay_buffer_(\d+)\.pt", p.name))}
+    used = used_numbers(directory)
     n = 0
     while n in used:
         n += 1

@@ -1,9 +1,19 @@
-"""Safe file I/O: atomic writes and pickle-free loads."""
+"""Safe file I/O: atomic writes and pickle-free loads.
+
+A file is written under a hidden temporary name beside its final one, then moved into place in one
+step. The temporary name carries its writer (`.NAME~HOST~PID~RANDOM.tmp`), so that a later run can
+tell the leftovers of a killed process (`remove_stale_temporaries`) from a live writer's file. Files
+are created with the user's umask, like any other tool's.
+"""
 from __future__ import annotations
 
+import errno
 import json
 import os
-import tempfile
+import re
+import secrets
+import socket
+import time
 from pathlib import Path
 
 import torch
@@ -11,12 +21,76 @@ import torch
 from utils.cli import UserError
 from utils.paths import disk_full_message
 
+# A temporary file whose writer cannot be asked (another machine, or an older name without a
+# writer) counts as left over once it is this old.
+STALE_AFTER_SECONDS = 24 * 3600
+_OWNED = re.compile(r"~(?P<host>[^~/]*)~(?P<pid>\d+)~[^~/]*\.tmp$")
+
+
+def owner_tag() -> str:
+    """`HOST~PID` of this process, as temporary and partial file names carry it."""
+    return f"{socket.gethostname()}~{os.getpid()}"
+
+
+def owner_is_gone(host: str, pid: int) -> bool | None:
+    """Whether the process `pid` on `host` no longer runs; None when it cannot be known (another host).
+
+    This process itself counts as gone: at the start of a run nothing of its own is being written, so
+    what it finds of its own was left by an earlier, interrupted call in the same interpreter.
+    """
+    if host != socket.gethostname():
+        return None
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # it exists, under another user
+        return False
+    return False
+
+
+def is_stale(path: Path, host: str | None, pid: int | None) -> bool:
+    """A leftover: its writer is gone, or (when the writer cannot be asked) it is older than STALE_AFTER_SECONDS."""
+    gone = owner_is_gone(host, pid) if host is not None and pid is not None else None
+    if gone is not None:
+        return gone
+    try:
+        return time.time() - path.stat().st_mtime > STALE_AFTER_SECONDS
+    except FileNotFoundError:
+        return False
+
+
+def remove_stale_temporaries(folder) -> list[Path]:
+    """Delete the temporary files (`.*.tmp`) in `folder` left by processes that no longer run; returns them.
+
+    A live writer's temporary file is never touched; one whose writer cannot be asked is removed only
+    once older than STALE_AFTER_SECONDS.
+    """
+    removed = []
+    for path in Path(folder).glob(".*.tmp"):
+        owned = _OWNED.search(path.name)
+        host, pid = (owned["host"], int(owned["pid"])) if owned else (None, None)
+        if is_stale(path, host, pid):
+            try:
+                path.unlink()
+                removed.append(path)
+            except FileNotFoundError:  # another run cleaned it meanwhile
+                pass
+    return removed
+
 
 def _temporary_sibling(path: Path) -> Path:
+    """Create an empty hidden temporary file beside `path`, named after its writer, with the umask's mode."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    return Path(tmp)
+    while True:
+        tmp = path.with_name(f".{path.name}~{owner_tag()}~{secrets.token_hex(4)}.tmp")
+        try:
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            return tmp
+        except FileExistsError:
+            continue
 
 
 def atomic_torch_save(obj, path, *, overwrite: bool = True) -> Path:
@@ -28,7 +102,8 @@ def atomic_torch_save(obj, path, *, overwrite: bool = True) -> Path:
     path = Path(path)
     tmp = _temporary_sibling(path)
     try:
-        torch.save(obj, tmp)
+        with open(tmp, "wb") as handle:  # through a handle: the archive inside is named "archive", not
+            torch.save(obj, handle)      # after the random temporary name, so equal data gives equal bytes
         if overwrite:
             os.replace(tmp, path)
         else:
@@ -68,7 +143,6 @@ def _os_error_in(err: BaseException) -> OSError | None:
         if isinstance(err, OSError):
             return err
         if "No space left on device" in str(err):
-            import errno
             return OSError(errno.ENOSPC, "No space left on device")
         err = err.__cause__ or err.__context__
     return None
@@ -78,13 +152,15 @@ def atomic_write_json(obj, path) -> Path:
     return atomic_write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n", path)
 
 
-def safe_torch_load(path, what: str = "file"):
-    """`torch.load(weights_only=True)` on the CPU, with a clear error for missing or damaged files."""
+def safe_torch_load(path, what: str = "file", mmap: bool = False):
+    """`torch.load(weights_only=True)` on the CPU, with a clear error for missing or damaged files.
+
+    `mmap=True` maps the tensors' storage instead of reading it (cheap when only shapes are needed)."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{what} not found: {path}")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as err:  # torch raises many types for truncated/corrupt/unsafe files
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise UserError(f"{what} {path} is corrupt, truncated or not a tensor file ({reason[:200]}); "

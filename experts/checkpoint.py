@@ -1,0 +1,169 @@
+"""The expert in training, kept on disk after every epoch so that an interrupted buffer.py continues it.
+
+While expert n trains, `<buffer folder>/.partial_<n>~HOST~PID/` holds `snapshot_<e>.pt` (the image and
+text snapshots after epoch e; 0 is before training) and `state.pt` (the epochs done, the model's and
+optimisers' states, every random stream, the per-epoch metrics and the settings that shape the
+expert). Readers never look at hidden folders. A later run claims the folder of a process that no
+longer runs by renaming it to its own name (of two claimants only one rename succeeds), checks the
+settings and continues after the last complete epoch, so that the finished expert is bit-identical to
+one trained in one go. The folder goes once the expert's file pair is written.
+"""
+from __future__ import annotations
+
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from experts.files import complete_numbers, used_numbers
+from utils.cli import UserError
+from utils.io import atomic_torch_save, is_stale, owner_tag, remove_stale_temporaries, safe_torch_load
+from utils.rng import restore_rng, rng_state
+
+_PARTIAL = re.compile(r"\.partial_(?P<n>\d+)~(?P<host>[^~/]*)~(?P<pid>\d+)")
+STATE = "state.pt"
+
+
+def _partials(directory: Path) -> list[tuple[int, Path, bool]]:
+    """(expert number, folder, whether its writer is gone) for every partial expert folder."""
+    found = []
+    for path in Path(directory).glob(".partial_*"):
+        match = _PARTIAL.fullmatch(path.name)
+        if match and path.is_dir():
+            found.append((int(match["n"]), path, is_stale(path, match["host"], int(match["pid"]))))
+    return sorted(found)
+
+
+def _say(message: str) -> None:
+    print(message, flush=True)
+
+
+def tidy(directory: Path) -> None:
+    """Remove what killed runs left in a buffer folder: temporary files, the partial folders of experts
+    that were written after all, and the image file of a pair whose text file never came (its partial
+    folder is kept, so the expert is written again from it)."""
+    directory = Path(directory)
+    for path in remove_stale_temporaries(directory):
+        _say(f"removed {path.name} (left by an interrupted run)")
+    complete = complete_numbers(directory)
+    for number, folder, gone in _partials(directory):
+        if not gone:
+            continue
+        if number in complete:
+            shutil.rmtree(folder, ignore_errors=True)
+            _say(f"removed {folder.name}: expert {number} was written completely")
+            continue
+        half = directory / f"img_replay_buffer_{number}.pt"
+        if half.is_file() and not (directory / f"txt_replay_buffer_{number}.pt").exists():
+            half.unlink()
+            _say(f"removed {half.name}: its text file was never written; expert {number} is written again "
+                 f"from {folder.name}")
+
+
+def numbers_to_train(directory: Path, count: int) -> list[int]:
+    """The `count` lowest expert numbers with no file in the folder and no partial folder of a live run
+    (a dead run's partial expert is continued under its own number, so it comes first)."""
+    taken = used_numbers(directory) | {n for n, _, gone in _partials(directory) if not gone}
+    numbers, n = [], 0
+    while len(numbers) < count:
+        if n not in taken:
+            numbers.append(n)
+        n += 1
+    return numbers
+
+
+def _numpy_state() -> dict:
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+            "has_gauss": int(has_gauss), "gauss": float(gauss)}
+
+
+def _set_numpy_state(state: dict) -> None:
+    np.random.set_state((state["kind"], state["keys"].numpy().astype(np.uint32), state["pos"], state["has_gauss"],
+                         state["gauss"]))
+
+
+class ExpertCheckpoint:
+    """This process's partial folder for expert `number` (see the module docstring)."""
+
+    def __init__(self, directory: Path, number: int, settings: dict):
+        self.folder = Path(directory) / f".partial_{number}~{owner_tag()}"
+        self.number, self.settings = number, settings
+
+    @classmethod
+    def claim(cls, directory: Path, number: int, settings: dict) -> tuple[ExpertCheckpoint, dict | None]:
+        """This process's checkpoint for expert `number`, and the state to continue from when a run that
+        no longer runs left one made with the same `settings` (None: start afresh)."""
+        checkpoint = cls(directory, number, settings)
+        state = None
+        for n, folder, gone in _partials(directory):
+            if n != number or not gone:
+                continue
+            if state is None and checkpoint._take_over(folder):
+                state = checkpoint._read_state()
+            elif folder != checkpoint.folder:
+                shutil.rmtree(folder, ignore_errors=True)
+        if state is None:
+            shutil.rmtree(checkpoint.folder, ignore_errors=True)
+        checkpoint.folder.mkdir(parents=True, exist_ok=True)
+        return checkpoint, state
+
+    def _take_over(self, folder: Path) -> bool:
+        if folder != self.folder:
+            shutil.rmtree(self.folder, ignore_errors=True)  # an own leftover of an earlier call gives way
+        try:
+            os.rename(folder, self.folder)
+        except FileNotFoundError:  # another run claimed it first
+            return False
+        remove_stale_temporaries(self.folder)
+        return True
+
+    def _read_state(self) -> dict | None:
+        path = self.folder / STATE
+        if not path.is_file():
+            return None
+        try:
+            state = safe_torch_load(path, "partial expert state")
+        except UserError as err:
+            _say(f"expert {self.number}: {err}; training it afresh")
+            return None
+        if state.get("settings") != self.settings:
+            changed = sorted(k for k in {*state.get("settings", {}), *self.settings}
+                             if state.get("settings", {}).get(k) != self.settings.get(k))
+            _say(f"expert {self.number}: the interrupted run's partial expert was made with other settings "
+                 f"({', '.join(changed[:4])}); training it afresh")
+            return None
+        return state
+
+    def _snapshot_path(self, epoch: int) -> Path:
+        return self.folder / f"snapshot_{epoch}.pt"
+
+    def save_snapshot(self, epoch: int, image_snapshot: list, text_snapshot: list) -> None:
+        atomic_torch_save([image_snapshot, text_snapshot], self._snapshot_path(epoch))
+
+    def save(self, epochs_done: int, model, optimizers, loader, history: list[dict], seconds: float) -> None:
+        """After epoch `epochs_done` (its snapshot saved first): everything needed to continue from here."""
+        state = {"settings": self.settings, "epochs_done": epochs_done, "model": model.state_dict(),
+                 "optimizers": [o.state_dict() for o in optimizers],
+                 "rng": rng_state(getattr(loader, "generator", None)), "python_rng": random.getstate(),
+                 "numpy_rng": _numpy_state(), "history": history, "seconds": seconds}
+        atomic_torch_save(state, self.folder / STATE)
+
+    def restore(self, state: dict, model, optimizers, loader) -> tuple[list, list]:
+        """Put `state` back into the model, optimisers and random streams; returns the trajectories so far."""
+        model.load_state_dict(state["model"])
+        for optimizer, saved in zip(optimizers, state["optimizers"]):
+            optimizer.load_state_dict(saved)
+        restore_rng(state["rng"], getattr(loader, "generator", None))
+        random.setstate(state["python_rng"])
+        _set_numpy_state(state["numpy_rng"])
+        snapshots = [safe_torch_load(self._snapshot_path(e), "partial expert snapshot")
+                     for e in range(state["epochs_done"] + 1)]
+        return [s[0] for s in snapshots], [s[1] for s in snapshots]
+
+    def remove(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)
