@@ -32,11 +32,14 @@ from comparison.programs import run, run_configuration
 from comparison.pipeline import (
     as_flags,
     banner,
+    check_sections,
     distill_settings,
     distill_stage,
     experts_stage,
     load_config,
+    output_folder,
 )
+from settings.programs import Parser
 from utils.cli import UserError
 from utils.io import read_json_if_present
 from evaluation.metrics import markdown_table, table_cells
@@ -50,7 +53,8 @@ DEFAULT_METHODS = {
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                    prog="python -m bench.bench_methods")
     parser.add_argument("config", help="the pipeline's TOML file")
     parser.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), help="methods to run, in order")
     parser.add_argument("--out_dir", default=None, help="output folder (default: out_dir in the config)")
@@ -58,7 +62,10 @@ def parse_args(argv=None):
     parser.add_argument("--time_iterations", type=int, default=0,
                         help="time K fresh iterations of every method back to back for the s / iteration column "
                              "(0 = the distillation runs' own timing)")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.time_iterations < 0:
+        parser.error(f"--time_iterations must be 0 or more, got {args.time_iterations}")
+    return args
 
 
 def method_config(config: dict, name: str) -> dict:
@@ -70,7 +77,7 @@ def method_config(config: dict, name: str) -> dict:
     merged = copy.deepcopy(config)
     for section in ("common", "distill"):
         merged[section].update(extra.get(section, {}))
-    return merged
+    return check_sections(merged, f"method {name} ([methods.{name}] on top of the config)")
 
 
 def method_experts(config: dict, name: str, out: Path) -> tuple[dict, Path]:
@@ -129,7 +136,9 @@ def start_cell(start: dict | None) -> str:
 def main(argv=None) -> int:
     args = parse_args(argv)
     config = load_config(args.config, args.data)
-    out = Path(args.out_dir or config.get("out_dir", "outputs/pipeline"))
+    for name in args.methods:  # every method's settings checked before any work starts
+        method_config(config, name)
+    out = output_folder(args.out_dir, config)
     reports = {name: run_method(config, name, out) for name in args.methods}
     if args.time_iterations > 0:
         for name in args.methods:

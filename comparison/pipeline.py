@@ -22,13 +22,16 @@ row's learning rate; the table is on the report split (test when its annotation 
 Each stage records the flags it ran with; re-running reuses every stage whose flags are unchanged and
 redoes a changed stage and everything after it. --fresh starts over.
 
-Writes to `out_dir`: results.md (the table with worth-N), results.json (every metric with its runs, the
-choices, worth-N), worth_n.png (r_mean against N), the distilled images and nearest captions of the first
-seed, and buffers/, distill/, results/ with everything behind them.
+Writes to `out_dir` (a relative one is taken from the directory pipeline.py starts in): results.md (the
+table with worth-N), results.json (every metric with its runs, the choices, worth-N), worth_n.png (r_mean
+against N), the distilled images and nearest captions of the first seed, and buffers/, distill/, results/
+with everything behind them. Every setting (each section's keys, [compare], the seeds, the output folder)
+is checked before the first program runs.
 """
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
 import shutil
 import time
@@ -40,18 +43,28 @@ from data.distilled_set import load_distilled_set
 from evaluation.metrics import format_table, markdown_table, summarize_runs, table_cells
 from evaluation.worth import plot_worth, worth_n
 from experts.files import expert_files, read_expert_metrics
-from settings.programs import check_section
+from settings.base import coerce, value_problem
+from settings.judging import JudgingSettings, TargetSettings
+from settings.programs import Parser, check_section, check_together
+from settings.protocol import ProtocolSettings
+from settings.runtime import check_seed
 from utils.cli import UserError
+from utils.paths import ensure_output_dir
 
 SECTIONS = ("common", "buffer", "distill", "evaluate", "compare", "methods", "regimes")  # [methods], [regimes]: comparison/methods.py, regimes.py
 NOT_METRICS = ("epoch", "train_loss", "train_acc")
 FULL = "all"  # the key of the full-data row in `epochs_per_size`
 # The sections whose keys are flags of a program, and the keys the pipeline itself reads there.
 PROGRAM_SECTIONS = {"buffer": ("buffer", ()), "distill": ("distill", ("seeds",)), "evaluate": ("evaluate", ())}
+# The [compare] keys that are lists of values of an evaluate.py flag, and that flag's settings field.
+COMPARE_LISTS = {"ladder": (JudgingSettings, "coreset_size"), "coreset_sizes": (JudgingSettings, "coreset_size"),
+                 "coreset_methods": (TargetSettings, "coreset")}
+COMPARE_KEYS = (*COMPARE_LISTS, "centroids", "full", "epochs_per_size")
+FULL_MODES = ("train", "experts")
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, prog="pipeline.py")
     parser.add_argument("config", help="TOML file with [common], [buffer], [distill], [evaluate], [compare]")
     parser.add_argument("--out_dir", default=None, help="output folder (default: out_dir in the config)")
     parser.add_argument("--data", default=None, help="image root of the data set (sets common.image_root)")
@@ -74,17 +87,74 @@ def load_config(path: str, data: str | None) -> dict:
         config.setdefault(section, {})
         if not isinstance(config[section], dict):
             raise UserError(f"config file {path}: [{section}] must be a table, got {config[section]!r}")
-    # Every program's section is checked against its typed settings (settings/programs.py): an unknown key
-    # is an error naming the nearest valid one, a value of the wrong type an error naming the key.
-    for program in PROGRAM_SECTIONS:
-        config["common"] = check_section(program, config["common"], f"{path} [common]")
-    for section, (program, extra) in PROGRAM_SECTIONS.items():
-        config[section] = check_section(program, config[section], f"{path} [{section}]", extra)
+    check_sections(config, f"config file {path}")
     if data is not None:
         if not Path(data).is_dir():
             raise UserError(f"--data {data} is not a folder")
         config["common"]["image_root"] = str(Path(data).resolve())
     return config
+
+
+def check_sections(config: dict, where: str) -> dict:
+    """Check the program sections of a config in place, before any work: each section against the program's typed
+    settings (settings/programs.py: an unknown key is an error naming the nearest valid one, a value of the
+    wrong type or out of range an error naming the key), then the rules between flags on what each program
+    will be given ([common] with its section), and the distillation seeds."""
+    for program in PROGRAM_SECTIONS:
+        config["common"] = check_section(program, config["common"], f"{where} [common]")
+    for section, (program, extra) in PROGRAM_SECTIONS.items():
+        config[section] = check_section(program, config[section], f"{where} [{section}]", extra)
+        flags = {key: value for key, value in config[section].items() if key not in extra}
+        check_together(program, {**config["common"], **flags}, f"{where} [common] with [{section}]")
+    distill_settings(config, where)
+    check_compare(config["compare"], f"{where} [compare]")
+    return config
+
+
+def compare_value(cls, name: str, value, where: str, key: str):
+    """A [compare] value that becomes evaluate.py's `--name`: the same type and range as the flag."""
+    field = next(f for f in cls.specs() if f.name == name)
+    value = coerce(field, value, where, key)
+    problem = value_problem(field, value)
+    if problem:
+        raise UserError(f"{where}: {key} {problem}")
+    return value
+
+
+def check_compare(compare: dict, where: str) -> None:
+    """The [compare] table: known keys, and values that the evaluate.py calls they become accept."""
+    for key, value in compare.items():
+        if key not in COMPARE_KEYS:
+            near = difflib.get_close_matches(key, COMPARE_KEYS, n=1)
+            raise UserError(f"{where}: unknown key {key!r}" + (f"; did you mean {near[0]!r}?" if near else
+                                                               f" (valid keys: {', '.join(COMPARE_KEYS)})"))
+        if key in COMPARE_LISTS:
+            if not isinstance(value, list):
+                raise UserError(f"{where}: {key} must be a list, got {value!r}")
+            for item in value:
+                compare_value(*COMPARE_LISTS[key], item, where, key)
+    if not isinstance(compare.get("centroids", False), bool):
+        raise UserError(f"{where}: centroids must be true or false, got {compare['centroids']!r}")
+    if compare.get("full", "train") not in FULL_MODES:
+        raise UserError(f"{where}: full must be 'train' (the evaluation protocol on all pairs) or 'experts', "
+                        f"got {compare['full']!r}")
+    epochs = compare.get("epochs_per_size", {})
+    if not isinstance(epochs, dict):
+        raise UserError(f"{where}: epochs_per_size must be a table such as {{1000 = 10, {FULL} = 4}}, got {epochs!r}")
+    for size, count in epochs.items():
+        if size != FULL and not (size.isdigit() and int(size) > 0):
+            raise UserError(f"{where}: epochs_per_size keys are set sizes or {FULL!r}, got {size!r}")
+        compare_value(ProtocolSettings, "epoch_eval_train", count, where, f"epochs_per_size.{size}")
+
+
+def output_folder(flag: str | None, config: dict) -> Path:
+    """The output folder (--out_dir, else the config's out_dir), made absolute once from the current directory:
+    every stage and every program it runs then names the same folder, whatever directory they run in. Checked
+    writable before any work starts."""
+    given, name = (flag, "--out_dir") if flag is not None else (config.get("out_dir", "outputs/pipeline"), "out_dir")
+    if not isinstance(given, str) or not given.strip():
+        raise UserError(f"{name} must be a folder name, got {given!r}")
+    return ensure_output_dir(Path(given).expanduser().resolve(), name)
 
 
 def as_flags(section: dict) -> list[str]:
@@ -140,17 +210,29 @@ def experts_stage(config: dict, out: Path) -> Path:
     if have < wanted:
         run("buffer.py", common + as_flags(settings) + ["--buffer_path", str(buffers), "--num_experts",
                                                           str(wanted - have)])
-    return next(p.parent for p in buffers.glob("**/buffer_meta.json"))
+    return expert_folder(buffers)
 
 
-def distill_settings(config: dict) -> tuple[dict, list[int]]:
+def expert_folder(buffers: Path) -> Path:
+    """The folder of the experts buffer.py wrote under `buffers` (a clear error if it wrote none there)."""
+    found = next(buffers.glob("**/buffer_meta.json"), None)
+    if found is None:
+        raise UserError(f"buffer.py finished but no experts are under {buffers} (no buffer_meta.json)")
+    return found.parent
+
+
+def distill_settings(config: dict, where: str = "config") -> tuple[dict, list[int]]:
     """The distill.py flags without `seeds`, and the distillation seeds (default: the one `seed`)."""
     settings = dict(config["distill"])
     seeds = settings.pop("seeds", None)
     if seeds is None:
         seeds = [int(settings.get("seed", config["common"].get("seed", 0)))]
-    if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) for s in seeds):
-        raise UserError(f"[distill] seeds must be a non-empty list of whole numbers, got {seeds!r}")
+    whole = [isinstance(s, int) and not isinstance(s, bool) for s in seeds] if isinstance(seeds, list) else [False]
+    if not seeds or not all(whole):
+        raise UserError(f"{where} [distill]: seeds must be a non-empty list of whole numbers, got {seeds!r}")
+    problem = next((check_seed(s) for s in seeds if check_seed(s)), None)
+    if problem:
+        raise UserError(f"{where} [distill]: seeds: each {problem}, got {seeds!r}")
     return settings, seeds
 
 
@@ -181,18 +263,16 @@ def epochs_for(config: dict, size: int | str) -> list[str]:
 
 
 def full_data_row(config: dict, out: Path, expert_dir: Path, evaluate_flags: list[str]) -> tuple[str, dict]:
-    mode = config["compare"].get("full", "train")
+    mode = config["compare"].get("full", "train")  # one of FULL_MODES (check_compare)
     if mode == "train":
         return "full data", run_configuration("full", ["--full", *epochs_for(config, FULL)], evaluate_flags,
                                               out / "results")
-    if mode == "experts":
-        found = read_expert_metrics(expert_dir)
-        if len(found) < 2:
-            raise UserError(f"the full-data row needs the metrics of at least 2 experts in {expert_dir}")
-        finals = [{k: v for k, v in m["epochs"][-1].items() if k not in NOT_METRICS} for m in found.values()]
-        epochs = found[min(found)]["epochs"][-1]["epoch"]
-        return f"full data ({len(found)} experts, {epochs} ep)", {"metrics": summarize_runs(finals), "source": "experts"}
-    raise UserError(f"[compare] full must be 'train' (the evaluation protocol on all pairs) or 'experts', got {mode!r}")
+    found = read_expert_metrics(expert_dir)  # "experts": their last epoch, read off their metrics
+    if len(found) < 2:
+        raise UserError(f"the full-data row needs the metrics of at least 2 experts in {expert_dir}")
+    finals = [{k: v for k, v in m["epochs"][-1].items() if k not in NOT_METRICS} for m in found.values()]
+    epochs = found[min(found)]["epochs"][-1]["epoch"]
+    return f"full data ({len(found)} experts, {epochs} ep)", {"metrics": summarize_runs(finals), "source": "experts"}
 
 
 def coreset_row(config: dict, results: Path, evaluate_flags: list[str], method: str, count: int) -> tuple[str, dict]:
@@ -213,10 +293,10 @@ def pooled(reports: list[dict]) -> dict:
 def main(argv=None) -> int:
     args = parse_args(argv)
     config = load_config(args.config, args.data)
-    out = Path(args.out_dir or config.get("out_dir", "outputs/pipeline"))
-    if args.fresh and out.exists():
+    out = output_folder(args.out_dir, config)
+    if args.fresh:
         shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
+        out.mkdir(parents=True)
     started, times = time.time(), {}
     _, seeds = distill_settings(config)
     size = int(config["distill"].get("num_pairs", 100))
@@ -323,6 +403,15 @@ def write_outputs(out: Path, distilled: Path, reports: dict[str, dict], ladder: 
     print(f"wrote {out / 'results.md'}, {out / 'results.json'}" + (f", {plot}" if plot else ""))
 
 
+def margin(ours: dict, other: dict) -> str:
+    """How far one r_mean summary lies above another: in units of the larger std, or in r_mean points when
+    neither has any spread (a single model, or identical runs), where a ratio would be meaningless."""
+    difference, spread = ours["mean"] - other["mean"], max(ours["std"], other["std"])
+    if spread > 0:
+        return f"{difference / spread:+.1f} std"
+    return f"{difference:+.2f} points (no spread: both std 0)"
+
+
 def verdict(reports: dict[str, dict], worth: dict[str, dict | None]) -> str:
     """The distilled set against every other row, and what each set is worth in random real pairs."""
     distilled = next(((k, v["metrics"]["r_mean"]) for k, v in reports.items() if k.startswith("distilled-")), None)
@@ -333,9 +422,7 @@ def verdict(reports: dict[str, dict], worth: dict[str, dict | None]) -> str:
             if label.startswith("distilled-"):
                 continue
             other = report["metrics"]["r_mean"]
-            margin = (ours["mean"] - other["mean"]) / max(ours["std"], other["std"], 1e-12)
-            lines.append(f"{name} r_mean {ours['mean']:.2f} vs {label} {other['mean']:.2f}: "
-                         f"{'+' if margin >= 0 else ''}{margin:.1f} std")
+            lines.append(f"{name} r_mean {ours['mean']:.2f} vs {label} {other['mean']:.2f}: {margin(ours, other)}")
     for label, value in worth.items():
         if value is not None and "(seed" not in label:
             lines.append(f"{label} is worth {value['text']} random real pairs")

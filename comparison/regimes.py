@@ -26,11 +26,13 @@ import time
 from pathlib import Path
 
 from comparison.programs import run, run_configuration
-from comparison.pipeline import as_flags, banner, distill_settings, load_config
+from comparison.pipeline import (as_flags, banner, check_sections, distill_settings, expert_folder, load_config,
+                                 output_folder)
 from data.build import default_cache_dir
 from data.distilled_set import load_distilled_set
-from utils.cli import UserError
 from evaluation.metrics import markdown_table
+from settings.programs import Parser
+from utils.cli import UserError
 
 DEFAULT_REGIMES = {
     "frozen": {"common": {"train_stages": 0}},
@@ -40,7 +42,8 @@ DEFAULT_REGIMES = {
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                    prog="python -m bench.bench_regimes")
     parser.add_argument("config", help="the pipeline's TOML file")
     parser.add_argument("--budget", type=float, default=15.0, help="minutes per regime (experts + distillation)")
     parser.add_argument("--regimes", nargs="+", default=list(DEFAULT_REGIMES), help="regimes to run, in order")
@@ -49,8 +52,10 @@ def parse_args(argv=None):
     parser.add_argument("--out_dir", default=None, help="output folder (default: out_dir in the config)")
     parser.add_argument("--data", default=None, help="image root of the data set (sets common.image_root)")
     args = parser.parse_args(argv)
-    if not args.budget > 0:
-        parser.error("--budget must be a positive number of minutes")
+    if not 0 < args.budget < float("inf"):
+        parser.error(f"--budget must be a positive number of minutes, got {args.budget}")
+    if args.max_iterations < 1:
+        parser.error(f"--max_iterations must be at least 1, got {args.max_iterations}")
     return args
 
 
@@ -62,7 +67,7 @@ def regime_config(config: dict, name: str) -> dict:
     for section in ("common", "buffer", "distill", "evaluate"):
         merged.setdefault(section, {})
         merged[section].update({**DEFAULT_REGIMES.get(name, {}).get(section, {}), **extra.get(section, {})})
-    return merged
+    return check_sections(merged, f"regime {name} ([regimes.{name}] on top of the config)")
 
 
 def run_regime(config: dict, name: str, out: Path, budget: float, max_iterations: int) -> dict:
@@ -85,7 +90,7 @@ def run_regime(config: dict, name: str, out: Path, budget: float, max_iterations
                         f"or make them cheaper in [regimes.{name}] buffer")
     distill_flags = dict(distill_settings(settings)[0])
     distill_flags.update(Iteration=max_iterations, time_budget=round(left, 3))
-    expert_dir = next((folder / "buffers").glob("**/buffer_meta.json")).parent
+    expert_dir = expert_folder(folder / "buffers")
     run("distill.py", common + as_flags(distill_flags) + ["--buffer_path", str(expert_dir), "--save_dir",
                                                            str(folder / "distill"), "--draw", "False"])
     total = (time.time() - started) / 60
@@ -106,7 +111,9 @@ def run_regime(config: dict, name: str, out: Path, budget: float, max_iterations
 def main(argv=None) -> int:
     args = parse_args(argv)
     config = load_config(args.config, args.data)
-    out = Path(args.out_dir or config.get("out_dir", "outputs/pipeline"))
+    for name in args.regimes:  # every regime's settings checked before any work starts
+        regime_config(config, name)
+    out = output_folder(args.out_dir, config)
     results = {name: run_regime(config, name, out, args.budget, args.max_iterations) for name in args.regimes}
     cell = lambda s: f"{s['r_mean']['mean']:.2f} ± {s['r_mean']['std']:.2f}"  # noqa: E731
     rows = [[name, f"{r['expert_minutes']:.1f}", str(r["iterations"]), f"{r['seconds_per_iteration']:.2f}",

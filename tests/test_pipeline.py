@@ -298,3 +298,61 @@ def test_the_programs_run_in_processes_of_their_own(tmp_path):
         assert real_launch("evaluate", ["--coreset", "random"], log) == 2
     text = (tmp_path / "log.txt").read_text()
     assert "usage: evaluate.py" in text and "error: --coreset needs --coreset_size" in text
+
+
+class StopAfterExperts(Exception):
+    pass
+
+
+def test_a_relative_out_dir_is_taken_from_the_callers_directory(tiny_shapes, cache_dir, tmp_path, monkeypatch):
+    """Resolved once, from where pipeline.py was started: programs launched from another directory still write
+    where the pipeline looks for their outputs."""
+    caller, elsewhere = tmp_path / "caller", tmp_path / "elsewhere"
+    caller.mkdir(), elsewhere.mkdir()
+    config = caller / "toy.toml"
+    config.write_text(TOY.format(out="rel/run", root=tiny_shapes, cache=cache_dir))
+
+    def launch_elsewhere(program, flags, log=None):
+        with monkeypatch.context() as inside:
+            inside.chdir(elsewhere)
+            return launch_in_process(program, flags, log)
+
+    real_experts_stage = pipeline.experts_stage
+
+    def experts_then_stop(config, out):
+        found = real_experts_stage(config, out)
+        raise StopAfterExperts(found)
+
+    monkeypatch.setattr(programs, "launch", launch_elsewhere)
+    monkeypatch.setattr(pipeline, "experts_stage", experts_then_stop)
+    monkeypatch.chdir(caller)
+    with pytest.raises(StopAfterExperts) as stopped:
+        pipeline.main([str(config)])
+    found = stopped.value.args[0]
+    assert found.is_absolute() and found.is_relative_to(caller / "rel" / "run" / "buffers")
+    assert (found / "img_replay_buffer_1.pt").is_file() and not (elsewhere / "rel").exists()
+
+
+def test_an_out_dir_that_cannot_be_a_folder_is_refused_before_any_work(tiny_shapes, cache_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(programs, "launch", lambda *a, **k: pytest.fail("a program ran"))
+    (tmp_path / "taken").write_text("a file")
+    config = tmp_path / "toy.toml"
+    config.write_text(TOY.format(out=tmp_path / "taken" / "run", root=tiny_shapes, cache=cache_dir))
+    with pytest.raises(UserError, match=r"out_dir .*taken/run: .*taken is a file, not a folder"):
+        pipeline.main([str(config)])
+    with pytest.raises(UserError, match=r"--out_dir .*taken: .*taken is a file, not a folder"):
+        pipeline.main([str(config), "--out_dir", str(tmp_path / "taken"), "--fresh"])
+    assert (tmp_path / "taken").read_text() == "a file"
+
+
+def r_mean(mean: float, std: float) -> dict:
+    return {"metrics": {"r_mean": {"mean": mean, "std": std}}}
+
+
+def test_the_summary_reads_margins_in_stds_or_in_points_when_there_is_no_spread():
+    reports = {"distilled-6 (seed 0)": r_mean(12.3, 0.0), "random-6": r_mean(10.0, 0.0), "random-12": r_mean(11.3, 0.5),
+               "full data": r_mean(14.3, 1.0)}
+    lines = pipeline.verdict(reports, {label: None for label in reports}).splitlines()
+    assert lines == ["distilled-6 (seed 0) r_mean 12.30 vs random-6 10.00: +2.30 points (no spread: both std 0)",
+                     "distilled-6 (seed 0) r_mean 12.30 vs random-12 11.30: +2.0 std",
+                     "distilled-6 (seed 0) r_mean 12.30 vs full data 14.30: -2.0 std"]
