@@ -64,6 +64,15 @@ def main_process_first(group: distributed.ProcessGroupInfo):
         distributed.barrier()
 
 
+def from_main_process(value, group: distributed.ProcessGroupInfo, device: torch.device):
+    """Rank 0's `value` on every rank (one decision, even where ranks would judge the folder differently)."""
+    if group.world_size == 1:
+        return value
+    box = [value]
+    torch.distributed.broadcast_object_list(box, src=0, device=device)
+    return box[0]
+
+
 # Settings that do not change an expert's training (left out when a partial expert is continued).
 NOT_SHAPING_AN_EXPERT = ("num_experts", "buffer_path", "cache_dir", "wandb_mode", "wandb_project", "wandb_entity",
                          "name", "progress")
@@ -131,8 +140,8 @@ def main(argv=None) -> int:
             claim_metadata(directory, describe_experts(settings.data, model_settings, probe, data.text_identity,
                                                        data.text_dim, len(data.train.captions)))
             tidy(directory)
-        numbers = numbers_to_train(directory, settings.experts.num_experts)
-    distributed.barrier()  # every rank has its numbers before anyone starts an expert
+    numbers = from_main_process(numbers_to_train(directory, settings.experts.num_experts) if group.is_main else None,
+                                group, device)
 
     print(f"[rank {group.rank}] {len(data.train.captions)} train pairs ({len(data.train.image_paths)} images), "
           f"{len(data.eval.image_paths)} {settings.data.eval_split} images; device {device}; experts -> {directory}")

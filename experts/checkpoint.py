@@ -65,10 +65,13 @@ def tidy(directory: Path) -> None:
 
 
 def numbers_to_train(directory: Path, count: int) -> list[int]:
-    """The `count` lowest expert numbers with no file in the folder and no partial folder of a live run
-    (a dead run's partial expert is continued under its own number, so it comes first)."""
-    taken = used_numbers(directory) | {n for n, _, gone in _partials(directory) if not gone}
-    numbers, n = [], 0
+    """`count` expert numbers to train: first those of partial experts a finished run left, then the
+    lowest numbers with no file in the folder and no partial expert of a live run."""
+    partials = _partials(directory)
+    used = used_numbers(directory)
+    left = sorted({n for n, _, gone in partials if gone} - used)[:count]
+    taken = used | {n for n, _, _ in partials}
+    numbers, n = list(left), 0
     while len(numbers) < count:
         if n not in taken:
             numbers.append(n)

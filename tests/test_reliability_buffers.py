@@ -157,11 +157,11 @@ def test_a_live_runs_partial_expert_is_left_alone(experts, tiny_shapes, cache_di
     live = directory / f".partial_0~{socket.gethostname()}~{os.getppid()}"
     live.mkdir()
     (live / f".state.pt~{socket.gethostname()}~{os.getppid()}~aa.tmp").write_bytes(b"")
-    dead = directory / f".partial_1~{socket.gethostname()}~{_dead_pid()}"
+    dead = directory / f".partial_4~{socket.gethostname()}~{_dead_pid()}"
     dead.mkdir()
     tidy(directory)
     assert live.is_dir() and len(list(live.iterdir())) == 1
-    assert numbers_to_train(directory, 3) == [1, 2, 3]  # 0 is in training elsewhere; 1 is continued first
+    assert numbers_to_train(directory, 3) == [4, 1, 2]  # the dead run's expert 4 first; 0 trains elsewhere
 
 
 # --- reading buffers -----------------------------------------------------------------------------
