@@ -47,4 +47,5 @@ def disk_full_message(err: OSError, path) -> str | None:
     path = Path(path)
     kept = f"the previous {path.name} is intact" if path.exists() else f"{path.name} was not written"
     return (f"the disk is full (ENOSPC) while writing {path}; {kept} (files are replaced only once complete). "
-            f"Free space and rerun (or --resume from the last complete file)")
+            f"Free space, then run the command again (buffer.py continues the expert it was training, "
+            f"distill.py continues with --resume from its last complete set)")
