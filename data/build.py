@@ -1,13 +1,14 @@
 """From the shared flags to ready-to-use splits, cached text embeddings and data loaders."""
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader
 
-from data.annotations import CaptionedImages, annotation_file, first_images, read_split
+from data.annotations import CaptionedImages, annotation_file, kinds_phrase, read_split
 from data.datasets import ImageDataset, PairDataset
 from data.text_cache import cache_path, cached_text_embeddings
 from data.transforms import test_transform, train_transform
@@ -93,6 +94,19 @@ def has_split(settings: DataSettings, split: str) -> bool:
     return annotation_file(settings.dataset, split, ann_root).is_file()
 
 
+def report_left_out(parsed: CaptionedImages, ann_path: Path) -> None:
+    """Say on stderr which pairs of a split were left out, and why."""
+    if parsed.skipped_images:
+        print(f"--skip_bad_images: left out {parsed.skipped_images} images listed in {ann_path} "
+              f"({kinds_phrase(parsed.skipped)}) with "
+              f"their captions", file=sys.stderr)
+    if parsed.empty_captions:
+        alone = (f"; {parsed.captionless_images} images had no other caption and are left out too"
+                 if parsed.captionless_images else "")
+        print(f"warning: {parsed.empty_captions} captions in {ann_path} are empty after cleaning; those pairs are "
+              f"left out{alone}", file=sys.stderr)
+
+
 def load_retrieval_data(settings: DataSettings, model: ModelSettings, device: torch.device, progress: bool = True,
                         extra_splits: tuple[str, ...] = ()) -> RetrievalData:
     """Parse the train split, `--eval_split` and `extra_splits` and attach cached text embeddings of
@@ -102,12 +116,10 @@ def load_retrieval_data(settings: DataSettings, model: ModelSettings, device: to
     roles = [("train", "train"), ("eval", settings.eval_split)]
     roles += [(name, name) for name in extra_splits if name != settings.eval_split]
     for role, split in roles:
-        parsed = read_split(settings.dataset, split, ann_root, image_root, settings.skip_bad_images)
-        limit = settings.max_train_images
-        if role == "train" and limit is not None:
-            parsed = first_images(parsed, limit)
-        if parsed.skipped_images:
-            print(f"--skip_bad_images: left out {parsed.skipped_images} missing images of the {split} split")
+        limit = settings.max_train_images if role == "train" else None
+        parsed = read_split(settings.dataset, split, ann_root, image_root, settings.skip_bad_images,
+                            max_images=limit, record_dir=Path(settings.cache_dir) / "image_checks", progress=progress)
+        report_left_out(parsed, annotation_file(settings.dataset, split, ann_root))
         splits[role] = (split, parsed)
     identity = text_encoder_identity(model.text_encoder, model.text_model)
     encoder = []  # loaded at most once, and only on a cache miss

@@ -70,10 +70,12 @@ def test_missing_image_is_named_and_can_be_skipped(dataset_copy, capsys):
 
 
 def test_unreadable_image_is_named(dataset_copy):
-    (dataset_copy / "images" / "test" / "00002.png").write_bytes(b"not a png")
     split = read_split("shapes", "test", dataset_copy / "annotations", dataset_copy)
-    dataset = ImageDataset(split, eval_transform(16))
-    with pytest.raises(UserError, match=r"cannot read image .*00002\.png"):
+    (dataset_copy / "images" / "test" / "00002.png").write_bytes(b"not a png")
+    with pytest.raises(UserError, match=r"cannot read image .*00002\.png: not an image .*--skip_bad_images"):
+        read_split("shapes", "test", dataset_copy / "annotations", dataset_copy)
+    dataset = ImageDataset(split, eval_transform(16))  # read before the file was damaged
+    with pytest.raises(UserError, match=r"cannot read image .*00002\.png: not an image; .*--skip_bad_images"):
         dataset[2]
 
 
