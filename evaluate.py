@@ -14,12 +14,16 @@ Exactly one of:
 learning rate is chosen first on --eval_split (val: the split for choices) by --tune_models models per
 value; the reported numbers are on --report_split (auto: the test split when its annotation file is
 present, e.g. flickr8k_test.json beside the others, else --eval_split; the output says which).
---eval_image_encoder trains another image encoder than the set was made with (cross-architecture
-transfer). --out writes every metric, its runs, the choices and the full configuration as JSON.
+--eval_image_encoder (or --image_encoder) trains another image encoder than the set was made with
+(cross-architecture transfer); the label, the printed lines and the JSON name the encoder used. Another
+--dataset or text encoder than the set's is refused: its text embeddings mean nothing elsewhere.
+--out writes every metric, its runs, the choices and the full configuration as JSON; it (and
+--coreset_file) are checked for writability before any work.
 """
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 from pathlib import Path
@@ -36,6 +40,7 @@ from evaluation.metrics import format_table
 from evaluation.protocol import judge, pair_batches
 from experts.files import check_buffer_matches, expected_metadata, locate_buffer, read_metadata
 from networks import build_model, image_norm
+from networks.text_encoders import text_encoder_identity
 from settings import DEFAULT_REAL_LR, programs
 from settings.choices import CENTROIDS
 from settings.judging import TargetSettings
@@ -43,6 +48,7 @@ from settings.programs import EvaluateSettings
 from utils.cli import UserError, run_cli
 from utils.device import pick_device, seed_everything
 from utils.io import atomic_torch_save, atomic_write_json, safe_torch_load
+from utils.paths import ensure_output_file
 from utils.wandb_logging import start_run
 
 # Settings a distilled-set file supplies unless the command line gives them.
@@ -107,6 +113,42 @@ def apply_file_settings(namespace: argparse.Namespace, config: dict, explicit: s
             setattr(namespace, key, config[key])
     if "image_norm" not in config and "image_norm" not in explicit:
         namespace.image_norm = "clip"  # sets written before the setting existed hold CLIP-normalised pixels
+
+
+def check_set_origin(settings: EvaluateSettings, config: dict, set_path: Path) -> None:
+    """Refuse to judge a set on another data set or text encoder than it was made with: its text embeddings
+    (and the captions they stand for) only mean something there. Another image encoder is allowed (transfer)."""
+    made_on = config.get("dataset")
+    if made_on and made_on != settings.data.dataset:
+        raise UserError(f"{set_path} was made from --dataset {made_on}, but this run asks for --dataset "
+                        f"{settings.data.dataset}; a set is judged on the data set it was distilled from: drop --dataset")
+    made_with = config.get("text_identity")
+    asked = text_encoder_identity(settings.model.text_encoder, settings.model.text_model)
+    if made_with and made_with != asked:
+        raise UserError(f"{set_path} holds embeddings of text model {made_with}, but this run would embed the "
+                        f"captions with {asked}; embeddings of two text models are not comparable: drop "
+                        f"--text_encoder/--text_model or pass the ones the set was made with")
+
+
+def check_learned_lrs(settings: EvaluateSettings, payload: dict, set_path: Path) -> None:
+    """A set's learned step sizes become the evaluation learning rate unless --lr_eval/--lr_grid choose it;
+    a diverged distillation leaves them zero, negative or NaN."""
+    if settings.judging.lr_eval is not None or settings.judging.lr_grid:
+        return
+    for name in ("syn_lr_img", "syn_lr_txt"):
+        value = payload[name]
+        if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+            raise UserError(f"distilled set {set_path} has {name} {value!r}, not a finite positive step size (did the "
+                            f"distillation diverge?); pass --lr_eval LR or --lr_grid LR [LR ...] to choose the "
+                            f"evaluation learning rate instead")
+
+
+def check_outputs(settings: EvaluateSettings) -> None:
+    """Every file this run writes can be written, before any work (not after the last model trained)."""
+    if settings.judging.out:
+        ensure_output_file(settings.judging.out, "--out")
+    if settings.target.coreset:  # the forgetting counts are kept beside it
+        ensure_output_file(coreset_path(settings), "--coreset_file")
 
 
 def resolve_report_split(settings: EvaluateSettings) -> str:
@@ -276,6 +318,10 @@ def main(argv=None) -> int:
         apply_file_settings(namespace, payload["config"], explicit)
     settings = programs.from_namespace("evaluate", namespace)
     check_settings(settings)
+    if payload is not None:
+        check_set_origin(settings, payload["config"], set_path)
+        check_learned_lrs(settings, payload, set_path)
+    check_outputs(settings)
     device = pick_device(settings.runtime.device)
     report_split = resolve_report_split(settings)
     data = load_retrieval_data(settings.data, settings.model, device, progress=settings.runtime.progress, extra_splits=(report_split,))
@@ -285,15 +331,12 @@ def main(argv=None) -> int:
         needs_train = model.has_trunk and settings.target.coreset in ("forgetting", *FEATURE_METHODS)
         inputs = inputs_for(settings.data, settings.model, data, model, device, settings.runtime.progress, need_train=needs_train)
         payload, set_path = coreset_set(settings, inputs, model, device)
-    if payload is not None:
-        file_identity = payload["config"].get("text_identity")
-        if file_identity and file_identity != data.text_identity:
-            raise UserError(f"{set_path} holds embeddings of text model {file_identity}, but the data is embedded "
-                            f"with {data.text_identity}; pass the --text_encoder/--text_model it was made with")
-        if payload["text_syn"].shape[1] != data.text_dim:
-            raise UserError(f"{set_path} holds {payload['text_syn'].shape[1]}-d text embeddings, the text encoder "
-                            f"gives {data.text_dim}-d")
-    trained_with = settings.model.image_encoder
+    if payload is not None and payload["text_syn"].shape[1] != data.text_dim:
+        raise UserError(f"{set_path} holds {payload['text_syn'].shape[1]}-d text embeddings, the text encoder "
+                        f"gives {data.text_dim}-d")
+    # The encoder the set was made with (a coreset: the one this run selected with); --image_encoder or
+    # --eval_image_encoder may train another one.
+    made_with = payload["config"].get("image_encoder", settings.model.image_encoder) if payload else None
     if settings.judging.eval_image_encoder and settings.judging.eval_image_encoder != settings.model.image_encoder:
         settings.model.image_encoder = settings.judging.eval_image_encoder
         model = inputs = None
@@ -310,13 +353,14 @@ def main(argv=None) -> int:
         what = f"{len(payload['text_syn'])} pairs from {set_path} ({source})"
         make_loader = pair_batches(settings.protocol, model, inputs, device, payload["text_syn"], **pairs)
         label = f"{source}-{len(payload['text_syn'])}"
-        label += f" on {settings.model.image_encoder}" if settings.judging.eval_image_encoder else ""
+        label += f" on {settings.model.image_encoder}" if settings.model.image_encoder != made_with else ""
     else:
         what = f"full-data training ({len(data.train.captions)} pairs)"
         make_loader = lambda seed: inputs.train_batches(settings.protocol.batch_train, seed)  # noqa: E731
         label = f"full-{len(data.train.captions)}"
     choice = f"lr chosen from {lrs} on {settings.data.eval_split}" if len(lrs) > 1 else f"lr {lrs[0]:.4g}"
-    print(f"evaluating {what} with {settings.protocol.num_eval} x {settings.model.image_encoder}: {choice}; reporting on {report_split}"
+    transfer = f" (the set was made with {made_with})" if made_with and made_with != settings.model.image_encoder else ""
+    print(f"evaluating {what} with {settings.protocol.num_eval} x {settings.model.image_encoder}{transfer}: {choice}; reporting on {report_split}"
           + (f" (no {settings.data.dataset} test split beside the others: the split used for choices)"
              if settings.judging.report_split == "auto" and report_split == settings.data.eval_split != "test" else ""))
     result = judge(settings.model, settings.protocol, make_loader, lrs, inputs, device, settings.protocol.num_eval, settings.runtime.seed, report_split, settings.judging.tune_models,
@@ -335,10 +379,10 @@ def main(argv=None) -> int:
         config = settings.snapshot()
         config.update(set_file=str(set_path) if set_path else None, set_config=payload["config"] if payload else None,
                       set_size=len(payload["text_syn"]) if payload else len(data.train.captions),
-                      lr_used=result["lr"], image_encoder_of_set=trained_with, text_identity=data.text_identity,
+                      lr_used=result["lr"], image_encoder_of_set=made_with, text_identity=data.text_identity,
                       image_norm_used=image_norm(settings.model), device=str(device),
                       command=[Path(sys.argv[0]).name, *sys.argv[1:]] if argv is None else argv)
-        atomic_write_json({"label": label, "metrics": summary, "split": report_split, "lr": result["lr"],
+        atomic_write_json({"label": label, "image_encoder": settings.model.image_encoder, "metrics": summary, "split": report_split, "lr": result["lr"],
                            "tuning": result["tuning"], "selection_split": settings.data.eval_split,
                            "selection_metrics": result["selection_metrics"], "config": config,
                            "seconds": round(seconds, 1)}, Path(settings.judging.out))

@@ -133,21 +133,25 @@ def test_full_data_training(tiny_shapes, cache_dir, tmp_path):
 
 
 def test_bad_inputs_get_clear_messages(tiny_shapes, cache_dir, experts, tmp_path, run4):
+    def run(*flags):  # the coreset file in tmp_path: its folder is made before the inputs are judged
+        extra = ("--coreset_file", str(tmp_path / "c.pt")) if "--coreset" in flags else ()
+        return evaluate.main(tiny_flags(tiny_shapes, cache_dir, *QUICK, *flags, *extra))
+
     with pytest.raises(UserError, match="not found"):
-        run(tiny_shapes, cache_dir, "--distilled", str(tmp_path / "missing.pt"))
+        run("--distilled", str(tmp_path / "missing.pt"))
     torch.save({"image_syn": torch.zeros(2, 3, 16, 16)}, tmp_path / "other.pt")
     with pytest.raises(UserError, match="not a vl-distill distilled set"):
-        run(tiny_shapes, cache_dir, "--distilled", str(tmp_path / "other.pt"))
+        run("--distilled", str(tmp_path / "other.pt"))
     with pytest.raises(UserError, match="larger than the 200 training pairs"):
-        run(tiny_shapes, cache_dir, "--coreset", "random", "--num_queries", "201")
+        run("--coreset", "random", "--num_queries", "201")
     with pytest.raises(UserError, match="needs --coreset_size"):
-        run(tiny_shapes, cache_dir, "--coreset", "random")
+        run("--coreset", "random")
     with pytest.raises(UserError, match="seen twice"):
-        run(tiny_shapes, cache_dir, "--coreset", "forgetting", "--num_queries", "4", "--forgetting_epochs", "1")
+        run("--coreset", "forgetting", "--num_queries", "4", "--forgetting_epochs", "1")
     with pytest.raises(UserError, match="no experts in"):
-        run(tiny_shapes, cache_dir, "--coreset", "herding", "--num_queries", "4", "--buffer_path", str(tmp_path))
+        run("--coreset", "herding", "--num_queries", "4", "--buffer_path", str(tmp_path))
     with pytest.raises(UserError, match="train_pairs: buffer has 200, this run asks for 50"):
-        run(tiny_shapes, cache_dir, "--coreset", "kcenter", "--num_queries", "4", "--buffer_path", str(experts),
+        run("--coreset", "kcenter", "--num_queries", "4", "--buffer_path", str(experts),
             "--max_train_images", "10")
     with pytest.raises(UserError, match="images are 16x16 px but --image_size is 32"):
         evaluate.main(["--distilled", str(run4 / "distilled_last.pt"), "--image_size", "32"])
