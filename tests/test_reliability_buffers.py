@@ -234,3 +234,22 @@ def test_a_half_written_pair_is_ignored_with_a_warning(experts, tmp_path, capsys
     (lonely / "img_replay_buffer_0.pt").write_bytes(b"")
     with pytest.raises(UserError, match=r"no experts in .*lonely \(only img_replay_buffer_0.pt without its partner"):
         check_buffer_matches(read_metadata(lonely), lonely, {})
+
+
+def test_a_partial_expert_of_other_settings_is_trained_afresh(tmp_path, capsys):
+    from experts.checkpoint import ExpertCheckpoint
+
+    model = torch.nn.Linear(2, 2)
+    optimizers = [torch.optim.SGD(model.parameters(), lr=0.1)]
+    loader = torch.utils.data.DataLoader(range(4), shuffle=True, generator=torch.Generator().manual_seed(0))
+    first, state = ExpertCheckpoint.claim(tmp_path, 3, {"expert_lr_img": 0.1})
+    assert state is None
+    first.save_snapshot(0, [model.weight.detach().clone()], [])
+    first.save_snapshot(1, [model.weight.detach().clone()], [])
+    first.save(1, model, optimizers, loader, [{"epoch": 1}], 1.0)
+    again, state = ExpertCheckpoint.claim(tmp_path, 3, {"expert_lr_img": 0.1})  # same settings: continued
+    assert again.folder == first.folder and state["epochs_done"] == 1
+    assert [len(t) for t in again.restore(state, model, optimizers, loader)] == [2, 2]
+    other, state = ExpertCheckpoint.claim(tmp_path, 3, {"expert_lr_img": 0.2})
+    assert state is None and list(other.folder.iterdir()) == []
+    assert "made with other settings (expert_lr_img); training it afresh" in capsys.readouterr().out
