@@ -11,6 +11,7 @@ they were chosen. Files load with `torch.load(path, weights_only=True)`: no pick
 """
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
@@ -23,11 +24,25 @@ VERSION = 1
 REQUIRED = ("text_syn", "syn_lr_img", "syn_lr_txt", "iteration", "config")
 
 
+def non_finite(value, name: str = "") -> str | None:
+    """The name (a dotted path) of the first floating-point tensor in `value`, searched through dicts, lists
+    and tuples, that holds a NaN or an infinity; None when there is none."""
+    if isinstance(value, torch.Tensor):
+        return name if value.is_floating_point() and not bool(torch.isfinite(value).all()) else None
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, (list, tuple)) else ()
+    for key, item in items:
+        found = non_finite(item, f"{name}.{key}" if name else str(key))
+        if found:
+            return found
+    return None
+
+
 def save_distilled_set(path, image_syn: torch.Tensor | None, text_syn: torch.Tensor, syn_lr_img: float,
                        syn_lr_txt: float, iteration: int, config: dict, metrics: dict | None = None,
                        state: dict | None = None, image_features: torch.Tensor | None = None, **extra) -> Path:
     """Atomically write a distilled set (pixels `image_syn`, or trunk outputs `image_features`); `extra` holds
-    anything a method learns besides (e.g. a similarity)."""
+    anything a method learns besides (e.g. a similarity). A set with a NaN or an infinity anywhere (tensors,
+    optimiser state, step sizes) is refused with ValueError and nothing is written."""
     if (image_syn is None) == (image_features is None):
         raise ValueError("a set holds either pixels (image_syn) or trunk outputs (image_features)")
     images = {"image_syn": image_syn} if image_syn is not None else {"image_features": image_features}
@@ -40,23 +55,111 @@ def save_distilled_set(path, image_syn: torch.Tensor | None, text_syn: torch.Ten
         "state": state or {},
         **{k: (v.detach().to("cpu", copy=True) if isinstance(v, torch.Tensor) else v) for k, v in extra.items()},
     }
+    bad = non_finite(payload) or next((k for k in ("syn_lr_img", "syn_lr_txt") if not math.isfinite(payload[k])), None)
+    if bad:
+        raise ValueError(f"{bad} holds non-finite values: a set with NaN or infinity is never written ({path})")
     return atomic_torch_save(payload, Path(path))
 
 
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_float_tensor(value, dims: int | None = None) -> bool:
+    return isinstance(value, torch.Tensor) and value.is_floating_point() and (dims is None or value.dim() == dims)
+
+
+def set_problem(payload: dict) -> str | None:
+    """What is wrong with a loaded set file's contents (None: nothing); see docs/file-formats.md."""
+    if payload.get("version") != VERSION or not _is_int(payload.get("version")):
+        return f"has version {payload.get('version')!r}; this program reads version {VERSION}"
+    missing = [k for k in REQUIRED if k not in payload]
+    if missing:
+        return f"lacks {', '.join(missing)}"
+    if ("image_syn" in payload) == ("image_features" in payload):
+        return "must hold either image_syn (pixels) or image_features"
+    image_key = "image_syn" if "image_syn" in payload else "image_features"
+    images, texts = payload[image_key], payload["text_syn"]
+    if not _is_float_tensor(images) or not _is_float_tensor(texts):
+        return f"does not hold floating-point tensors for its images and texts ({image_key}, text_syn)"
+    if (image_key == "image_syn" and (images.dim() != 4 or images.shape[1] != 3)) or images.dim() < 2 \
+            or texts.dim() != 2 or len(images) != len(texts) or len(texts) == 0:
+        return f"has inconsistent shapes: {image_key} {tuple(images.shape)}, text_syn {tuple(texts.shape)}"
+    for key in ("syn_lr_img", "syn_lr_txt"):
+        if not _is_number(payload[key]) or payload[key] <= 0:
+            return f"has {key} {payload[key]!r}, not a finite positive step size"
+    if not _is_int(payload["iteration"]) or payload["iteration"] < 0:
+        return f"has iteration {payload['iteration']!r}, not a whole number >= 0"
+    for key in ("config", "metrics", "state"):
+        if not isinstance(payload.get(key, {}), dict):
+            return f"has a {key} that is not a dictionary"
+    count = len(texts)
+    similarity = payload.get("similarity")
+    if similarity is not None and not (_is_float_tensor(similarity, 2) and similarity.shape == (count, count)):
+        return f"has a similarity that is not a {count} x {count} matrix"
+    sim_params = payload.get("sim_params", [])
+    if not isinstance(sim_params, list) or not all(_is_float_tensor(t) for t in sim_params):
+        return "has sim_params that are not a list of floating-point tensors"
+    indices = payload.get("caption_indices")
+    if indices is not None and not (isinstance(indices, torch.Tensor) and not indices.is_floating_point()
+                                    and indices.shape == (count,)):
+        return f"has caption_indices that are not {count} whole numbers"
+    bad = non_finite(payload)
+    return f"{bad} holds non-finite values (NaN or infinity)" if bad else None
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _generator_state_problem(rng) -> str | None:
+    if not isinstance(rng, dict):
+        return "has no random-number state (rng)"
+    size = torch.Generator().get_state().numel()
+    for key in ("generator", "torch"):
+        value = rng.get(key)
+        if not (isinstance(value, torch.Tensor) and value.dtype == torch.uint8 and value.shape == (size,)):
+            return f"has no valid random-number state rng.{key} (a CPU generator state of {size} bytes)"
+    return None
+
+
+def _expert_position_problem(position) -> str | None:
+    if not isinstance(position, dict):
+        return "has no expert position (experts)"
+    order, count = position.get("order"), position.get("num_files")
+    shuffled = isinstance(order, list) and all(_is_int(i) for i in order) and sorted(order) == list(range(len(order)))
+    if not (shuffled and count == len(order) > 0):
+        return f"has an expert order {order!r} that is not a shuffle of its {count!r} files"
+    if not (_is_int(position.get("file_pos")) and 0 <= position["file_pos"] < count):
+        return f"has an expert file position {position.get('file_pos')!r} outside 0..{count - 1}"
+    if not (_is_int(position.get("traj_pos")) and position["traj_pos"] >= 0):
+        return f"has a trajectory position {position.get('traj_pos')!r} that is not a whole number >= 0"
+    return None
+
+
+def resume_state_problem(state) -> str | None:
+    """What is wrong with the `state` a run resumes from (None: nothing) as far as the file alone tells: every
+    part present with the right type. Whether the optimiser states fit the run's tensors is the run's check."""
+    if not isinstance(state, dict):
+        return "is not a dictionary"
+    missing = [k for k in ("optimizers", "rng", "experts", "best_r_mean", "best_iteration", "guard") if k not in state]
+    if missing:
+        return f"lacks {', '.join(missing)} (written by an older or a different program)"
+    if not isinstance(state["optimizers"], dict) or not isinstance(state["guard"], dict):
+        return "has optimiser or guard states that are not dictionaries"
+    if not _is_number(state["best_r_mean"]):
+        return f"has best_r_mean {state['best_r_mean']!r}, not a finite number"
+    if not (_is_int(state["best_iteration"]) and state["best_iteration"] >= -1):
+        return f"has best_iteration {state['best_iteration']!r}, not a whole number >= -1"
+    return _generator_state_problem(state["rng"]) or _expert_position_problem(state["experts"])
+
+
 def load_distilled_set(path) -> dict:
-    """Load and check a distilled-set file; a clear error for anything else."""
+    """Load and check a distilled-set file; a clear error naming the file for anything else."""
     payload = safe_torch_load(path, "distilled set")
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise UserError(f"{path} is not a vl-distill distilled set (no '{FORMAT}' format tag)")
-    missing = [k for k in REQUIRED if k not in payload]
-    if missing:
-        raise UserError(f"distilled set {path} lacks {', '.join(missing)}")
-    if ("image_syn" in payload) == ("image_features" in payload):
-        raise UserError(f"distilled set {path} must hold either image_syn (pixels) or image_features")
-    images, texts = payload.get("image_syn", payload.get("image_features")), payload["text_syn"]
-    if not isinstance(images, torch.Tensor) or not isinstance(texts, torch.Tensor):
-        raise UserError(f"distilled set {path} does not hold tensors for its images and texts")
-    if ("image_syn" in payload and images.dim() != 4) or texts.dim() != 2 or len(images) != len(texts):
-        raise UserError(f"distilled set {path} has inconsistent shapes: images {tuple(images.shape)}, "
-                        f"texts {tuple(texts.shape)}")
+    problem = set_problem(payload)
+    if problem:
+        raise UserError(f"distilled set {path} {problem}")
     return payload
