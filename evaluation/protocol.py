@@ -28,6 +28,7 @@ from networks import build_model
 from settings.model import ModelSettings
 from settings.protocol import ProtocolSettings
 from utils.device import seed_everything
+from utils.rng import global_streams_kept
 from utils.seeds import TUNING_SEED_OFFSET, eval_model_seed
 from utils.dsa import dsa_augment
 from evaluation.metrics import summarize_runs
@@ -58,16 +59,20 @@ def train_fresh_model(settings: ModelSettings, protocol: ProtocolSettings, loade
                       device: torch.device, seed: int, similarity: torch.Tensor | None = None,
                       epochs: int | None = None):
     """A fresh model (built from `settings`) trained on `loader` batches with the evaluation protocol, with
-    the model's loss, against `similarity[idx, idx]` when the set has a learned similarity."""
-    seed_everything(eval_model_seed(seed))
-    model = build_model(settings, text_dim).to(device)
-    optimizers = sgd_pair(model, lr, lr, EVAL_MOMENTUM, EVAL_WEIGHT_DECAY)
-    epochs = protocol.epoch_eval_train if epochs is None else epochs
-    for epoch in range(epochs):
-        if epoch == epochs // 2:
-            scale_learning_rates(optimizers, 0.1)
-        train_one_epoch(model, loader, optimizers, device, progress=False,
-                        loss_type=settings.loss_type, similarity=similarity)
+    the model's loss, against `similarity[idx, idx]` when the set has a learned similarity.
+
+    The model's initialisation and dropout come from its own seed; the caller's global random streams are
+    left as they were (an evaluation during distillation must not change what is learned next)."""
+    with global_streams_kept():
+        seed_everything(eval_model_seed(seed))
+        model = build_model(settings, text_dim).to(device)
+        optimizers = sgd_pair(model, lr, lr, EVAL_MOMENTUM, EVAL_WEIGHT_DECAY)
+        epochs = protocol.epoch_eval_train if epochs is None else epochs
+        for epoch in range(epochs):
+            if epoch == epochs // 2:
+                scale_learning_rates(optimizers, 0.1)
+            train_one_epoch(model, loader, optimizers, device, progress=False,
+                            loss_type=settings.loss_type, similarity=similarity)
     return model
 
 
