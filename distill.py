@@ -13,13 +13,14 @@ from __future__ import annotations
 import copy
 import math
 import time
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
 from data.build import load_retrieval_data
-from data.distilled_set import load_distilled_set, save_distilled_set
+from data.distilled_set import load_distilled_set, resume_state_problem, save_distilled_set
 from data.model_inputs import inputs_for
 from evaluation import coresets
 from evaluation.protocol import evaluate_pairs
@@ -38,7 +39,8 @@ from utils.cli import UserError, run_cli
 from utils.device import pick_device, seed_everything
 from utils.dsa import dsa_augment
 from utils.io import atomic_write_json, read_json_if_present
-from utils.rng import restore_rng, rng_state
+from utils.paths import ensure_output_dir
+from utils.rng import global_streams_seeded, restore_rng, rng_state
 from utils.seeds import distill_eval_seed
 from evaluation.metrics import format_summary
 from utils.visualize import nearest_captions, save_image_grids, write_nearest_captions
@@ -71,8 +73,11 @@ def check_resume(payload: dict, settings: DistillRunSettings, text_identity: str
                 for k in RESUME_KEYS if config.get(k) != expected[k]]
     if problems:
         raise UserError(f"--resume {path} does not match this run ({'; '.join(problems)})")
-    if not payload.get("state"):
-        raise UserError(f"--resume {path} holds no optimiser/RNG state (not written by distill.py)")
+    if not payload.get("state") or "image_syn" not in payload:
+        raise UserError(f"--resume {path} holds no optimiser/RNG state or no pixels (not written by distill.py)")
+    problem = resume_state_problem(payload["state"])
+    if problem:
+        raise UserError(f"--resume {path} cannot be resumed: its state {problem}")
     if payload["iteration"] > settings.distill.Iteration:
         raise UserError(f"--resume {path} is at iteration {payload['iteration']}, beyond --Iteration {settings.distill.Iteration}")
 
@@ -126,7 +131,10 @@ class Distiller:
         """The learned N x N target similarity (None: identity)."""
         return None if self.similarity is None else self.similarity.submatrix(self.sim_params).detach()
 
-    def step(self, experts: ExpertCycler, generator: torch.Generator, iteration: int) -> dict:
+    def step(self, experts: ExpertCycler, generator: torch.Generator, iteration: int, before: dict | None = None) -> dict:
+        """One matching iteration: applied, or skipped with the learned state as it was (`before`, a `snapshot`
+        of the state now, is what a refused step goes back to). Every random number comes from `generator`:
+        the global streams (dropout in the students) are seeded from it for the step and put back after."""
         settings = self.settings
         image_traj, text_traj = experts.next()
         segment = pick_segment(image_traj, text_traj, settings.distill.max_start_epoch, settings.distill.expert_epochs, generator, self.device)
@@ -134,6 +142,14 @@ class Distiller:
         augment = self.augment(int(torch.randint(0, 2**31 - 1, (1,), generator=generator)))
         blends = draw_blends(settings.distill.syn_steps, settings.distill.mini_batch_size, settings.distill.blend_alpha, generator) \
             if settings.distill.blend_alpha > 0 else None
+        streams_seed = int(torch.randint(0, 2**63 - 1, (1,), generator=generator))
+        with global_streams_seeded(streams_seed, self.device):
+            result, image_grad = self._meta_gradient(segment, batches, augment, blends)
+        return self._apply(result, image_grad, segment, iteration, before)
+
+    def _meta_gradient(self, segment, batches, augment, blends):
+        """The matching loss's meta-gradient, with the pixels' part taken back through a frozen trunk."""
+        settings = self.settings
         # A frozen trunk runs once per iteration on every synthetic image (one augmentation draw when DSA is
         # on); the student steps then see its outputs, and their gradient flows back through it at the end.
         features_given = self.students.frozen_encoder is not None
@@ -149,15 +165,20 @@ class Distiller:
         result = matching_gradients(settings.distill.matching, self.students, step_loss, len(batches),
                                     (image_input, self.text_syn, *self.sim_params), self.syn_lr_img,
                                     self.syn_lr_txt, segment)
+        image_grad = result.learned_grads[0]
+        if features_given:
+            (image_grad,) = torch.autograd.grad(features, self.image_syn, image_grad)
+        return result, image_grad
+
+    def _apply(self, result, image_grad: torch.Tensor, segment, iteration: int, before: dict | None) -> dict:
+        """Apply the meta-gradient unless the guard refuses it or the step leaves a broken state."""
         terms = {"image": result.image_term.item(), "text": result.text_term.item()}
         stats = {"Grand_Loss": terms["image"] + terms["text"], "img_param_loss": terms["image"],
                  "txt_param_loss": terms["text"], "Start_Epoch": segment.start_epoch}
         bad = [f"{name} term {value}" for name, value in terms.items() if not math.isfinite(value)]
         if bad:
             return self._skip(iteration, "non-finite matching loss (" + ", ".join(bad) + ")", stats)
-        image_grad, text_grad, *sim_grads = result.learned_grads
-        if features_given:
-            (image_grad,) = torch.autograd.grad(features, self.image_syn, image_grad)
+        _, text_grad, *sim_grads = result.learned_grads
         gradients = (image_grad, text_grad, result.lr_img_grad, result.lr_txt_grad, *sim_grads)
         norms = {"pixels": image_grad.norm().item(), "texts": text_grad.norm().item(),
                  "step sizes": torch.stack([result.lr_img_grad, result.lr_txt_grad]).norm().item()}
@@ -169,7 +190,7 @@ class Distiller:
         learned = (self.image_syn, self.text_syn, self.syn_lr_img, self.syn_lr_txt, *self.sim_params)
         for tensor, gradient in zip(learned, gradients):
             tensor.grad = gradient
-        before = self.snapshot()
+        before = before if before is not None else self.snapshot()
         for optimizer in self.optimizers.values():
             optimizer.step()
         problem = self.state_problem()
@@ -186,8 +207,12 @@ class Distiller:
             value = lr.item()
             if not value > 0:  # also catches NaN
                 return f"step size not positive ({name} would become {value:.4g})"
+        momenta = [(f"{name} momentum", buffer) for name, optimizer in self.optimizers.items()
+                   for state in optimizer.state.values() for buffer in state.values() if torch.is_tensor(buffer)]
+        similarity = self.similarity_matrix()
         for name, tensor in (("image_syn", self.image_syn), ("text_syn", self.text_syn),
-                             *((f"similarity {i}", t) for i, t in enumerate(self.sim_params))):
+                             *((f"similarity {i}", t) for i, t in enumerate(self.sim_params)),
+                             *([("similarity matrix", similarity)] if similarity is not None else []), *momenta):
             if not torch.isfinite(tensor).all():
                 return f"non-finite values ({name})"
         return None
@@ -211,6 +236,11 @@ class Distiller:
                 "state": {"optimizers": copy.deepcopy(self.state())}}
 
     def restore(self, payload: dict) -> None:
+        """Put back a `snapshot` (or the learned state of a saved set); ValueError when it does not fit this run.
+        The optimisers keep this run's learning rates (a resumed run may lower them)."""
+        problem = self.fit_problem(payload)
+        if problem:
+            raise ValueError(problem)
         with torch.no_grad():
             self.image_syn.copy_(payload["image_syn"])
             self.text_syn.copy_(payload["text_syn"])
@@ -219,7 +249,50 @@ class Distiller:
             for tensor, saved in zip(self.sim_params, payload.get("sim_params", [])):
                 tensor.copy_(saved)
         for name, optimizer in self.optimizers.items():
-            optimizer.load_state_dict(payload["state"]["optimizers"][name])
+            rates = [group["lr"] for group in optimizer.param_groups]
+            optimizer.load_state_dict(copy.deepcopy(payload["state"]["optimizers"][name]))  # no buffer shared
+            for group, rate in zip(optimizer.param_groups, rates):
+                group["lr"] = rate
+
+    def fit_problem(self, payload: dict) -> str | None:
+        """Why a saved learned state does not fit this run's tensors and optimisers (None: it fits)."""
+        saved_sim = payload.get("sim_params", [])
+        if len(saved_sim) != len(self.sim_params):
+            return f"it holds {len(saved_sim)} similarity tensors, this run learns {len(self.sim_params)}"
+        pairs = [("image_syn", payload["image_syn"], self.image_syn), ("text_syn", payload["text_syn"], self.text_syn),
+                 *((f"sim_params[{i}]", saved, live) for i, (saved, live) in enumerate(zip(saved_sim, self.sim_params)))]
+        for name, saved, live in pairs:
+            if saved.shape != live.shape:
+                return f"{name} has shape {tuple(saved.shape)}, this run's is {tuple(live.shape)}"
+        states = payload["state"]["optimizers"]
+        if set(states) != set(self.optimizers):
+            return f"it has optimiser states {sorted(states)}, this run has {sorted(self.optimizers)}"
+        for name, optimizer in self.optimizers.items():
+            problem = optimizer_state_problem(optimizer, states[name])
+            if problem:
+                return f"optimiser state {name!r}: {problem}"
+        return None
+
+
+def optimizer_state_problem(optimizer: torch.optim.Optimizer, saved) -> str | None:
+    """Why `saved` (an SGD state_dict) cannot continue `optimizer` (None: it can)."""
+    if not (isinstance(saved, dict) and isinstance(saved.get("state"), dict)
+            and isinstance(saved.get("param_groups"), list) and all(isinstance(g, dict) for g in saved["param_groups"])):
+        return "not an optimiser state (state and param_groups)"
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    ids = [i for group in saved["param_groups"] for i in group.get("params", [])]
+    if len(saved["param_groups"]) != len(optimizer.param_groups) or len(ids) != len(params):
+        return f"{len(ids)} parameters in {len(saved['param_groups'])} groups, this run has {len(params)}"
+    by_id = dict(zip(ids, params))
+    for key, entry in saved["state"].items():
+        if key not in by_id or not isinstance(entry, dict):
+            return f"a state for parameter {key!r}, which this run does not have"
+        buffer, param = entry.get("momentum_buffer"), by_id[key]
+        if buffer is not None and not (isinstance(buffer, torch.Tensor) and buffer.is_floating_point()
+                                       and buffer.shape == param.shape):
+            found = tuple(buffer.shape) if isinstance(buffer, torch.Tensor) else type(buffer).__name__
+            return f"momentum of shape {found} for parameter {key!r} of shape {tuple(param.shape)}"
+    return None
 
 
 class Diverged(UserError):
@@ -231,14 +304,37 @@ class Diverged(UserError):
         self.iteration = iteration
 
 
+@dataclass
+class ResumePoint:
+    """Everything needed to go on from the start of `iteration` exactly as a run that never stopped: the
+    learned state (`Distiller.snapshot`, copied), the random streams, the expert position and the guard's
+    history as they were then, the best evaluation so far, and this iteration's evaluation once it ran.
+
+    A run keeps the point of the iteration it is in; whatever happens inside the iteration (a Ctrl-C in a
+    step, an evaluation or a write), that point is still whole, and it is what gets saved."""
+
+    iteration: int
+    learned: dict
+    rng: dict
+    experts: dict
+    guard: dict
+    best_r_mean: float = -1.0
+    best_iteration: int = -1  # -1: nothing evaluated yet
+    metrics: dict = field(default_factory=dict)
+
+    def state(self) -> dict:
+        """The `state` entry of the saved set (docs/file-formats.md)."""
+        return {"optimizers": self.learned["state"]["optimizers"], "rng": self.rng, "experts": self.experts,
+                "best_r_mean": self.best_r_mean, "best_iteration": self.best_iteration, "guard": self.guard}
+
+
 class RunFiles:
-    """Where a run writes: the distilled sets, grids, nearest captions."""
+    """Where a run writes: the distilled sets, grids, nearest captions. The folder is checked (and made) first."""
 
     def __init__(self, save_dir: Path):
-        self.dir = save_dir
-        self.dir.mkdir(parents=True, exist_ok=True)
-        self.last = save_dir / "distilled_last.pt"
-        self.best = save_dir / "distilled_best.pt"
+        self.dir = ensure_output_dir(save_dir, "--save_dir")
+        self.last = self.dir / "distilled_last.pt"
+        self.best = self.dir / "distilled_best.pt"
 
     def at(self, iteration: int) -> Path:
         return self.dir / f"distilled_{iteration:06d}.pt"
@@ -247,6 +343,7 @@ class RunFiles:
 def main(argv=None) -> int:
     settings = parse_args(argv)
     device = pick_device(settings.runtime.device)
+    files = RunFiles(Path(settings.distill.save_dir or Path("runs") / settings.data.dataset / settings.runtime.name))
     seed_everything(settings.runtime.seed)
     generator = torch.Generator().manual_seed(settings.runtime.seed)
     text_identity = text_encoder_identity(settings.model.text_encoder, settings.model.text_model)
@@ -267,7 +364,6 @@ def main(argv=None) -> int:
                         f"split has {len(data.train.captions)} (same --max_train_images as buffer.py?)")
     if data.text_dim != meta["text_dim"]:
         raise UserError(f"text embeddings have {data.text_dim} dimensions, the experts were trained on {meta['text_dim']}")
-    files = RunFiles(Path(settings.distill.save_dir or Path("runs") / settings.data.dataset / settings.runtime.name))
     config = run_config(settings, text_identity)
     student_model = build_model(settings.model, data.text_dim).to(device).train()
     students = Students(ReparamModule(student_model.image_part), ReparamModule(student_model.text_projection),
@@ -276,15 +372,17 @@ def main(argv=None) -> int:
     images, texts = initial_synthetic_set(data, settings.distill.num_pairs, settings.model.image_size, settings.distill.pix_init, settings.distill.txt_init,
                                           settings.model.text_encoder, generator, image_norm(settings.model), chosen)
     distiller = Distiller(settings, images, texts, device, students, generator)
-    start_it, best_r_mean, evaluated_at_start = 0, -1.0, False
-    if resume is not None:
-        distiller.restore(resume)
-        restore_rng(resume["state"]["rng"], generator)
-        experts.restore(resume["state"]["experts"])
-        distiller.guard.restore(resume["state"].get("guard", {}))
-        start_it, best_r_mean = resume["iteration"], resume["state"]["best_r_mean"]
-        evaluated_at_start = bool(resume["metrics"])
-        print(f"resumed from {settings.distill.resume} at iteration {start_it}")
+
+    def capture(iteration: int, best_r_mean: float = -1.0, best_iteration: int = -1) -> ResumePoint:
+        return ResumePoint(iteration, distiller.snapshot(), rng_state(generator), experts.state(),
+                           distiller.guard.state(), best_r_mean, best_iteration)
+
+    if resume is None:
+        point = capture(0)
+    else:
+        point = resume_point(resume, settings.distill.resume, distiller, generator, experts, capture)
+        print(f"resumed from {settings.distill.resume} at iteration {point.iteration}")
+    start_it = point.iteration
 
     runtime = settings.runtime
     run = start_run(runtime.logging_mode, runtime.wandb_project, runtime.wandb_entity, runtime.name, config, "distill",
@@ -294,38 +392,44 @@ def main(argv=None) -> int:
     print(f"distilling {settings.distill.num_pairs} pairs from {len(experts.files)} expert files in {directory} on {device}; "
           f"saving to {files.dir}")
 
-    def save(path: Path, iteration: int, metrics: dict) -> None:
-        state = {"optimizers": distiller.state(), "rng": rng_state(generator), "experts": experts.state(),
-                 "best_r_mean": best_r_mean, "guard": distiller.guard.state()}
-        similarity = distiller.similarity_matrix()
-        extra = {} if similarity is None else {"similarity": similarity,
-                                                "sim_params": [t.detach().cpu() for t in distiller.sim_params]}
-        save_distilled_set(path, distiller.image_syn, distiller.text_syn, distiller.syn_lr_img.item(),
-                           distiller.syn_lr_txt.item(), iteration, config, metrics, state, **extra)
+    def similarity_of(learned: dict) -> torch.Tensor | None:
+        return None if distiller.similarity is None else distiller.similarity.submatrix(learned["sim_params"]).detach()
+
+    def save(path: Path, point: ResumePoint) -> None:
+        learned, similarity = point.learned, similarity_of(point.learned)
+        extra = {} if similarity is None else {"similarity": similarity, "sim_params": learned["sim_params"]}
+        save_distilled_set(path, learned["image_syn"], learned["text_syn"], learned["syn_lr_img"], learned["syn_lr_txt"],
+                           point.iteration, config, point.metrics, point.state(), **extra)
         atomic_write_json(timing, files.dir / TIMING_NAME)
 
-    def evaluate_and_save(iteration: int) -> None:
-        nonlocal best_r_mean
-        lr = distiller.syn_lr_img.item()
-        summary = evaluate_pairs(settings.model, settings.protocol, distiller.image_syn, distiller.text_syn, lr, inputs, device,
+    def evaluate_and_save(point: ResumePoint) -> ResumePoint:
+        """Judge the set of `point`, write it, and return the point with its evaluation and the best so far."""
+        iteration, learned = point.iteration, point.learned
+        lr = learned["syn_lr_img"]
+        summary = evaluate_pairs(settings.model, settings.protocol, learned["image_syn"], learned["text_syn"], lr, inputs, device,
                                  settings.protocol.num_eval, seed=distill_eval_seed(settings.runtime.seed, iteration), progress=settings.runtime.progress,
-                                 similarity=distiller.similarity_matrix(), model=student_model)
+                                 similarity=similarity_of(learned), model=student_model)
         tqdm.write(f"iteration {iteration}: {format_summary(summary)}  (eval lr {lr:.4g}, {settings.protocol.num_eval} models, "
                    f"{settings.data.eval_split}; {distiller.guard.total_skipped} steps skipped so far)")
         run.log({**{f"eval/{k}": v["mean"] for k, v in summary.items()},
                  **{f"eval/{k}_std": v["std"] for k, v in summary.items()}}, step=iteration)
-        improved = summary["r_mean"]["mean"] > best_r_mean
-        best_r_mean = max(best_r_mean, summary["r_mean"]["mean"])
-        save(files.at(iteration), iteration, summary)
-        save(files.last, iteration, summary)
+        r_mean = summary["r_mean"]["mean"]
+        improved = r_mean > point.best_r_mean
+        best = {"best_r_mean": r_mean, "best_iteration": iteration} if improved else {}
+        evaluated = replace(point, metrics=summary, **best)
+        # The best file first: whichever write a kill interrupts, no file on disk claims a best set that
+        # distilled_best.pt does not hold (a resume from the older last file evaluates and writes it again).
         if improved:
-            save(files.best, iteration, summary)
+            save(files.best, evaluated)
+        save(files.at(iteration), evaluated)
+        save(files.last, evaluated)
         if settings.distill.draw:
-            draw(iteration)
+            draw(iteration, learned["image_syn"], learned["text_syn"])
+        return evaluated
 
-    def draw(iteration: int) -> None:
-        grids = save_image_grids(distiller.image_syn, files.dir, f"{iteration:06d}")
-        nearest = nearest_captions(distiller.text_syn, data.train_text, data.train.captions)
+    def draw(iteration: int, image_syn: torch.Tensor, text_syn: torch.Tensor) -> None:
+        grids = save_image_grids(image_syn, files.dir, f"{iteration:06d}")
+        nearest = nearest_captions(text_syn, data.train_text, data.train.captions)
         write_nearest_captions(nearest, files.dir / f"nearest_captions_{iteration:06d}.txt")
         if runtime.logging_mode != "disabled":
             import wandb
@@ -335,50 +439,69 @@ def main(argv=None) -> int:
                                                      data=[[i, s, c] for i, (c, s) in enumerate(nearest)])},
                     step=iteration)
 
-    completed = start_it
     started = time.time()
     # Time spent in matching iterations alone (no evaluations), kept across --resume.
     # (timing.json beside the sets, not inside them: two runs with the same seed write identical sets)
     timing = {"seconds": 0.0, "iterations": 0}
     if resume:
         timing.update(read_json_if_present(Path(settings.distill.resume).parent / TIMING_NAME) or {})
+    good = point  # the last point with no skipped step right before it: where a diverged run goes back to
     bar = tqdm(range(start_it, settings.distill.Iteration), desc="distill", unit="it", disable=not settings.runtime.progress)
     try:
         for iteration in bar:
-            if iteration % settings.distill.eval_it == 0 and not (iteration == start_it and evaluated_at_start):
-                evaluate_and_save(iteration)
+            if iteration % settings.distill.eval_it == 0 and not point.metrics:
+                point = evaluate_and_save(point)
+            if point.guard["consecutive"] == 0:
+                good = point
             began = time.perf_counter()
-            stats = distiller.step(experts, generator, iteration)
+            stats = distiller.step(experts, generator, iteration, before=point.learned)
+            point = capture(iteration + 1, point.best_r_mean, point.best_iteration)
             timing["seconds"] += time.perf_counter() - began
             timing["iterations"] += 1
-            completed = iteration + 1
             skipped = stats.pop("skipped")
             if skipped:
                 tqdm.write(f"iteration {iteration}: step skipped: {skipped}")
             run.log({**stats, "Skipped_Steps": distiller.guard.total_skipped}, step=iteration)
             bar.set_postfix(loss=f"{stats['Grand_Loss']:.4f}", lr_img=f"{stats['Synthetic_LR_Image']:.4g}",
                             lr_txt=f"{stats['Synthetic_LR_Text']:.4g}", skipped=distiller.guard.total_skipped)
-            if settings.distill.time_budget and time.time() - started > 60 * settings.distill.time_budget and completed < settings.distill.Iteration:
-                tqdm.write(f"--time_budget {settings.distill.time_budget:g} min reached after iteration {completed}: stopping")
+            if settings.distill.time_budget and time.time() - started > 60 * settings.distill.time_budget and point.iteration < settings.distill.Iteration:
+                tqdm.write(f"--time_budget {settings.distill.time_budget:g} min reached after iteration {point.iteration}: stopping")
                 break
-        if not (completed == start_it and evaluated_at_start):
-            evaluate_and_save(completed)
+        if not point.metrics:
+            point = evaluate_and_save(point)
     except Diverged as err:
-        save(files.last, err.iteration, {})  # the state before the step that diverged
-        raise UserError(f"{err}; stopped. The last good distilled set is {files.last} (iteration {err.iteration}); "
-                        f"continue from it with --resume and lower --lr_img/--lr_txt/--lr_lr or --syn_steps") from None
+        save(files.last, good)
+        raise UserError(f"{err}; stopped. The last good distilled set is {files.last} (iteration {good.iteration}): "
+                        f"the state before the refused steps; continue from it with --resume and lower "
+                        f"--lr_img/--lr_txt/--lr_lr or --syn_steps") from None
     except KeyboardInterrupt:
-        save(files.last, completed, {})
-        print(f"\ninterrupted: saved iteration {completed} to {files.last}; continue with --resume {files.last}")
+        save(files.last, point)
+        print(f"\ninterrupted: saved iteration {point.iteration} to {files.last}; continue with --resume {files.last}")
         raise
     run.finish()
     per_iteration = timing["seconds"] / max(timing["iterations"], 1)
     skipped = distiller.guard.skipped
-    print(f"done: {completed - start_it} iterations in {time.time() - started:.0f}s "
+    print(f"done: {point.iteration - start_it} iterations in {time.time() - started:.0f}s "
           f"({per_iteration:.2f}s per matching iteration); {distiller.guard.total_skipped} steps skipped"
           f"{' (' + ', '.join(f'{n} {k}' for k, n in skipped.items()) + ')' if skipped else ''}; best r_mean on "
-          f"{settings.data.eval_split} {best_r_mean:.2f} -> {files.best}; last -> {files.last}")
+          f"{settings.data.eval_split} {point.best_r_mean:.2f} -> {files.best}; last -> {files.last}")
     return 0
+
+
+def resume_point(payload: dict, path, distiller: Distiller, generator: torch.Generator, experts: ExpertCycler,
+                 capture) -> ResumePoint:
+    """Put the run where the file `path` left it and return that point; a clear error when the file's state
+    does not fit this run."""
+    state = payload["state"]
+    try:
+        distiller.restore(payload)
+        distiller.guard.restore(state["guard"])
+        restore_rng(state["rng"], generator)
+        experts.restore(state["experts"])
+    except (ValueError, RuntimeError, UserError) as err:
+        raise UserError(f"--resume {path} does not fit this run: {err}") from None
+    point = capture(payload["iteration"], state["best_r_mean"], state["best_iteration"])
+    return replace(point, metrics=payload["metrics"])
 
 
 def cli() -> None:

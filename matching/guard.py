@@ -66,6 +66,23 @@ class StepGuard:
                 "consecutive": self.consecutive}
 
     def restore(self, state: dict) -> None:
-        self.history = {k: list(v) for k, v in state.get("history", {}).items()}
-        self.skipped = dict(state.get("skipped", {}))
-        self.consecutive = int(state.get("consecutive", 0))
+        """Take back a `state()`; ValueError naming the part that is not what `state()` writes."""
+        history, skipped, consecutive = state.get("history"), state.get("skipped"), state.get("consecutive")
+        if not (isinstance(history, dict) and all(isinstance(v, list) and all(_finite(x) for x in v)
+                                                  for v in history.values())):
+            raise ValueError(f"the step guard's history {history!r} is not lists of finite gradient norms")
+        if not (isinstance(skipped, dict) and all(_count(n) for n in skipped.values())):
+            raise ValueError(f"the step guard's skip counts {skipped!r} are not whole numbers >= 0")
+        if not _count(consecutive):
+            raise ValueError(f"the step guard's run of skips {consecutive!r} is not a whole number >= 0")
+        self.history = {k: list(v) for k, v in history.items()}
+        self.skipped = dict(skipped)
+        self.consecutive = consecutive
+
+
+def _finite(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
