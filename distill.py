@@ -229,11 +229,11 @@ class Distiller:
         return {name: opt.state_dict() for name, opt in self.optimizers.items()}
 
     def snapshot(self) -> dict:
-        """The learned tensors, step sizes and optimiser states, copied (the format `restore` takes)."""
-        return {"image_syn": self.image_syn.detach().clone(), "text_syn": self.text_syn.detach().clone(),
-                "syn_lr_img": self.syn_lr_img.item(), "syn_lr_txt": self.syn_lr_txt.item(),
-                "sim_params": [t.detach().clone() for t in self.sim_params],
-                "state": {"optimizers": copy.deepcopy(self.state())}}
+        """The learned tensors, step sizes and optimiser states, copied to the CPU (the format `restore` takes;
+        a copy kept on the CPU costs no accelerator memory during the next step)."""
+        return copied_to_cpu({"image_syn": self.image_syn, "text_syn": self.text_syn,
+                              "syn_lr_img": self.syn_lr_img.item(), "syn_lr_txt": self.syn_lr_txt.item(),
+                              "sim_params": list(self.sim_params), "state": {"optimizers": self.state()}})
 
     def restore(self, payload: dict) -> None:
         """Put back a `snapshot` (or the learned state of a saved set); ValueError when it does not fit this run.
@@ -272,6 +272,17 @@ class Distiller:
             if problem:
                 return f"optimiser state {name!r}: {problem}"
         return None
+
+
+def copied_to_cpu(value):
+    """`value` with every tensor inside it (through dicts, lists and tuples) copied to the CPU, detached."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().to("cpu", copy=True)
+    if isinstance(value, dict):
+        return {key: copied_to_cpu(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(copied_to_cpu(item) for item in value)
+    return copy.deepcopy(value)
 
 
 def optimizer_state_problem(optimizer: torch.optim.Optimizer, saved) -> str | None:
