@@ -6,7 +6,10 @@ takes an expert trajectory, starts a student at epoch `start` of it, takes --syn
 random synthetic minibatches (graph kept), and minimises the distance to the expert's parameters
 --expert_epochs later, normalised by how far the expert moved. Every --eval_it iterations fresh
 models are trained on the synthetic set and tested; the set is saved to --save_dir then
-(distilled_<it>.pt, distilled_last.pt, distilled_best.pt), and resumable with --resume.
+(distilled_best.pt when it improved, distilled_<it>.pt, distilled_last.pt), and resumable with --resume.
+Ctrl-C saves the start of the iteration it interrupted to distilled_last.pt; a resumed run continues bit
+for bit as one that never stopped (every random draw comes from one saved generator; evaluations draw
+from their own seeds). See docs/file-formats.md.
 """
 from __future__ import annotations
 

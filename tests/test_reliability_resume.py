@@ -267,3 +267,14 @@ def test_evaluation_keeps_the_global_streams_and_a_step_seeds_its_own():
             draws.append(torch.nn.functional.dropout(torch.ones(20), 0.5))
         torch.rand(5)  # whatever else draws in between
     assert torch.equal(*draws) and not torch.equal(torch.get_rng_state(), before[0])
+
+
+def test_a_resume_with_a_lower_learning_rate_uses_it(reference6, tiny_shapes, cache_dir, experts, tmp_path):
+    """What the divergence message advises (--resume with lower --lr_img) must take effect: the optimiser
+    state in the file brings its momentum, not its learning rate."""
+    out = tmp_path / "run"
+    assert distill.main(six(tiny_shapes, cache_dir, experts, out, "--lr_img", "1",
+                            "--resume", str(reference6 / "distilled_000004.pt"))) == 0
+    groups = load_distilled_set(out / "distilled_last.pt")["state"]["optimizers"]["img"]["param_groups"]
+    assert [group["lr"] for group in groups] == [1.0]
+    assert not torch.equal(learned(out / "distilled_last.pt")[0], learned(reference6 / "distilled_last.pt")[0])
