@@ -23,7 +23,6 @@ present, e.g. flickr8k_test.json beside the others, else --eval_split; the outpu
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 import time
 from pathlib import Path
@@ -31,7 +30,7 @@ from pathlib import Path
 import torch
 
 from data.build import has_split, load_retrieval_data
-from data.distilled_set import load_distilled_set, save_distilled_set
+from data.distilled_set import learned_lr_problem, load_distilled_set, save_distilled_set
 from data.feature_cache import trunk_key
 from data.model_inputs import inputs_for
 from data.transforms import renormalize
@@ -135,12 +134,10 @@ def check_learned_lrs(settings: EvaluateSettings, payload: dict, set_path: Path)
     a diverged distillation leaves them zero, negative or NaN."""
     if settings.judging.lr_eval is not None or settings.judging.lr_grid:
         return
-    for name in ("syn_lr_img", "syn_lr_txt"):
-        value = payload[name]
-        if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
-            raise UserError(f"distilled set {set_path} has {name} {value!r}, not a finite positive step size (did the "
-                            f"distillation diverge?); pass --lr_eval LR or --lr_grid LR [LR ...] to choose the "
-                            f"evaluation learning rate instead")
+    problem = learned_lr_problem(payload)
+    if problem:
+        raise UserError(f"distilled set {set_path} {problem} (did the distillation diverge?); pass --lr_eval LR or "
+                        f"--lr_grid LR [LR ...] to choose the evaluation learning rate instead")
 
 
 def check_outputs(settings: EvaluateSettings) -> None:

@@ -85,9 +85,9 @@ def set_problem(payload: dict) -> str | None:
     if (image_key == "image_syn" and (images.dim() != 4 or images.shape[1] != 3)) or images.dim() < 2 \
             or texts.dim() != 2 or len(images) != len(texts) or len(texts) == 0:
         return f"has inconsistent shapes: {image_key} {tuple(images.shape)}, text_syn {tuple(texts.shape)}"
-    for key in ("syn_lr_img", "syn_lr_txt"):
-        if not _is_number(payload[key]) or payload[key] <= 0:
-            return f"has {key} {payload[key]!r}, not a finite positive step size"
+    for key in ("syn_lr_img", "syn_lr_txt"):  # whether a value is usable is for its user to say (learned_lr_problem)
+        if not isinstance(payload[key], (int, float)) or isinstance(payload[key], bool):
+            return f"has {key} {payload[key]!r}, not a number"
     if not _is_int(payload["iteration"]) or payload["iteration"] < 0:
         return f"has iteration {payload['iteration']!r}, not a whole number >= 0"
     for key in ("config", "metrics", "state"):
@@ -106,6 +106,14 @@ def set_problem(payload: dict) -> str | None:
         return f"has caption_indices that are not {count} whole numbers"
     bad = non_finite(payload)
     return f"{bad} holds non-finite values (NaN or infinity)" if bad else None
+
+
+def learned_lr_problem(payload: dict) -> str | None:
+    """Which learned step size of a loaded set cannot serve as a learning rate (zero, negative or NaN: a file
+    not written by distill.py, which never saves such a value), as a phrase; None when both can."""
+    bad = [f"{key} {payload[key]!r}" for key in ("syn_lr_img", "syn_lr_txt")
+           if not (_is_number(payload[key]) and payload[key] > 0)]
+    return f"has {' and '.join(bad)}, not a finite positive step size" if bad else None
 
 
 def _is_number(value) -> bool:

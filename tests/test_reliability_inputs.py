@@ -7,7 +7,6 @@ import json
 import math
 import struct
 import zlib
-from pathlib import Path
 
 import pytest
 import torch
@@ -19,7 +18,6 @@ from data.annotations import read_split
 from data.build import report_left_out
 from data.datasets import load_rgb
 from data.distilled_set import load_distilled_set
-from settings import programs
 from utils.cli import UserError
 
 QUIET = ("--num_workers", "0", "--progress", "False", "--wandb_mode", "disabled")
@@ -192,14 +190,15 @@ def test_a_broken_learned_step_size_is_refused_before_any_work(run4, tmp_path, n
 
 
 @pytest.mark.parametrize("given", [("--lr_eval", "0.05"), ("--lr_grid", "0.01", "0.1")])
-def test_a_given_evaluation_rate_makes_the_learned_one_irrelevant(given):
-    def check(*flags):
-        settings = programs.from_namespace("evaluate", evaluate.parse_args(["--distilled", "x.pt", *flags])[0])
-        evaluate.check_learned_lrs(settings, {"syn_lr_img": math.nan, "syn_lr_txt": 0.0}, Path("x.pt"))
-
-    check(*given)
-    with pytest.raises(UserError, match="syn_lr_img nan"):
-        check()
+def test_a_given_evaluation_rate_makes_the_learned_one_irrelevant(run4, tmp_path, no_work, given):
+    """With the rate given, a set whose learned step sizes are NaN and 0 loads and the work starts."""
+    payload = load_distilled_set(run4 / "distilled_last.pt")
+    path = tmp_path / "broken.pt"
+    torch.save({**payload, "syn_lr_img": math.nan, "syn_lr_txt": 0.0}, path)
+    with pytest.raises(WorkStarted):
+        evaluate.main(["--distilled", str(path), *QUIET, *given])
+    with pytest.raises(UserError, match="syn_lr_img nan and syn_lr_txt 0.0, not a finite positive"):
+        evaluate.main(["--distilled", str(path), *QUIET])
 
 
 @pytest.mark.parametrize("target, flag", [(("--full",), "--out"), (("--coreset", "random", "--coreset_size", "4"),
