@@ -23,7 +23,7 @@ import torch
 from tqdm import tqdm
 
 from data.build import load_retrieval_data
-from data.distilled_set import load_distilled_set, resume_state_problem, save_distilled_set
+from data.distilled_set import learned_lr_problem, load_distilled_set, resume_state_problem, save_distilled_set
 from data.model_inputs import inputs_for
 from evaluation import coresets
 from evaluation.protocol import evaluate_pairs
@@ -81,6 +81,9 @@ def check_resume(payload: dict, settings: DistillRunSettings, text_identity: str
     problem = resume_state_problem(payload["state"])
     if problem:
         raise UserError(f"--resume {path} cannot be resumed: its state {problem}")
+    problem = learned_lr_problem(payload)
+    if problem:
+        raise UserError(f"--resume {path} cannot be resumed: it {problem}")
     if payload["iteration"] > settings.distill.Iteration:
         raise UserError(f"--resume {path} is at iteration {payload['iteration']}, beyond --Iteration {settings.distill.Iteration}")
 
@@ -366,7 +369,7 @@ def main(argv=None) -> int:
     meta = read_metadata(directory)
     check_buffer_matches(meta, directory, expected_metadata(settings.data, settings.model, text_identity))
     experts = ExpertCycler(directory, meta, generator, settings.distill.max_start_epoch + settings.distill.expert_epochs,
-                           settings.distill.max_files, settings.distill.max_experts)
+                           settings.distill.max_files, settings.distill.max_experts, settings.distill.expert_epochs)
     experts.peek_check()
     resume = load_distilled_set(settings.distill.resume) if settings.distill.resume else None
     if resume is not None:
