@@ -10,23 +10,23 @@ from pathlib import Path
 from utils.cli import UserError
 
 
-def ensure_output_dir(path, flag: str) -> Path:
+def ensure_output_dir(path, flag: str, given=None) -> Path:
     """Create the output folder `path` (and its parents) and prove that a file can be written there.
 
-    `flag` names the option the folder came from, for the message. Refuses a path that is a file, lies
-    under a file, or is not writable.
+    `flag` and `given` (default: `path`) name the option and the value the folder came from, for the
+    message. Refuses a path that is a file, lies under a file, or is not writable.
     """
     path = Path(path)
     for parent in [path, *path.parents]:
         if parent.exists() and not parent.is_dir():
-            raise UserError(f"{flag} {path}: {parent} is a file, not a folder")
+            raise UserError(f"{flag} {given or path}: {parent} is a file, not a folder")
     try:
         path.mkdir(parents=True, exist_ok=True)
         fd, probe = tempfile.mkstemp(prefix=".write-test.", suffix=".tmp", dir=path)
         os.close(fd)
         os.unlink(probe)
     except OSError as err:
-        raise UserError(f"{flag} {path} cannot be written to ({err.strerror or err}); choose another folder "
+        raise UserError(f"{flag} {given or path}: {path} cannot be written to ({err.strerror or err}); choose another folder "
                         f"or fix its permissions") from None
     return path
 
@@ -36,7 +36,7 @@ def ensure_output_file(path, flag: str) -> Path:
     path = Path(path)
     if path.is_dir():
         raise UserError(f"{flag} {path} is a folder; give a file name")
-    ensure_output_dir(path.parent, flag)
+    ensure_output_dir(path.parent, flag, given=path)
     return path
 
 
