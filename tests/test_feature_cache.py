@@ -86,9 +86,12 @@ def test_anything_that_changes_the_outputs_makes_a_new_file(change, dataset_copy
 def test_an_interrupted_write_leaves_no_file_and_the_next_run_completes(dataset_copy, tmp_path, monkeypatch, counted):
     real_save = torch.save
 
-    def interrupted(obj, path, *args, **kwargs):
-        with open(path, "wb") as handle:
-            handle.write(b"half a file")
+    def interrupted(obj, target, *args, **kwargs):  # target: a path or an open file, as torch.save takes
+        if hasattr(target, "write"):
+            target.write(b"half a file")
+        else:
+            with open(target, "wb") as handle:
+                handle.write(b"half a file")
         raise KeyboardInterrupt
 
     monkeypatch.setattr(torch, "save", interrupted)
