@@ -28,7 +28,7 @@ class DataSettings(Settings):
                                      "--report_split (the reference evaluates on test)", choices=SPLITS)
     max_train_images: int | None = setting(None, "train on the first K training images only (with all their "
                                                  "captions): CPU-sized runs", check=at_least(1))
-    skip_bad_images: bool = setting(False, "leave out pairs whose image is missing instead of stopping")
+    skip_bad_images: bool = setting(False, "leave out pairs whose image is missing, unreadable, truncated or too large (counted by kind) instead of stopping")
     cache_dir: str = setting(default_cache_dir(), "where the generated shapes data set and the text-embedding and "
                                                   "trunk-output caches live (env VL_DISTILL_CACHE)")
     feature_views: int = setting(2, "with a frozen trunk (--train_stages K / --image_projection): augmented views "
