@@ -33,7 +33,7 @@ from data.shapes import ensure_shapes
 
 DATA_FLAGS = ["--dataset", "shapes", "--image_encoder", "convnet", "--image_size", "16", "--image_pretrained",
               "False", "--text_encoder", "minilm", "--num_workers", "0", "--wandb_mode", "disabled"]
-BUFFER_FLAGS = ["--num_experts", "3", "--train_epochs", "4", "--batch_train", "25"]
+BUFFER_FLAGS = ["--num_experts", "3", "--train_epochs", "6", "--batch_train", "25"]
 DISTILL_FLAGS = ["--syn_steps", "8", "--expert_epochs", "1", "--max_start_epoch", "2", "--num_pairs", "20",
                  "--mini_batch_size", "10", "--lr_img", "100", "--lr_txt", "100", "--lr_lr", "1e-5",
                  "--Iteration", "40", "--eval_it", "10", "--num_eval", "1", "--epoch_eval_train", "3",
