@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from data.build import load_retrieval_data
 from data.model_inputs import inputs_for
-from networks import build_model, trainable_parameters
+from networks import build_model, check_image_size, trainable_parameters
 from settings import programs
 from settings.programs import BufferSettings
 from utils import distributed
@@ -124,6 +124,7 @@ def train_expert(settings: BufferSettings, inputs, device, seed: int, label: str
 def main(argv=None) -> int:
     settings = parse_args(argv)
     runtime, model_settings = settings.runtime, settings.model
+    check_image_size(model_settings.image_encoder, model_settings.image_size)
     ensure_output_dir(settings.experts.buffer_path, "--buffer_path")  # a bad folder fails now, not after training
     device = pick_device(runtime.device)
     group = distributed.init_from_env(device)

@@ -33,7 +33,7 @@ from matching.guard import StepGuard
 from matching.meta_gradient import matching_gradients
 from matching.synthetic import initial_synthetic_set
 from matching.trajectory import Students, contrastive_step_loss, draw_blends, draw_minibatches, pick_segment
-from networks import build_model, image_norm, text_encoder_identity
+from networks import build_model, check_image_size, image_norm, text_encoder_identity
 from networks.similarity import TargetSimilarity
 from reparam_module import ReparamModule
 from settings import programs
@@ -359,6 +359,7 @@ class RunFiles:
 
 def main(argv=None) -> int:
     settings = parse_args(argv)
+    check_image_size(settings.model.image_encoder, settings.model.image_size)
     device = pick_device(settings.runtime.device)
     files = RunFiles(Path(settings.distill.save_dir or Path("runs") / settings.data.dataset / settings.runtime.name))
     seed_everything(settings.runtime.seed)

@@ -38,7 +38,7 @@ from evaluation import coresets
 from evaluation.metrics import format_table
 from evaluation.protocol import judge, pair_batches
 from experts.files import check_buffer_matches, expected_metadata, locate_buffer, read_metadata
-from networks import build_model, image_norm
+from networks import build_model, check_image_size, image_norm
 from networks.text_encoders import text_encoder_identity
 from settings import DEFAULT_REAL_LR, programs
 from settings.choices import CENTROIDS
@@ -103,6 +103,10 @@ def check_settings(settings: EvaluateSettings) -> None:
         raise UserError("--coreset_size only applies to --coreset (a distilled set has its own size)")
     if coreset == "forgetting" and settings.coreset.forgetting_epochs < 2:
         raise UserError("--forgetting_epochs must be at least 2: a pair has to be seen twice to be forgotten")
+    if settings.judging.eval_image_encoder:  # the encoder that trains
+        check_image_size(settings.judging.eval_image_encoder, settings.model.image_size, "--eval_image_encoder")
+    else:
+        check_image_size(settings.model.image_encoder, settings.model.image_size)
 
 
 def apply_file_settings(namespace: argparse.Namespace, config: dict, explicit: set[str]) -> None:

@@ -9,7 +9,7 @@ from networks.contrastive import (
     similarity_logits,
     trainable_parameters,
 )
-from networks.image_encoders import IMAGE_ENCODERS, create_image_encoder, resolve_image_norm
+from networks.image_encoders import IMAGE_ENCODERS, check_image_size, create_image_encoder, resolve_image_norm
 from networks.lora import add_lora
 from networks.projection import ProjectionHead
 from networks.text_encoders import TEXT_ENCODERS, FrozenTextEncoder, text_encoder_identity
@@ -19,6 +19,7 @@ __all__ = [
     "LOSS_TYPES", "ImageTextModel", "contrastive_loss", "trainable_parameters", "trainable_parts",
     "in_batch_accuracy", "similarity_logits", "IMAGE_ENCODERS", "create_image_encoder", "ProjectionHead",
     "TEXT_ENCODERS", "FrozenTextEncoder", "text_encoder_identity", "build_model", "add_lora", "image_norm",
+    "check_image_size",
 ]
 
 

@@ -30,16 +30,25 @@ check_registry("image encoders", IMAGE_ENCODERS, TIMM_NAMES)
 PACKAGED_WEIGHTS = {"efficientnet_lite0": packaged_lite0_state_dict}
 
 
+# Input sizes an encoder can take: a multiple of this (the ConvNet halves the size in each of its 3 blocks;
+# the ViT cuts the image into 16-px patches). The others pool globally and take any size.
+SIZE_MULTIPLE = {**{name: 2 ** 3 for name in CONVNET_WIDTHS}, "vit": 16}
+
+
+def check_image_size(name: str, image_size: int, flag: str = "--image_encoder") -> None:
+    """Refuse an --image_size that encoder `name` cannot take (the programs call this before any work)."""
+    multiple = SIZE_MULTIPLE.get(name, 1)
+    if image_size % multiple:
+        raise UserError(f"{flag} {name} needs --image_size divisible by {multiple}, got {image_size} (e.g. "
+                        f"{max(multiple, image_size // multiple * multiple)})")
+
+
 def _build(name: str, image_size: int) -> nn.Module:
+    check_image_size(name, image_size)
     if name in CONVNET_WIDTHS:
-        try:
-            return ConvNet(image_size, width=CONVNET_WIDTHS[name])
-        except ValueError as err:
-            raise UserError(str(err)) from None
+        return ConvNet(image_size, width=CONVNET_WIDTHS[name])
     kwargs = dict(pretrained=False, num_classes=0, global_pool="avg")
     if name == "vit":
-        if image_size % 16:
-            raise UserError(f"vit needs --image_size divisible by its patch size 16, got {image_size}")
         kwargs["img_size"] = image_size
     model = timm.create_model(TIMM_NAMES[name], **kwargs)
     for module in model.modules():

@@ -155,7 +155,7 @@ def test_bad_inputs_get_clear_messages(tiny_shapes, cache_dir, experts, tmp_path
             "--max_train_images", "10")
     with pytest.raises(UserError, match="images are 16x16 px but --image_size is 32"):
         evaluate.main(["--distilled", str(run4 / "distilled_last.pt"), "--image_size", "32"])
-    with pytest.raises(UserError, match="vit needs --image_size divisible by its patch size"):
+    with pytest.raises(UserError, match="--eval_image_encoder vit needs --image_size divisible by 16, got 12"):
         payload = load_distilled_set(run4 / "distilled_last.pt")
         save_distilled_set(tmp_path / "small.pt", payload["image_syn"][:, :, :12, :12], payload["text_syn"], 0.1, 0.1,
                            0, {**payload["config"], "image_size": 12})

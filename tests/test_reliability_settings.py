@@ -76,6 +76,10 @@ BAD = [
     ("distill", ["--time_budget", "inf"], "--time_budget must be positive (and finite), got inf"),
     ("distill", ["--sim_alpha", "nan"], "--sim_alpha must be positive (and finite)"),
     ("distill", ["--blend_alpha", "-1"], "--blend_alpha must be 0 or positive"),
+    # an image size the encoder cannot take (networks' rule, checked before the data are read)
+    ("buffer", ["--image_size", "20"], "--image_encoder convnet needs --image_size divisible by 8, got 20"),
+    ("distill", ["--image_encoder", "vit", "--image_size", "40"], "--image_encoder vit needs --image_size divisible by 16"),
+    ("evaluate", ["--image_size", "12"], "--image_encoder convnet needs --image_size divisible by 8, got 12"),
     # argparse's own errors end as the same one-line error
     ("distill", ["--syn_steps", "x"], "argument --syn_steps: invalid int value: 'x' (see distill.py --help)"),
 ]
