@@ -14,10 +14,11 @@ from dataclasses import dataclass
 
 import torch
 
-from bench.peak_memory import PeakMemory
+from bench.peak_memory import PeakRss
 from matching.trajectory import Segment, Students
 from networks import ImageTextModel, create_image_encoder
 from reparam_module import ReparamModule, flatten
+from utils.tensor_memory import TensorPeak
 
 
 @dataclass
@@ -57,21 +58,27 @@ def run_worker(module: str, flags: list[str]) -> dict:
 
 
 def measure_iteration(iteration, device: torch.device, repeats: int) -> dict:
-    """Peak memory of a first (warm-up) call of `iteration`, then the median time of `repeats` more."""
+    """Peak resident set of a first (warm-up) call of `iteration`, the peak bytes of tensors in a second
+    call (under the profiler on the CPU, so untimed), then the median time of `repeats` more.
+
+    `cuda_mb` is the tensor peak on a GPU and 0 on the CPU (the key that bench_distill_iteration reads).
+    """
     def synchronised():
         iteration()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 
-    with PeakMemory(device) as memory:
+    with PeakRss() as rss:
+        synchronised()
+    with TensorPeak(device) as tensors:
         synchronised()
     times = []
     for _ in range(repeats):
         began = time.perf_counter()
         synchronised()
         times.append(time.perf_counter() - began)
-    return {"seconds": statistics.median(times), "host_mb": memory.host_mb, "cuda_mb": memory.cuda_mb,
-            "device": str(device)}
+    return {"seconds": statistics.median(times), "host_mb": rss.host_mb, "tensor_mb": tensors.mib,
+            "cuda_mb": tensors.mib if device.type == "cuda" else 0.0, "device": str(device)}
 
 
 PROBLEM_FLAGS = ("image_encoder", "image_size", "text_dim", "num_queries", "mini_batch_size")

@@ -1,9 +1,11 @@
-"""Peak-memory measurement for benchmarks that run each configuration in a fresh process."""
+"""Peak-memory measurement for benchmarks that run each configuration in a fresh process.
+
+Two measures: the bytes that tensors hold (`utils.tensor_memory.TensorPeak`: exact, the one the
+benchmarks judge by) and the resident set of the process (what the machine sees; noisy, tens of MiB
+between runs of the same code, from the allocator's caching and lazily loaded libraries)."""
 from __future__ import annotations
 
 import resource
-
-import torch
 
 
 def current_rss_mb() -> float:
@@ -31,25 +33,15 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-class PeakMemory:
-    """Peak extra memory used inside the block: host RSS above the level at entry, and CUDA peak allocation."""
-
-    def __init__(self, device: torch.device):
-        self.device = device
-        self.host_mb = self.cuda_mb = 0.0
+class PeakRss:
+    """Peak resident set inside the block above its level at entry (`.host_mb` after it)."""
 
     def __enter__(self):
         reset_peak_rss()
         self._base = current_rss_mb()
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
-            self._cuda_base = torch.cuda.memory_allocated(self.device)
+        self.host_mb = 0.0
         return self
 
     def __exit__(self, *exc):
         self.host_mb = peak_rss_mb() - self._base
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            self.cuda_mb = (torch.cuda.max_memory_allocated(self.device) - self._cuda_base) / 2**20
         return False

@@ -1,6 +1,8 @@
 """The meta-gradient of one trajectory-matching iteration against an independent unrolled reference."""
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -121,8 +123,8 @@ def test_real_and_clean_initialisation_share_the_pairs_and_differ_in_augmentatio
     assert torch.equal(sets["real"][1], sets["clean"][1]) and torch.equal(sets["clean"][1], data.train_text[captions])
 
 
-def _mode_gradients(mode, setup, steps, augment=None):
-    """Loss terms, the meta-gradient (images, texts, both step sizes) and the next random number after it."""
+def _mode_result(mode, setup, steps, augment=None):
+    """`matching_gradients`' result on the test problem, and the next random number after it."""
     from matching.meta_gradient import matching_gradients
     from matching.trajectory import contrastive_step_loss
 
@@ -134,12 +136,20 @@ def _mode_gradients(mode, setup, steps, augment=None):
     torch.manual_seed(123)  # the dropout masks of every step come from here
     result = matching_gradients(mode, students, contrastive_step_loss(students, batches, augment), steps,
                                 (image_syn, text_syn), lr_img, lr_txt, segment)
+    return result, torch.rand(1)
+
+
+def _mode_gradients(mode, setup, steps, augment=None):
+    """Loss terms, the meta-gradient (images, texts, both step sizes) and the next random number after it."""
+    result, after = _mode_result(mode, setup, steps, augment)
     grads = (*result.learned_grads, result.lr_img_grad, result.lr_txt_grad)
-    return (result.image_term, result.text_term), grads, torch.rand(1)
+    return (result.image_term, result.text_term), grads, after
 
 
-@pytest.mark.parametrize("steps", [1, 3, 8])
+@pytest.mark.parametrize("steps", [1, 3, 5, 7, 8, 10])
 def test_exact_lowmem_gives_the_unrolled_meta_gradient(steps):
+    """From 5 steps on the sweep runs over several blocks of ⌈√N⌉ steps, the last one short, and
+    recomputes all but the last from their checkpoints."""
     setup = _setup()
     assert MINI < N and setup[0].text_projection.dropout.p > 0 and setup[0].training
     terms, grads, after = _mode_gradients("exact_lowmem", setup, steps)
@@ -148,8 +158,26 @@ def test_exact_lowmem_gives_the_unrolled_meta_gradient(steps):
         torch.testing.assert_close(got, expected, rtol=1e-12, atol=0)
     for got, expected in zip(grads, ref_grads):
         assert expected.abs().sum() > 0
-        _assert_rel_close(got, expected, 1e-6)
+        _assert_rel_close(got, expected, 1e-11)  # the two orders of summation differ by ~1e-12 at 10 steps
     assert torch.equal(after, ref_after)  # the sweep leaves the global RNG where the forward pass left it
+
+
+def test_recomputing_a_block_gives_the_same_bits_as_storing_every_step(monkeypatch):
+    import matching.meta_gradient
+
+    setup = _setup()
+    _, blocks, blocks_after = _mode_gradients("exact_lowmem", setup, 7)
+    monkeypatch.setattr(matching.meta_gradient, "checkpoint_interval", lambda steps: 1)  # θ_k of every step kept
+    _, stored, stored_after = _mode_gradients("exact_lowmem", setup, 7)
+    assert all(torch.equal(a, b) for a, b in zip(blocks, stored)) and torch.equal(blocks_after, stored_after)
+
+
+@pytest.mark.parametrize("steps", [1, 4, 10, 16, 30])
+def test_exact_lowmem_holds_about_two_square_roots_of_the_steps_in_parameter_vectors(steps):
+    result, _ = _mode_result("exact_lowmem", _setup(), steps)
+    assert 1 <= result.parameters_held <= 2 * math.ceil(math.sqrt(steps))
+    if steps >= 10:
+        assert result.parameters_held < steps  # one copy per step is no longer kept
 
 
 def test_exact_lowmem_replays_the_augmentation_of_every_step():
