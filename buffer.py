@@ -19,7 +19,6 @@ Several processes: `torchrun --nproc_per_node=K buffer.py ...` splits the expert
 from __future__ import annotations
 
 import time
-from contextlib import contextmanager
 
 import torch
 from tqdm import tqdm
@@ -52,25 +51,6 @@ def parse_args(argv=None) -> BufferSettings:
 
 def snapshot(module: torch.nn.Module) -> list[torch.Tensor]:
     return [p.detach().to("cpu", copy=True) for p in trainable_parameters(module)]
-
-
-@contextmanager
-def main_process_first(group: distributed.ProcessGroupInfo):
-    """Let rank 0 build shared caches before the other ranks read them."""
-    if not group.is_main:
-        distributed.barrier()
-    yield
-    if group.is_main:
-        distributed.barrier()
-
-
-def from_main_process(value, group: distributed.ProcessGroupInfo, device: torch.device):
-    """Rank 0's `value` on every rank (one decision, even where ranks would judge the folder differently)."""
-    if group.world_size == 1:
-        return value
-    box = [value]
-    torch.distributed.broadcast_object_list(box, src=0, device=device)
-    return box[0]
 
 
 # Settings that do not change an expert's training (left out when a partial expert is continued).
@@ -128,7 +108,7 @@ def main(argv=None) -> int:
     ensure_output_dir(settings.experts.buffer_path, "--buffer_path")  # a bad folder fails now, not after training
     device = pick_device(runtime.device)
     group = distributed.init_from_env(device)
-    with main_process_first(group):
+    with distributed.main_process_first(group):
         progress = runtime.progress and group.is_main
         data = load_retrieval_data(settings.data, model_settings, device, progress=progress)
         probe = build_model(model_settings, data.text_dim)
@@ -136,12 +116,12 @@ def main(argv=None) -> int:
         inputs = inputs_for(settings.data, model_settings, data, probe, device, progress=progress)
     directory = buffer_dir(settings.experts.buffer_path, settings.data.dataset, model_settings.image_encoder,
                            model_settings.text_encoder)
-    with main_process_first(group):
+    with distributed.main_process_first(group):
         if group.is_main:
             claim_metadata(directory, describe_experts(settings.data, model_settings, probe, data.text_identity,
                                                        data.text_dim, len(data.train.captions)))
             tidy(directory)
-    numbers = from_main_process(numbers_to_train(directory, settings.experts.num_experts) if group.is_main else None,
+    numbers = distributed.from_main_process(numbers_to_train(directory, settings.experts.num_experts) if group.is_main else None,
                                 group, device)
 
     print(f"[rank {group.rank}] {len(data.train.captions)} train pairs ({len(data.train.image_paths)} images), "

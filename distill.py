@@ -31,6 +31,7 @@ from experts.cycler import ExpertCycler
 from experts.files import check_buffer_matches, expected_metadata, locate_buffer, read_metadata
 from matching.guard import StepGuard
 from matching.meta_gradient import matching_gradients
+from matching.streams import SegmentStream, SegmentStreams, saved_streams, streams_entries
 from matching.synthetic import initial_synthetic_set
 from matching.trajectory import Students, contrastive_step_loss, draw_blends, draw_minibatches, pick_segment
 from networks import build_model, check_image_size, image_norm, text_encoder_identity
@@ -43,8 +44,10 @@ from utils.device import pick_device, seed_everything
 from utils.dsa import dsa_augment
 from utils.io import atomic_write_json, read_json_if_present
 from utils.paths import ensure_output_dir
-from utils.rng import global_streams_seeded, restore_rng, rng_state
-from utils.seeds import distill_eval_seed
+from utils import distributed
+from utils.distributed import ProcessGroupInfo, sum_over_ranks
+from utils.rng import global_streams_seeded
+from utils.seeds import distill_eval_seed, segment_stream_seed
 from evaluation.metrics import format_summary
 from utils.visualize import nearest_captions, save_image_grids, write_nearest_captions
 from utils.wandb_logging import start_run
@@ -109,8 +112,10 @@ class Distiller:
     one trajectory-matching iteration on it."""
 
     def __init__(self, settings: DistillRunSettings, images: torch.Tensor, texts: torch.Tensor, device: torch.device,
-                 students: Students, generator: torch.Generator):
+                 students: Students, generator: torch.Generator, group: ProcessGroupInfo | None = None):
         self.settings, self.device, self.students = settings, device, students
+        self.group = group or ProcessGroupInfo()
+        self.sync_seconds = 0.0  # time spent averaging the meta-gradients over the processes (torchrun)
         self.image_syn = images.to(device).requires_grad_(True)
         self.text_syn = texts.to(device).requires_grad_(True)
         self.syn_lr_img = torch.tensor(float(settings.distill.student_lr_img), device=device, requires_grad=True)
@@ -137,12 +142,29 @@ class Distiller:
         """The learned N x N target similarity (None: identity)."""
         return None if self.similarity is None else self.similarity.submatrix(self.sim_params).detach()
 
-    def step(self, experts: ExpertCycler, generator: torch.Generator, iteration: int, before: dict | None = None) -> dict:
-        """One matching iteration: applied, or skipped with the learned state as it was (`before`, a `snapshot`
-        of the state now, is what a refused step goes back to). Every random number comes from `generator`:
-        the global streams (dropout in the students) are seeded from it for the step and put back after."""
-        settings = self.settings
-        image_traj, text_traj = experts.next()
+    def step(self, streams: list[SegmentStream], iteration: int, before: dict | None = None) -> dict:
+        """One matching iteration: the meta-gradients of one segment per stream, averaged over the streams and
+        (under torchrun) over the processes, applied, or skipped with the learned state as it was (`before`, a
+        `snapshot` of the state now, is what a refused step goes back to). Every process ends with the same
+        state: each applies the same averaged gradient."""
+        total, start_epochs = None, []
+        for stream in streams:
+            start_epoch, parts = self._segment_gradient(stream)
+            total = parts if total is None else [a + b for a, b in zip(total, parts)]
+            start_epochs.append(start_epoch)
+        began = time.perf_counter()
+        total = sum_over_ranks(total, self.group)
+        self.sync_seconds += time.perf_counter() - began
+        count = len(streams) * self.group.world_size
+        image_term, text_term, *gradients = [t / count for t in total]
+        return self._apply(image_term, text_term, gradients, start_epochs[0], iteration, before)
+
+    def _segment_gradient(self, stream: SegmentStream) -> tuple[int, list[torch.Tensor]]:
+        """The start epoch of the segment `stream` draws, and its matching loss's two terms and gradients (pixels,
+        texts, both step sizes, similarity). Every random number comes from the stream's generator: the global
+        streams (dropout in the students) are seeded from it for the step and put back after."""
+        settings, generator = self.settings, stream.generator
+        image_traj, text_traj = stream.experts.next()
         segment = pick_segment(image_traj, text_traj, settings.distill.max_start_epoch, settings.distill.expert_epochs, generator, self.device)
         batches = draw_minibatches(settings.distill.num_pairs, settings.distill.mini_batch_size, settings.distill.syn_steps, generator)
         augment = self.augment(int(torch.randint(0, 2**31 - 1, (1,), generator=generator)))
@@ -151,7 +173,9 @@ class Distiller:
         streams_seed = int(torch.randint(0, 2**63 - 1, (1,), generator=generator))
         with global_streams_seeded(streams_seed, self.device):
             result, image_grad = self._meta_gradient(segment, batches, augment, blends)
-        return self._apply(result, image_grad, segment, iteration, before)
+        _, text_grad, *sim_grads = result.learned_grads
+        return segment.start_epoch, [result.image_term, result.text_term, image_grad, text_grad, result.lr_img_grad,
+                                     result.lr_txt_grad, *sim_grads]
 
     def _meta_gradient(self, segment, batches, augment, blends):
         """The matching loss's meta-gradient, with the pixels' part taken back through a frozen trunk."""
@@ -176,18 +200,19 @@ class Distiller:
             (image_grad,) = torch.autograd.grad(features, self.image_syn, image_grad)
         return result, image_grad
 
-    def _apply(self, result, image_grad: torch.Tensor, segment, iteration: int, before: dict | None) -> dict:
-        """Apply the meta-gradient unless the guard refuses it or the step leaves a broken state."""
-        terms = {"image": result.image_term.item(), "text": result.text_term.item()}
+    def _apply(self, image_term: torch.Tensor, text_term: torch.Tensor, gradients: list[torch.Tensor], start_epoch: int,
+               iteration: int, before: dict | None) -> dict:
+        """Apply the meta-gradient (pixels, texts, the two step sizes, the similarity's parameters) unless the
+        guard refuses it or the step leaves a broken state."""
+        terms = {"image": image_term.item(), "text": text_term.item()}
         stats = {"Grand_Loss": terms["image"] + terms["text"], "img_param_loss": terms["image"],
-                 "txt_param_loss": terms["text"], "Start_Epoch": segment.start_epoch}
+                 "txt_param_loss": terms["text"], "Start_Epoch": start_epoch}
         bad = [f"{name} term {value}" for name, value in terms.items() if not math.isfinite(value)]
         if bad:
             return self._skip(iteration, "non-finite matching loss (" + ", ".join(bad) + ")", stats)
-        _, text_grad, *sim_grads = result.learned_grads
-        gradients = (image_grad, text_grad, result.lr_img_grad, result.lr_txt_grad, *sim_grads)
+        image_grad, text_grad, lr_img_grad, lr_txt_grad, *sim_grads = gradients
         norms = {"pixels": image_grad.norm().item(), "texts": text_grad.norm().item(),
-                 "step sizes": torch.stack([result.lr_img_grad, result.lr_txt_grad]).norm().item()}
+                 "step sizes": torch.stack([lr_img_grad, lr_txt_grad]).norm().item()}
         if sim_grads:
             norms["similarity"] = math.sqrt(sum(g.pow(2).sum().item() for g in sim_grads))
         problem = self.guard.gradient_problem(norms)
@@ -332,8 +357,7 @@ class ResumePoint:
 
     iteration: int
     learned: dict
-    rng: dict
-    experts: dict
+    streams: list[dict]  # every segment stream's state, slot 0 first (matching/streams.py)
     guard: dict
     best_r_mean: float = -1.0
     best_iteration: int = -1  # -1: nothing evaluated yet
@@ -341,15 +365,15 @@ class ResumePoint:
 
     def state(self) -> dict:
         """The `state` entry of the saved set (docs/file-formats.md)."""
-        return {"optimizers": self.learned["state"]["optimizers"], "rng": self.rng, "experts": self.experts,
+        return {"optimizers": self.learned["state"]["optimizers"], **streams_entries(self.streams),
                 "best_r_mean": self.best_r_mean, "best_iteration": self.best_iteration, "guard": self.guard}
 
 
 class RunFiles:
     """Where a run writes: the distilled sets, grids, nearest captions. The folder is checked (and made) first."""
 
-    def __init__(self, save_dir: Path):
-        self.dir = ensure_output_dir(save_dir, "--save_dir")
+    def __init__(self, save_dir: Path, create: bool = True):
+        self.dir = ensure_output_dir(save_dir, "--save_dir") if create else Path(save_dir)
         self.last = self.dir / "distilled_last.pt"
         self.best = self.dir / "distilled_best.pt"
 
@@ -361,22 +385,44 @@ def main(argv=None) -> int:
     settings = parse_args(argv)
     check_image_size(settings.model.image_encoder, settings.model.image_size)
     device = pick_device(settings.runtime.device)
-    files = RunFiles(Path(settings.distill.save_dir or Path("runs") / settings.data.dataset / settings.runtime.name))
-    seed_everything(settings.runtime.seed)
-    generator = torch.Generator().manual_seed(settings.runtime.seed)
+    group = distributed.init_from_env(device)
+    try:
+        return distill(settings, device, group)
+    finally:
+        distributed.shutdown()
+
+
+def distill(settings: DistillRunSettings, device: torch.device, group: ProcessGroupInfo) -> int:
+    """The run, in this process. Under torchrun every process runs it: each draws its own segments, the
+    meta-gradients are averaged, and rank 0 alone writes files, logs and prints."""
+    main_process = group.is_main
+    say = print if main_process else (lambda *args, **kwargs: None)
+    runtime = settings.runtime
+    progress = runtime.progress and main_process
+    files = RunFiles(Path(settings.distill.save_dir or Path("runs") / settings.data.dataset / runtime.name),
+                     create=main_process)
+    seed_everything(runtime.seed)
+    generator = torch.Generator().manual_seed(runtime.seed)
     text_identity = text_encoder_identity(settings.model.text_encoder, settings.model.text_model)
 
     directory = locate_buffer(settings.distill.buffer_path, settings.data.dataset, settings.model.image_encoder, settings.model.text_encoder)
     meta = read_metadata(directory)
     check_buffer_matches(meta, directory, expected_metadata(settings.data, settings.model, text_identity))
-    experts = ExpertCycler(directory, meta, generator, settings.distill.max_start_epoch + settings.distill.expert_epochs,
-                           settings.distill.max_files, settings.distill.max_experts, settings.distill.expert_epochs)
+
+    def expert_cycler(stream_generator: torch.Generator) -> ExpertCycler:
+        return ExpertCycler(directory, meta, stream_generator, settings.distill.max_start_epoch + settings.distill.expert_epochs,
+                            settings.distill.max_files, settings.distill.max_experts, settings.distill.expert_epochs)
+
+    experts = expert_cycler(generator)
     experts.peek_check()
-    resume = load_distilled_set(settings.distill.resume) if settings.distill.resume else None
+    # Rank 0 reads the file to resume from and hands it to the others: it need not exist on every machine.
+    resume = distributed.from_main_process(
+        load_distilled_set(settings.distill.resume) if settings.distill.resume and main_process else None, group, device)
     if resume is not None:
         check_resume(resume, settings, text_identity, settings.distill.resume)
 
-    data = load_retrieval_data(settings.data, settings.model, device, progress=settings.runtime.progress)
+    with distributed.main_process_first(group):  # rank 0 builds the caches, the others read them
+        data = load_retrieval_data(settings.data, settings.model, device, progress=progress)
     if meta.get("train_pairs") not in (None, len(data.train.captions)):
         raise UserError(f"the experts in {directory} were trained on {meta['train_pairs']} pairs, this run's training "
                         f"split has {len(data.train.captions)} (same --max_train_images as buffer.py?)")
@@ -386,34 +432,54 @@ def main(argv=None) -> int:
     student_model = build_model(settings.model, data.text_dim).to(device).train()
     students = Students(ReparamModule(student_model.image_part), ReparamModule(student_model.text_projection),
                         student_model.trunk if student_model.has_trunk else None)
-    chosen = kmeans_start(settings, data, student_model, directory, meta, device) if settings.distill.pix_init == "kmeans" else None
+    with distributed.main_process_first(group):
+        chosen = kmeans_start(settings, data, student_model, directory, meta, device) if settings.distill.pix_init == "kmeans" else None
     images, texts = initial_synthetic_set(data, settings.distill.num_pairs, settings.model.image_size, settings.distill.pix_init, settings.distill.txt_init,
                                           settings.model.text_encoder, generator, image_norm(settings.model), chosen)
-    distiller = Distiller(settings, images, texts, device, students, generator)
+    distiller = Distiller(settings, images, texts, device, students, generator, group)
+
+    def new_stream(slot: int, iteration: int) -> SegmentStream:
+        stream_generator = torch.Generator().manual_seed(segment_stream_seed(runtime.seed, slot, iteration))
+        return SegmentStream(slot, stream_generator, expert_cycler(stream_generator))
+
+    streams = SegmentStreams(group, settings.distill.trajectories_per_iteration, SegmentStream(0, generator, experts),
+                             new_stream)
 
     def capture(iteration: int, best_r_mean: float = -1.0, best_iteration: int = -1) -> ResumePoint:
-        return ResumePoint(iteration, distiller.snapshot(), rng_state(generator), experts.state(),
-                           distiller.guard.state(), best_r_mean, best_iteration)
+        return ResumePoint(iteration, distiller.snapshot(), streams.state(), distiller.guard.state(), best_r_mean,
+                           best_iteration)
 
     if resume is None:
         point = capture(0)
     else:
-        point = resume_point(resume, settings.distill.resume, distiller, generator, experts, capture)
-        print(f"resumed from {settings.distill.resume} at iteration {point.iteration}")
+        point = resume_point(resume, settings.distill.resume, distiller, streams, capture, say)
+        say(f"resumed from {settings.distill.resume} at iteration {point.iteration}")
     start_it = point.iteration
 
-    runtime = settings.runtime
-    run = start_run(runtime.logging_mode, runtime.wandb_project, runtime.wandb_entity, runtime.name, config, "distill",
-                    directory=str(files.dir))
-    inputs = inputs_for(settings.data, settings.model, data, student_model, device, progress=runtime.progress,
-                        need_train=False)
-    print(f"distilling {settings.distill.num_pairs} pairs from {len(experts.files)} expert files in {directory} on {device}; "
-          f"saving to {files.dir}")
+    def check_ranks_agree(point: ResumePoint) -> None:
+        drifted = distributed.differing_ranks(point.learned, group)
+        if drifted:
+            raise UserError(f"the processes' synthetic sets differ at iteration {point.iteration} (ranks "
+                            f"{', '.join(map(str, drifted))} against rank 0): every process must apply the same "
+                            f"averaged update to the same state. Same code, data and buffer on every machine? "
+                            f"Continue from {files.last} with --resume")
+
+    check_ranks_agree(point)
+    run = start_run(runtime.logging_mode if main_process else "disabled", runtime.wandb_project, runtime.wandb_entity,
+                    runtime.name, config, "distill", directory=str(files.dir))
+    with distributed.main_process_first(group):
+        inputs = inputs_for(settings.data, settings.model, data, student_model, device, progress=progress, need_train=False)
+    per_update = streams.total
+    say(f"distilling {settings.distill.num_pairs} pairs from {len(experts.files)} expert files in {directory} on {device}"
+        f"{f' x {group.world_size} processes' if group.distributed else ''}; {per_update} trajectory segment"
+        f"{'s' if per_update > 1 else ''} per update; saving to {files.dir}")
 
     def similarity_of(learned: dict) -> torch.Tensor | None:
         return None if distiller.similarity is None else distiller.similarity.submatrix(learned["sim_params"]).detach()
 
     def save(path: Path, point: ResumePoint) -> None:
+        if not main_process:
+            return
         learned, similarity = point.learned, similarity_of(point.learned)
         extra = {} if similarity is None else {"similarity": similarity, "sim_params": learned["sim_params"]}
         save_distilled_set(path, learned["image_syn"], learned["text_syn"], learned["syn_lr_img"], learned["syn_lr_txt"],
@@ -421,14 +487,16 @@ def main(argv=None) -> int:
         atomic_write_json(timing, files.dir / TIMING_NAME)
 
     def evaluate_and_save(point: ResumePoint) -> ResumePoint:
-        """Judge the set of `point`, write it, and return the point with its evaluation and the best so far."""
+        """Judge the set of `point` (the evaluation models shared out over the processes), write it, and return
+        the point with its evaluation and the best so far."""
         iteration, learned = point.iteration, point.learned
         lr = learned["syn_lr_img"]
         summary = evaluate_pairs(settings.model, settings.protocol, learned["image_syn"], learned["text_syn"], lr, inputs, device,
-                                 settings.protocol.num_eval, seed=distill_eval_seed(settings.runtime.seed, iteration), progress=settings.runtime.progress,
-                                 similarity=similarity_of(learned), model=student_model)
-        tqdm.write(f"iteration {iteration}: {format_summary(summary)}  (eval lr {lr:.4g}, {settings.protocol.num_eval} models, "
-                   f"{settings.data.eval_split}; {distiller.guard.total_skipped} steps skipped so far)")
+                                 settings.protocol.num_eval, seed=distill_eval_seed(runtime.seed, iteration), progress=progress,
+                                 similarity=similarity_of(learned), model=student_model, group=group)
+        if main_process:
+            tqdm.write(f"iteration {iteration}: {format_summary(summary)}  (eval lr {lr:.4g}, {settings.protocol.num_eval} "
+                       f"models, {settings.data.eval_split}; {distiller.guard.total_skipped} steps skipped so far)")
         run.log({**{f"eval/{k}": v["mean"] for k, v in summary.items()},
                  **{f"eval/{k}_std": v["std"] for k, v in summary.items()}}, step=iteration)
         r_mean = summary["r_mean"]["mean"]
@@ -441,7 +509,7 @@ def main(argv=None) -> int:
             save(files.best, evaluated)
         save(files.at(iteration), evaluated)
         save(files.last, evaluated)
-        if settings.distill.draw:
+        if settings.distill.draw and main_process:
             draw(iteration, learned["image_syn"], learned["text_syn"])
         return evaluated
 
@@ -458,32 +526,38 @@ def main(argv=None) -> int:
                     step=iteration)
 
     started = time.time()
-    # Time spent in matching iterations alone (no evaluations), kept across --resume.
-    # (timing.json beside the sets, not inside them: two runs with the same seed write identical sets)
-    timing = {"seconds": 0.0, "iterations": 0}
-    if resume:
+    # Time spent in matching iterations alone (no evaluations), kept across --resume; and the part of it spent
+    # averaging over processes. (timing.json beside the sets, not inside them: same-seed runs write identical sets)
+    timing = {"seconds": 0.0, "iterations": 0, "sync_seconds": 0.0}
+    if resume and main_process:
         timing.update(read_json_if_present(Path(settings.distill.resume).parent / TIMING_NAME) or {})
     good = point  # the last point with no skipped step right before it: where a diverged run goes back to
-    bar = tqdm(range(start_it, settings.distill.Iteration), desc="distill", unit="it", disable=not settings.runtime.progress)
+    bar = tqdm(range(start_it, settings.distill.Iteration), desc="distill", unit="it", disable=not progress)
     try:
         for iteration in bar:
             if iteration % settings.distill.eval_it == 0 and not point.metrics:
                 point = evaluate_and_save(point)
             if point.guard["consecutive"] == 0:
                 good = point
-            began = time.perf_counter()
-            stats = distiller.step(experts, generator, iteration, before=point.learned)
+            began, synced = time.perf_counter(), distiller.sync_seconds
+            stats = distiller.step(streams.local, iteration, before=point.learned)
             point = capture(iteration + 1, point.best_r_mean, point.best_iteration)
             timing["seconds"] += time.perf_counter() - began
+            timing["sync_seconds"] = timing.get("sync_seconds", 0.0) + distiller.sync_seconds - synced
             timing["iterations"] += 1
+            if (iteration + 1) % settings.distill.sync_check_it == 0:
+                check_ranks_agree(point)
             skipped = stats.pop("skipped")
-            if skipped:
+            if skipped and main_process:
                 tqdm.write(f"iteration {iteration}: step skipped: {skipped}")
             run.log({**stats, "Skipped_Steps": distiller.guard.total_skipped}, step=iteration)
             bar.set_postfix(loss=f"{stats['Grand_Loss']:.4f}", lr_img=f"{stats['Synthetic_LR_Image']:.4g}",
                             lr_txt=f"{stats['Synthetic_LR_Text']:.4g}", skipped=distiller.guard.total_skipped)
-            if settings.distill.time_budget and time.time() - started > 60 * settings.distill.time_budget and point.iteration < settings.distill.Iteration:
-                tqdm.write(f"--time_budget {settings.distill.time_budget:g} min reached after iteration {point.iteration}: stopping")
+            # One decision for every process: rank 0's clock.
+            out_of_time = bool(settings.distill.time_budget) and distributed.from_main_process(
+                time.time() - started > 60 * settings.distill.time_budget, group, device)
+            if out_of_time and point.iteration < settings.distill.Iteration:
+                say(f"--time_budget {settings.distill.time_budget:g} min reached after iteration {point.iteration}: stopping")
                 break
         if not point.metrics:
             point = evaluate_and_save(point)
@@ -492,32 +566,37 @@ def main(argv=None) -> int:
         raise UserError(f"{err}; stopped. The last good distilled set is {files.last} (iteration {good.iteration}): "
                         f"the state before the refused steps; continue from it with --resume and lower "
                         f"--lr_img/--lr_txt/--lr_lr or --syn_steps") from None
+    except torch.distributed.DistError as err:  # a process of this torchrun launch died or hangs
+        save(files.last, point)
+        detail = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(f"another process of this run stopped or cannot be reached ({detail}); saved iteration "
+                        f"{point.iteration} to {files.last}; continue with --resume {files.last}") from None
     except KeyboardInterrupt:
         save(files.last, point)
-        print(f"\ninterrupted: saved iteration {point.iteration} to {files.last}; continue with --resume {files.last}")
+        say(f"\ninterrupted: saved iteration {point.iteration} to {files.last}; continue with --resume {files.last}")
         raise
     run.finish()
     per_iteration = timing["seconds"] / max(timing["iterations"], 1)
     skipped = distiller.guard.skipped
-    print(f"done: {point.iteration - start_it} iterations in {time.time() - started:.0f}s "
-          f"({per_iteration:.2f}s per matching iteration); {distiller.guard.total_skipped} steps skipped"
-          f"{' (' + ', '.join(f'{n} {k}' for k, n in skipped.items()) + ')' if skipped else ''}; best r_mean on "
-          f"{settings.data.eval_split} {point.best_r_mean:.2f} -> {files.best}; last -> {files.last}")
+    say(f"done: {point.iteration - start_it} iterations in {time.time() - started:.0f}s "
+        f"({per_iteration:.2f}s per matching iteration); {distiller.guard.total_skipped} steps skipped"
+        f"{' (' + ', '.join(f'{n} {k}' for k, n in skipped.items()) + ')' if skipped else ''}; best r_mean on "
+        f"{settings.data.eval_split} {point.best_r_mean:.2f} -> {files.best}; last -> {files.last}")
     return 0
 
 
-def resume_point(payload: dict, path, distiller: Distiller, generator: torch.Generator, experts: ExpertCycler,
-                 capture) -> ResumePoint:
+def resume_point(payload: dict, path, distiller: Distiller, streams: SegmentStreams, capture, say) -> ResumePoint:
     """Put the run where the file `path` left it and return that point; a clear error when the file's state
     does not fit this run."""
     state = payload["state"]
     try:
         distiller.restore(payload)
         distiller.guard.restore(state["guard"])
-        restore_rng(state["rng"], generator)
-        experts.restore(state["experts"])
+        note = streams.restore(saved_streams(state), payload["iteration"])
     except (ValueError, RuntimeError, UserError) as err:
         raise UserError(f"--resume {path} does not fit this run: {err}") from None
+    if note:
+        say(f"note: {note}")
     point = capture(payload["iteration"], state["best_r_mean"], state["best_iteration"])
     return replace(point, metrics=payload["metrics"])
 

@@ -159,7 +159,17 @@ def resume_state_problem(state) -> str | None:
         return f"has best_r_mean {state['best_r_mean']!r}, not a finite number"
     if not (_is_int(state["best_iteration"]) and state["best_iteration"] >= -1):
         return f"has best_iteration {state['best_iteration']!r}, not a whole number >= -1"
-    return _generator_state_problem(state["rng"]) or _expert_position_problem(state["experts"])
+    problem = _generator_state_problem(state["rng"]) or _expert_position_problem(state["experts"])
+    if problem or "streams" not in state:
+        return problem
+    streams = state["streams"]  # segment streams 1.. (distill.py --trajectories_per_iteration, torchrun)
+    if not (isinstance(streams, list) and all(isinstance(s, dict) for s in streams)):
+        return "has segment streams (streams) that are not a list of dictionaries"
+    for slot, stream in enumerate(streams, start=1):
+        problem = _generator_state_problem(stream.get("rng")) or _expert_position_problem(stream.get("experts"))
+        if problem:
+            return f"segment stream {slot} {problem}"
+    return None
 
 
 def load_distilled_set(path) -> dict:

@@ -28,6 +28,7 @@ from networks import build_model
 from settings.model import ModelSettings
 from settings.protocol import ProtocolSettings
 from utils.device import seed_everything
+from utils.distributed import ProcessGroupInfo, gather_objects
 from utils.rng import global_streams_kept
 from utils.seeds import TUNING_SEED_OFFSET, eval_model_seed
 from utils.dsa import dsa_augment
@@ -78,22 +79,26 @@ def train_fresh_model(settings: ModelSettings, protocol: ProtocolSettings, loade
 
 def evaluate_models(settings: ModelSettings, protocol: ProtocolSettings, make_loader: Callable[[int], object], lr: float, inputs: ModelInputs, device: torch.device,
                     num_eval: int, seed: int, progress: bool = True, similarity: torch.Tensor | None = None,
-                    splits: tuple[str, ...] | None = None) -> dict[str, dict]:
+                    splits: tuple[str, ...] | None = None, group: ProcessGroupInfo | None = None) -> dict[str, dict]:
     """Per split (default: the selection split), mean, std and per-run values of every retrieval metric over
-    `num_eval` freshly trained models; model `k` is seeded with `seed + k` and trains on `make_loader(seed + k)`."""
+    `num_eval` freshly trained models; model `k` is seeded with `seed + k` and trains on `make_loader(seed + k)`.
+    Under torchrun (`group`), the models are shared out over the processes and their results gathered: the
+    same numbers as one process training all of them (a collective: every process must call it)."""
     splits = splits or (inputs.data.eval_name,)
-    runs = {name: [] for name in splits}
-    bar = tqdm(range(num_eval), desc=f"evaluation models (lr {lr:.3g})", unit="model", leave=False,
+    group = group or ProcessGroupInfo()
+    mine = {name: {} for name in splits}
+    bar = tqdm(group.my_share(num_eval), desc=f"evaluation models (lr {lr:.3g})", unit="model", leave=False,
                disable=not progress)
     for run in bar:
         model = train_fresh_model(settings, protocol, make_loader(seed + run), lr, inputs.data.text_dim, device, seed + run,
                                   similarity)
         for name in splits:
             split = inputs.data.split(name)
-            runs[name].append(evaluate_retrieval(model, inputs.eval_images(name), split.text, split.txt2img, device,
-                                                 progress=False))
-        bar.set_postfix(r_mean=f"{runs[splits[0]][-1]['r_mean']:.2f}")
-    return {name: summarize_runs(values) for name, values in runs.items()}
+            mine[name][run] = evaluate_retrieval(model, inputs.eval_images(name), split.text, split.txt2img, device,
+                                                 progress=False)
+        bar.set_postfix(r_mean=f"{mine[splits[0]][run]['r_mean']:.2f}")
+    everyone = {name: {k: v for share in gather_objects(mine[name], group) for k, v in share.items()} for name in splits}
+    return {name: summarize_runs([runs[k] for k in range(num_eval)]) for name, runs in everyone.items()}
 
 
 def judge(settings: ModelSettings, protocol: ProtocolSettings, make_loader: Callable[[int], object], lrs: list[float], inputs: ModelInputs, device: torch.device,
@@ -144,11 +149,11 @@ def pair_batches(protocol: ProtocolSettings, model, inputs: ModelInputs, device:
 
 def evaluate_pairs(settings: ModelSettings, protocol: ProtocolSettings, images: torch.Tensor, texts: torch.Tensor, lr: float, inputs: ModelInputs,
                    device: torch.device, num_eval: int, seed: int, progress: bool = True,
-                   similarity: torch.Tensor | None = None, model=None) -> dict:
+                   similarity: torch.Tensor | None = None, model=None, group: ProcessGroupInfo | None = None) -> dict:
     """The protocol at one learning rate on a fixed set of (image tensor, text embedding) pairs, on the
     selection split: a distilled set or a coreset, with its learned [N, N] target similarity if it has one."""
     model = model if model is not None else build_model(settings, inputs.data.text_dim)
     similarity = None if similarity is None else similarity.detach().to(device)
     make_loader = pair_batches(protocol, model, inputs, device, texts, images)
     return evaluate_models(settings, protocol, make_loader, lr, inputs, device, num_eval, seed, progress,
-                           similarity)[inputs.data.eval_name]
+                           similarity, group=group)[inputs.data.eval_name]

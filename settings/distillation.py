@@ -21,6 +21,12 @@ class DistillSettings(Settings):
                                       "gradient by a reverse sweep that rebuilds one step at a time (memory flat in "
                                       "--syn_steps, somewhat slower); tesla = TESLA/LoRS's approximation: that sweep "
                                       "without the Hessian terms", choices=MATCHING_MODES)
+    trajectories_per_iteration: int = setting(1, "expert trajectory segments each process draws per iteration; their "
+                                                 "meta-gradients are averaged into one update (under torchrun, the K "
+                                                 "processes' too: K x this segments per update)", check=at_least(1))
+    sync_check_it: int = setting(20, "under torchrun, compare a checksum of every process's learned state every "
+                                     "this many iterations (they must stay identical; a clear error if not)",
+                                 check=at_least(1))
     expert_epochs: int = setting(3, "expert epochs between start and target", check=at_least(1))
     max_start_epoch: int = setting(25, "start epoch is drawn from 0..max_start_epoch-1", check=at_least(1))
     num_pairs: int = setting(100, "synthetic pairs N", aliases=("num_queries",), check=at_least(1))

@@ -6,6 +6,8 @@
 from __future__ import annotations
 
 import argparse
+import signal
+import threading
 import sys
 from typing import Callable
 
@@ -41,8 +43,16 @@ def user_message(err: BaseException) -> str:
     return str(err)
 
 
+def _terminate(signum, frame):
+    raise KeyboardInterrupt
+
+
 def run_cli(main: Callable[[], int | None]) -> None:
-    """Run a script's `main`, reporting `UserError` as one line on stderr with exit status 2."""
+    """Run a script's `main`, reporting `UserError` as one line on stderr with exit status 2. SIGTERM (sent by
+    torchrun to the other processes when one fails, and by SLURM before it ends a job) stops the program as
+    Ctrl-C does: what it was doing is saved first."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _terminate)
     try:
         status = main()
     except UserError as err:

@@ -10,6 +10,7 @@ EXPERT_STRIDE = 100_003  # expert n of a run with --seed s: s * EXPERT_STRIDE + 
 EVAL_MODEL_OFFSET = 1_000_000_007  # evaluation model k is initialised from EVAL_MODEL_OFFSET + its seed
 TUNING_SEED_OFFSET = 500_000  # learning-rate tuning models: their seeds start here above the run's seed
 DISTILL_EVAL_OFFSET = 1_000_003  # distill.py's evaluation at iteration i: seed + DISTILL_EVAL_OFFSET + i
+SEGMENT_STREAM_STRIDE = 7_919_993  # distill.py's segment stream s >= 1 (slot 0 is the run's own generator)
 
 
 def expert_seed(seed: int, number: int) -> int:
@@ -22,3 +23,9 @@ def eval_model_seed(seed: int) -> int:
 
 def distill_eval_seed(seed: int, iteration: int) -> int:
     return seed + DISTILL_EVAL_OFFSET + iteration
+
+
+def segment_stream_seed(seed: int, slot: int, iteration: int = 0) -> int:
+    """The seed of distill.py's segment stream `slot` (>= 1) started at `iteration` (0 for a fresh run; a run
+    resumed with more streams than it saved starts the new ones at the iteration it resumes from)."""
+    return (seed * SEGMENT_STREAM_STRIDE + slot * 1_000_033 + iteration) % 2**63
