@@ -540,7 +540,12 @@ def distill(settings: DistillRunSettings, device: torch.device, group: ProcessGr
             if point.guard["consecutive"] == 0:
                 good = point
             began, synced = time.perf_counter(), distiller.sync_seconds
+            if device.type == "cuda":  # peak of the matching iterations alone (evaluations train other models)
+                torch.cuda.reset_peak_memory_stats(device)
             stats = distiller.step(streams.local, iteration, before=point.learned)
+            if device.type == "cuda":
+                timing["peak_gpu_mib"] = max(timing.get("peak_gpu_mib", 0.0),
+                                             torch.cuda.max_memory_allocated(device) / 2**20)
             point = capture(iteration + 1, point.best_r_mean, point.best_iteration)
             timing["seconds"] += time.perf_counter() - began
             timing["sync_seconds"] = timing.get("sync_seconds", 0.0) + distiller.sync_seconds - synced
@@ -578,8 +583,9 @@ def distill(settings: DistillRunSettings, device: torch.device, group: ProcessGr
     run.finish()
     per_iteration = timing["seconds"] / max(timing["iterations"], 1)
     skipped = distiller.guard.skipped
+    memory = f", peak GPU memory {timing['peak_gpu_mib']:.0f} MiB" if "peak_gpu_mib" in timing else ""
     say(f"done: {point.iteration - start_it} iterations in {time.time() - started:.0f}s "
-        f"({per_iteration:.2f}s per matching iteration); {distiller.guard.total_skipped} steps skipped"
+        f"({per_iteration:.2f}s per matching iteration{memory}); {distiller.guard.total_skipped} steps skipped"
         f"{' (' + ', '.join(f'{n} {k}' for k, n in skipped.items()) + ')' if skipped else ''}; best r_mean on "
         f"{settings.data.eval_split} {point.best_r_mean:.2f} -> {files.best}; last -> {files.last}")
     return 0
