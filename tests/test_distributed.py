@@ -158,3 +158,60 @@ def test_sigterm_saves_the_run_like_ctrl_c(tiny_shapes, cache_dir, experts, tmp_
     assert "interrupted: saved iteration" in out
     saved = load_distilled_set(tmp_path / "run" / "distilled_last.pt")
     assert saved["iteration"] >= 0 and saved["state"]["rng"]
+
+
+def _drifting_run(rank: int, port: int, flags: list[str], results) -> None:
+    """distill.main as rank `rank` of 2 (what torchrun's environment says); rank 1's pixels drift after a step."""
+    os.environ.update({"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
+                       "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"})
+    torch.set_num_threads(1)
+    if rank == 1:
+        original = distill.Distiller.step
+
+        def step(self, *args, **kwargs):
+            stats = original(self, *args, **kwargs)
+            with torch.no_grad():
+                self.image_syn[0, 0, 0, 0] += 1e-3
+            return stats
+
+        distill.Distiller.step = step
+    try:
+        distill.main(flags)
+        results[rank] = "finished"
+    except distill.UserError as err:
+        results[rank] = str(err)
+
+
+def test_processes_whose_sets_drift_apart_stop_with_a_clear_error(tiny_shapes, cache_dir, experts, tmp_path):
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    flags = distill_flags(tiny_shapes, cache_dir, experts, tmp_path / "run", "--Iteration", "4", "--sync_check_it", "2",
+                          "--device", "cpu")
+    results = mp.Manager().dict()
+    mp.spawn(_drifting_run, args=(port, flags, results), nprocs=2, join=True)
+    for rank in (0, 1):
+        assert "synthetic sets differ at iteration 2 (ranks 1 against rank 0)" in results[rank]
+
+
+def test_random_states_touch_only_this_process_gpu(monkeypatch):
+    """On an 8-GPU machine under torchrun every process sees all 8 GPUs: saving and restoring random states
+    must ask only the process's own GPU (asking another opens a CUDA context on it). CUDA is faked here."""
+    from utils import rng
+
+    asked, set_on = [], []
+    fake = {"is_available": lambda: True, "is_initialized": lambda: True, "current_device": lambda: 3,
+            "device_count": lambda: 8, "get_rng_state": lambda index: asked.append(index) or torch.full((4,), index),
+            "set_rng_state": lambda state, index: set_on.append(index),
+            "get_rng_state_all": lambda: pytest.fail("asked every GPU")}
+    for name, function in fake.items():
+        monkeypatch.setattr(torch.cuda, name, function)
+    state = rng.rng_state(torch.Generator())
+    assert asked == [3] and list(state["cuda"]) == [3]
+    rng.restore_rng(state, torch.Generator())
+    assert set_on == [3]
+    rng.restore_rng({**state, "cuda": [torch.zeros(4)] * 2})  # a file from before: every device's stream
+    assert set_on == [3, 0, 1]
+    assert rng.cuda_devices_in_use() == [3]

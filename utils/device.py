@@ -46,10 +46,16 @@ def pick_device(requested: str | None = None) -> torch.device:
         problem = device_problem(requested)
         if problem:
             raise UserError(f"--device {requested} {problem}")
-        return torch.device(requested)
-    if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    return torch.device("cpu")
+        device = torch.device(requested)
+    elif torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    else:
+        device = torch.device("cpu")
+    if device.type == "cuda":
+        # The current device too: random states, collectives and caching allocators then stay on this GPU.
+        device = torch.device("cuda", device.index if device.index is not None else torch.cuda.current_device())
+        torch.cuda.set_device(device)
+    return device
 
 
 def seed_everything(seed: int) -> None:

@@ -8,23 +8,39 @@ import numpy as np
 import torch
 
 
+def cuda_devices_in_use() -> list[int]:
+    """The CUDA device this process works on (the current one), when CUDA is in use; no other. Under torchrun
+    every process sees every GPU, and asking each GPU for its random state would open a CUDA context on it
+    from every process (hundreds of MiB each)."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        return [torch.cuda.current_device()]
+    return []
+
+
 def rng_state(generator: torch.Generator | None = None) -> dict:
-    """The global CPU stream, every CUDA device's stream, and `generator`'s, as one picklable dict."""
+    """The global CPU stream, the stream of this process's CUDA device, and `generator`'s, as one picklable dict."""
     state = {"torch": torch.get_rng_state()}
     if generator is not None:
         state["generator"] = generator.get_state()
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    devices = cuda_devices_in_use()
+    if devices:
+        state["cuda"] = {index: torch.cuda.get_rng_state(index) for index in devices}
     return state
 
 
 def restore_rng(state: dict, generator: torch.Generator | None = None) -> None:
-    """Put back what `rng_state` captured."""
+    """Put back what `rng_state` captured (CUDA streams of devices this machine has)."""
     torch.set_rng_state(state["torch"])
     if generator is not None:
         generator.set_state(state["generator"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    cuda = state.get("cuda")
+    if cuda is None or not torch.cuda.is_available():
+        return
+    # Files written before one device was recorded hold a list of every visible device's stream.
+    entries = cuda.items() if isinstance(cuda, dict) else enumerate(cuda)
+    for index, device_state in entries:
+        if index < torch.cuda.device_count():
+            torch.cuda.set_rng_state(device_state, index)
 
 
 def device_rng_state(device: torch.device) -> tuple:
@@ -40,10 +56,10 @@ def set_device_rng_state(state: tuple, device: torch.device) -> None:
 
 @contextmanager
 def global_streams_kept():
-    """Run a block that may reseed the global streams (torch on the CPU and every CUDA device, numpy,
+    """Run a block that may reseed the global streams (torch on the CPU and this process's CUDA device, numpy,
     Python's `random`), and put all of them back afterwards, so the block draws nothing from the caller's."""
     python, numpy_state = random.getstate(), np.random.get_state()
-    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    devices = cuda_devices_in_use()
     try:
         with torch.random.fork_rng(devices=devices):
             yield
