@@ -7,9 +7,13 @@ random synthetic minibatches (graph kept), and minimises the distance to the exp
 --expert_epochs later, normalised by how far the expert moved. Every --eval_it iterations fresh
 models are trained on the synthetic set and tested; the set is saved to --save_dir then
 (distilled_best.pt when it improved, distilled_<it>.pt, distilled_last.pt), and resumable with --resume.
-Ctrl-C saves the start of the iteration it interrupted to distilled_last.pt; a resumed run continues bit
-for bit as one that never stopped (every random draw comes from one saved generator; evaluations draw
-from their own seeds). See docs/file-formats.md.
+Ctrl-C (or SIGTERM) saves the start of the iteration it interrupted to distilled_last.pt; a resumed run
+continues bit for bit as one that never stopped (every random draw comes from saved generators;
+evaluations draw from their own seeds). See docs/file-formats.md.
+
+`--trajectories_per_iteration M` averages the meta-gradients of M segments per update; under
+`torchrun --nproc_per_node K` every process draws its own M and one all_reduce averages all K x M
+(matching/streams.py; README "Many GPUs and machines"). Rank 0 alone writes, prints and logs.
 """
 from __future__ import annotations
 
