@@ -94,3 +94,15 @@ def trunk_experts(tiny_shapes, cache_dir, convnet_weights, tmp_path_factory) -> 
     buffer.main(trunk_flags(tiny_shapes, cache_dir, convnet_weights, "--buffer_path", str(root), "--batch_train", "50",
                             "--num_experts", "2", "--train_epochs", "3"))
     return root
+
+
+@pytest.fixture(scope="session")
+def lora_experts(tiny_shapes, cache_dir, tmp_path_factory):
+    """One ViT expert with rank-2 adapters (the backbone frozen)."""
+    import buffer
+
+    root = tmp_path_factory.mktemp("lora_buffers")
+    buffer.main(tiny_flags(tiny_shapes, cache_dir, "--buffer_path", str(root), "--batch_train", "50",
+                           "--num_experts", "1", "--train_epochs", "2", "--image_encoder", "vit",
+                           "--lora_rank", "2"))
+    return root

@@ -80,6 +80,17 @@ def test_two_processes_give_the_update_of_one_process_with_two_segments(matching
     assert "2 trajectory segments per update" in done.stdout
 
 
+def test_lora_matching_is_averaged_over_processes_too(tiny_shapes, cache_dir, lora_experts, tmp_path):
+    """LoRA matching (ViT adapters): 2 processes equal 1 process with 2 segments."""
+    flags = lambda out, *extra: distill_flags(tiny_shapes, cache_dir, lora_experts, out, "--Iteration", "2",
+                                              "--image_encoder", "vit", "--lora_rank", "2", "--max_start_epoch", "1",
+                                              "--matching", "exact_lowmem", *extra)
+    with one_thread():
+        assert distill.main(flags(tmp_path / "one", "--trajectories_per_iteration", "2")) == 0
+    torchrun(flags(tmp_path / "two"), processes=2)
+    assert_same_sets(tmp_path / "one" / "distilled_last.pt", tmp_path / "two" / "distilled_last.pt")
+
+
 def test_a_two_process_run_resumes_in_one_process_exactly(tiny_shapes, cache_dir, experts, tmp_path, capsys):
     """Segment streams are numbered over the run: 2 processes x 1 segment and 1 process x 2 segments draw the
     same, so either continues the other; with another number of segments per update, a note says so."""

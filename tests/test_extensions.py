@@ -28,16 +28,6 @@ def projection_experts(tiny_shapes, cache_dir, tmp_path_factory):
     return root
 
 
-@pytest.fixture(scope="module")
-def lora_experts(tiny_shapes, cache_dir, tmp_path_factory):
-    """One ViT expert with rank-2 adapters (the backbone frozen)."""
-    root = tmp_path_factory.mktemp("lora_buffers")
-    buffer.main(tiny_flags(tiny_shapes, cache_dir, "--buffer_path", str(root), "--batch_train", "50",
-                           "--num_experts", "1", "--train_epochs", "2", "--image_encoder", "vit",
-                           "--lora_rank", "2"))
-    return root
-
-
 def _set(folder, name="distilled_last.pt"):
     return load_distilled_set(folder / name)
 
