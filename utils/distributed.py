@@ -120,6 +120,9 @@ def digest(value) -> str:
 
 
 def differing_ranks(value, group: ProcessGroupInfo) -> list[int]:
-    """The ranks whose `value` (see `digest`) differs from rank 0's; a collective under torchrun."""
+    """The ranks whose `value` (see `digest`) differs from rank 0's; a collective under torchrun (a single
+    process computes nothing)."""
+    if not group.distributed:
+        return []
     digests = gather_objects(digest(value), group)
     return [rank for rank, other in enumerate(digests) if other != digests[0]]
