@@ -8,12 +8,11 @@ import argparse
 import time
 from pathlib import Path
 
-
 import torch
-from PIL import Image
 from torchvision import transforms as T
 from torchvision.transforms import InterpolationMode
 
+from data.datasets import load_rgb
 from data.transforms import normalize, train_transform
 
 
@@ -32,10 +31,10 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)  # one loader worker's view
     files = sorted(Path(args.image_root).rglob("*.png"))[:args.count] or sorted(Path(args.image_root).rglob("*.jpg"))[:args.count]
-    images = [Image.open(f).convert("RGB") for f in files]
+    images = [load_rgb(f) for f in files]
     resized = [T.Resize((args.image_size, args.image_size))(im) for im in images]
     crop = T.RandomResizedCrop(args.image_size, scale=(0.5, 1.0), interpolation=InterpolationMode.BICUBIC)
-    rows = [("open + decode + RGB", per_image_ms(lambda f: Image.open(f).convert("RGB"), files)),
+    rows = [("open + decode + RGB", per_image_ms(load_rgb, files)),
             ("RandomResizedCrop", per_image_ms(crop, images)),
             ("RandAugment(2, 5)", per_image_ms(T.RandAugment(2, 5), resized)),
             ("ToTensor + Normalize", per_image_ms(lambda im: normalize()(T.ToTensor()(im)), resized)),
