@@ -33,7 +33,7 @@ from experts.checkpoint import ExpertCheckpoint, numbers_to_train, tidy
 from experts.files import buffer_dir, claim_metadata, describe_experts, save_expert, save_expert_metrics
 from utils.cli import run_cli
 from utils.device import pick_device, seed_everything
-from utils.paths import ensure_output_dir
+from utils.paths import ensure_output_dir, refuse_outputs_over_inputs
 from utils.seeds import expert_seed
 from evaluation.metrics import format_metrics, format_summary, summarize_runs
 from evaluation.training import (
@@ -101,8 +101,15 @@ def train_expert(settings: BufferSettings, inputs, device, seed: int, label: str
     return image_traj, text_traj, history, time.time() - started
 
 
+def check_paths(settings: BufferSettings) -> None:
+    """The folders this run writes (experts, caches) are none of those it reads."""
+    refuse_outputs_over_inputs({"--buffer_path": settings.experts.buffer_path, "--cache_dir": settings.data.cache_dir},
+                               settings.data_paths())
+
+
 def main(argv=None) -> int:
     settings = parse_args(argv)
+    check_paths(settings)
     runtime, model_settings = settings.runtime, settings.model
     check_image_size(model_settings.image_encoder, model_settings.image_size)
     ensure_output_dir(settings.experts.buffer_path, "--buffer_path")  # a bad folder fails now, not after training

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import math
+import re
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -27,7 +28,7 @@ import torch
 from tqdm import tqdm
 
 from data.build import load_retrieval_data
-from data.distilled_set import learned_lr_problem, load_distilled_set, resume_state_problem, save_distilled_set
+from data.distilled_set import learned_lr_problem, load_distilled_set, resume_state_problem, save_distilled_set, set_source
 from data.model_inputs import inputs_for
 from evaluation import coresets
 from evaluation.protocol import evaluate_pairs
@@ -47,7 +48,7 @@ from utils.cli import UserError, run_cli
 from utils.device import pick_device, seed_everything
 from utils.dsa import dsa_augment
 from utils.io import atomic_write_json, read_json_if_present
-from utils.paths import ensure_output_dir
+from utils.paths import ensure_output_dir, json_object_in, refuse_outputs_over_inputs
 from utils import distributed
 from utils.distributed import ProcessGroupInfo, sum_over_ranks
 from utils.rng import global_streams_seeded
@@ -385,8 +386,38 @@ class RunFiles:
         return self.dir / f"distilled_{iteration:06d}.pt"
 
 
+def save_dir_of(settings: DistillRunSettings) -> Path:
+    """Where the run writes: --save_dir, else runs/<dataset>/<name>."""
+    return Path(settings.distill.save_dir or Path("runs") / settings.data.dataset / settings.runtime.name)
+
+
+# The files distill.py writes into --save_dir that an earlier run may have left (they are replaced).
+OWN_SETS = re.compile(r"distilled_(best|last|\d{6,})\.pt")
+
+
+def check_paths(settings: DistillRunSettings) -> None:
+    """Before any work: the folder this run writes is none of the paths it reads, and the files of its names
+    there (sets, timing.json) are distill.py's own, so that replacing them loses nothing of another kind."""
+    save_dir, buffer = save_dir_of(settings), settings.distill.buffer_path
+    located = locate_buffer(buffer, settings.data.dataset, settings.model.image_encoder, settings.model.text_encoder)
+    refuse_outputs_over_inputs({"--save_dir": save_dir, "--cache_dir": settings.data.cache_dir},
+                               {"--buffer_path": buffer, "the expert folder of --buffer_path": located,
+                                "--resume": settings.distill.resume, **settings.data_paths()})
+    if not save_dir.is_dir():
+        return
+    for path in sorted(save_dir.iterdir()):
+        if OWN_SETS.fullmatch(path.name) and set_source(path) != "distilled":
+            raise UserError(f"--save_dir {save_dir} holds {path.name}, which is not a set written by distill.py, and "
+                            f"this run would replace it: move it away or give --save_dir another folder")
+    timing = save_dir / TIMING_NAME
+    if timing.exists() and json_object_in(timing) is None:
+        raise UserError(f"--save_dir {save_dir} holds {TIMING_NAME}, which is not distill.py's timing record, and "
+                        f"this run would replace it: move it away or give --save_dir another folder")
+
+
 def main(argv=None) -> int:
     settings = parse_args(argv)
+    check_paths(settings)
     check_image_size(settings.model.image_encoder, settings.model.image_size)
     device = pick_device(settings.runtime.device)
     group = distributed.init_from_env(device)
@@ -403,8 +434,7 @@ def distill(settings: DistillRunSettings, device: torch.device, group: ProcessGr
     say = print if main_process else (lambda *args, **kwargs: None)
     runtime = settings.runtime
     progress = runtime.progress and main_process
-    files = RunFiles(Path(settings.distill.save_dir or Path("runs") / settings.data.dataset / runtime.name),
-                     create=main_process)
+    files = RunFiles(save_dir_of(settings), create=main_process)
     seed_everything(runtime.seed)
     generator = torch.Generator().manual_seed(runtime.seed)
     text_identity = text_encoder_identity(settings.model.text_encoder, settings.model.text_model)

@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 from data.build import has_split, load_retrieval_data
-from data.distilled_set import learned_lr_problem, load_distilled_set, save_distilled_set
+from data.distilled_set import learned_lr_problem, load_distilled_set, save_distilled_set, set_source
 from data.feature_cache import trunk_key
 from data.model_inputs import inputs_for
 from data.transforms import renormalize
@@ -47,7 +47,7 @@ from settings.programs import EvaluateSettings
 from utils.cli import UserError, run_cli
 from utils.device import pick_device, seed_everything
 from utils.io import atomic_torch_save, atomic_write_json, safe_torch_load
-from utils.paths import ensure_output_file
+from utils.paths import ensure_output_file, json_object_in, refuse_outputs_over_inputs
 from utils.wandb_logging import start_run
 
 # Settings a distilled-set file supplies unless the command line gives them.
@@ -144,6 +144,48 @@ def check_learned_lrs(settings: EvaluateSettings, payload: dict, set_path: Path)
                         f"--lr_grid LR [LR ...] to choose the evaluation learning rate instead")
 
 
+# The keys by which an existing --out file is recognised as an evaluate.py report (replaced without --overwrite).
+REPORT_KEYS = ("label", "metrics", "config")
+
+
+def forgetting_path(settings: EvaluateSettings) -> Path:
+    return coreset_path(settings).parent / f"forgetting_counts_seed{settings.runtime.seed}.pt"
+
+
+def check_paths(settings: EvaluateSettings) -> None:
+    """Before any work: no file this run writes is one it reads, and an existing file it would replace is
+    evaluate.py's own kind (a report, a coreset, forgetting counts); --overwrite True lets --out replace another."""
+    coreset = settings.target.coreset
+    coreset_file = coreset_path(settings) if coreset else None
+    forgetting = forgetting_path(settings) if coreset == "forgetting" else None
+    experts = settings.coreset.buffer_path if coreset in ("herding", "kcenter", "kmeans") else None
+    refuse_outputs_over_inputs({"--out": settings.judging.out, "--coreset_file": coreset_file,
+                                "the forgetting counts": forgetting, "--cache_dir": settings.data.cache_dir},
+                               {"--distilled": settings.target.distilled, "--buffer_path": experts,
+                                **settings.data_paths()})
+    out = Path(settings.judging.out) if settings.judging.out else None
+    if out is not None and out.is_file() and not settings.judging.overwrite:
+        report = json_object_in(out)
+        if report is None or not all(key in report for key in REPORT_KEYS):
+            raise UserError(f"--out {out} exists and is not an evaluate.py report (a JSON object with "
+                            f"{', '.join(REPORT_KEYS)}); give --out another path, or --overwrite True to replace it")
+    if coreset_file is not None and coreset_file.exists():
+        source = set_source(coreset_file)
+        if not (source or "").startswith("coreset:"):
+            made = f"a set made by {source}" if source else "not a set file"
+            raise UserError(f"--coreset_file {coreset_file} exists and is not a coreset written by evaluate.py "
+                            f"({made}); it is never replaced: give --coreset_file another path")
+    if forgetting is not None and forgetting.exists():
+        try:
+            saved = safe_torch_load(forgetting, "forgetting counts", mmap=True)
+        except UserError:
+            saved = None
+        if not (isinstance(saved, dict) and {"key", "events", "ever_learned"} <= saved.keys()):
+            raise UserError(f"{forgetting} (the forgetting counts kept beside --coreset_file) exists and is not "
+                            f"written by evaluate.py; it is never replaced: move it or give --coreset_file "
+                            f"another folder")
+
+
 def check_outputs(settings: EvaluateSettings) -> None:
     """Every file this run writes can be written, before any work (not after the last model trained)."""
     if settings.judging.out:
@@ -177,7 +219,7 @@ def selection_config(settings: EvaluateSettings, data) -> dict:
 def forgetting_counts(settings: EvaluateSettings, inputs, model, device: torch.device, config: dict) -> coresets.ForgettingCounter:
     """Forgetting events of an expert trained for the purpose; cached beside the coreset file, since
     coresets of every size (and their re-runs) can share one count."""
-    path = coreset_path(settings).parent / f"forgetting_counts_seed{settings.runtime.seed}.pt"
+    path = forgetting_path(settings)
     key = {k: config.get(k) for k in FORGETTING_KEYS + ("image_norm", "train_stages", "image_projection",
                                                          "feature_views")}
     if path.exists():
@@ -318,6 +360,7 @@ def main(argv=None) -> int:
         payload, set_path = load_distilled_set(namespace.distilled), Path(namespace.distilled)
         apply_file_settings(namespace, payload["config"], explicit)
     settings = programs.from_namespace("evaluate", namespace)
+    check_paths(settings)
     check_settings(settings)
     if payload is not None:
         check_set_origin(settings, payload["config"], set_path)

@@ -29,7 +29,7 @@ import sys
 import time
 from pathlib import Path
 
-from comparison.pipeline import as_flags, distill_settings, experts_stage, load_config
+from comparison.pipeline import as_flags, claim_output_folder, distill_settings, experts_stage, load_config
 from data.distilled_set import load_distilled_set
 
 REPO = Path(__file__).resolve().parents[1]
@@ -116,6 +116,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
+    claim_output_folder(out, "--out")  # its experts stage deletes outputs of other flags: only in a folder of its own
     if args.allreduce_only:
         allreduce_alone(out)
         return 0

@@ -138,7 +138,7 @@ def main(argv=None) -> int:
     config = load_config(args.config, args.data)
     for name in args.methods:  # every method's settings checked before any work starts
         method_config(config, name)
-    out = output_folder(args.out_dir, config)
+    out = output_folder(args.out_dir, config, args.config)
     reports = {name: run_method(config, name, out) for name in args.methods}
     if args.time_iterations > 0:
         for name in args.methods:

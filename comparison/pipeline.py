@@ -20,7 +20,9 @@ which rows to build:
 Choices are made on the selection split (`--eval_split`, val): the distillation's best iteration and every
 row's learning rate; the table is on the report split (test when its annotation file is present).
 Each stage records the flags it ran with; re-running reuses every stage whose flags are unchanged and
-redoes a changed stage and everything after it. --fresh starts over.
+redoes a changed stage and everything after it. --fresh starts over. The pipeline takes only a new or
+empty `out_dir` (or one it made before, which holds its marker file .vl-distill-pipeline), never one holding
+the config file or the data: stages and --fresh delete what is in it.
 
 Writes to `out_dir` (a relative one is taken from the directory pipeline.py starts in): results.md (the
 table with worth-N), results.json (every metric with its runs, the choices, worth-N), worth_n.png (r_mean
@@ -49,7 +51,7 @@ from settings.programs import Parser, check_section, check_together
 from settings.protocol import ProtocolSettings
 from settings.runtime import check_seed
 from utils.cli import UserError
-from utils.paths import ensure_output_dir
+from utils.paths import ensure_output_dir, refuse_outputs_over_inputs
 
 SECTIONS = ("common", "buffer", "distill", "evaluate", "compare", "methods", "regimes")  # [methods], [regimes]: comparison/methods.py, regimes.py
 NOT_METRICS = ("epoch", "train_loss", "train_acc")
@@ -61,6 +63,11 @@ COMPARE_LISTS = {"ladder": (JudgingSettings, "coreset_size"), "coreset_sizes": (
                  "coreset_methods": (TargetSettings, "coreset")}
 COMPARE_KEYS = (*COMPARE_LISTS, "centroids", "full", "epochs_per_size")
 FULL_MODES = ("train", "experts")
+# The file that marks a folder as the pipeline's own: only such a folder is emptied (--fresh) or has stage outputs
+# deleted. A folder from before the marker existed is recognised by its stage stamps.
+MARKER = ".vl-distill-pipeline"
+# The keys of any section that name something the programs read.
+INPUT_KEYS = ("image_root", "ann_root", "image_weights", "text_model")
 
 
 def parse_args(argv=None):
@@ -68,7 +75,8 @@ def parse_args(argv=None):
     parser.add_argument("config", help="TOML file with [common], [buffer], [distill], [evaluate], [compare]")
     parser.add_argument("--out_dir", default=None, help="output folder (default: out_dir in the config)")
     parser.add_argument("--data", default=None, help="image root of the data set (sets common.image_root)")
-    parser.add_argument("--fresh", action="store_true", help="delete the output folder first")
+    parser.add_argument("--fresh", action="store_true", help="delete everything in the output folder first (only a "
+                                                              "folder the pipeline made: it holds " + MARKER + ")")
     return parser.parse_args(argv)
 
 
@@ -147,14 +155,51 @@ def check_compare(compare: dict, where: str) -> None:
         compare_value(ProtocolSettings, "epoch_eval_train", count, where, f"epochs_per_size.{size}")
 
 
-def output_folder(flag: str | None, config: dict) -> Path:
+def output_folder(flag: str | None, config: dict, config_file: str | None = None) -> Path:
     """The output folder (--out_dir, else the config's out_dir), made absolute once from the current directory:
-    every stage and every program it runs then names the same folder, whatever directory they run in. Checked
-    writable before any work starts."""
+    every stage and every program it runs then names the same folder, whatever directory they run in. Before any
+    work starts it is checked writable, refused when it holds the config file or anything the programs read (its
+    contents may be deleted), and claimed as the pipeline's own (`claim_output_folder`)."""
     given, name = (flag, "--out_dir") if flag is not None else (config.get("out_dir", "outputs/pipeline"), "out_dir")
     if not isinstance(given, str) or not given.strip():
         raise UserError(f"{name} must be a folder name, got {given!r}")
-    return ensure_output_dir(Path(given).expanduser().resolve(), name)
+    inputs = {f"[{section}] {key}": config[section][key] for section in ("common", *PROGRAM_SECTIONS)
+              for key in INPUT_KEYS if isinstance(config.get(section, {}).get(key), str)}
+    refuse_outputs_over_inputs({name: given}, {"the config file": config_file, **inputs}, emptied=(name,))
+    return claim_output_folder(ensure_output_dir(Path(given).expanduser().resolve(), name), name)
+
+
+def claim_output_folder(out: Path, name: str = "out_dir") -> Path:
+    """Make the existing folder `out` the pipeline's own, or refuse it: an empty folder is marked with MARKER, a
+    marked one is taken, a pipeline folder from before the marker (it holds stamps/*.json) is marked and taken; a
+    folder with anything else in it is refused, since stages and --fresh delete what is in their folder."""
+    marker = out / MARKER
+    if marker.is_file():
+        return out
+    if any(out.iterdir()) and not any((out / "stamps").glob("*.json")):
+        raise UserError(f"{name} {out} already holds files that pipeline.py did not write (it has no {MARKER}); "
+                        f"give a new or empty folder")
+    marker.write_text("This folder is pipeline.py's output: --fresh and changed stages delete what is in it.\n")
+    return out
+
+
+def owned_by_pipeline(path: Path) -> bool:
+    """Whether `path` lies in a folder that the pipeline claimed (`claim_output_folder`)."""
+    return any((folder / MARKER).is_file() for folder in (path, *path.parents))
+
+
+def empty_output_folder(out: Path) -> None:
+    """--fresh: delete everything in the pipeline's folder `out` except its marker (links are removed, never
+    followed)."""
+    if not owned_by_pipeline(out):
+        raise RuntimeError(f"{out} was never claimed by the pipeline; refusing to empty it")
+    for entry in out.iterdir():
+        if entry.name == MARKER:
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
 
 
 def as_flags(section: dict) -> list[str]:
@@ -171,6 +216,7 @@ class Stage:
     """One step whose outputs are reused while the flags it ran with are unchanged."""
 
     def __init__(self, out: Path, name: str, flags: list[str], outputs: list[Path]):
+        self.out = out
         self.stamp = out / "stamps" / f"{name}.json"
         self.name, self.flags, self.outputs = name, flags, outputs
 
@@ -178,6 +224,9 @@ class Stage:
         return self.stamp.is_file() and json.loads(self.stamp.read_text()) == self.flags
 
     def invalidate(self) -> None:
+        if not owned_by_pipeline(self.out):  # output_folder claims every folder before a stage runs in it
+            raise RuntimeError(f"stage {self.name}: {self.out} was never claimed by the pipeline; refusing to delete "
+                               f"its outputs")
         for path in self.outputs:
             if path.is_dir():
                 shutil.rmtree(path)
@@ -293,10 +342,9 @@ def pooled(reports: list[dict]) -> dict:
 def main(argv=None) -> int:
     args = parse_args(argv)
     config = load_config(args.config, args.data)
-    out = output_folder(args.out_dir, config)
+    out = output_folder(args.out_dir, config, args.config)
     if args.fresh:
-        shutil.rmtree(out)
-        out.mkdir(parents=True)
+        empty_output_folder(out)
     started, times = time.time(), {}
     _, seeds = distill_settings(config)
     size = int(config["distill"].get("num_pairs", 100))

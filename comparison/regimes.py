@@ -113,7 +113,7 @@ def main(argv=None) -> int:
     config = load_config(args.config, args.data)
     for name in args.regimes:  # every regime's settings checked before any work starts
         regime_config(config, name)
-    out = output_folder(args.out_dir, config)
+    out = output_folder(args.out_dir, config, args.config)
     results = {name: run_regime(config, name, out, args.budget, args.max_iterations) for name in args.regimes}
     cell = lambda s: f"{s['r_mean']['mean']:.2f} ± {s['r_mean']['std']:.2f}"  # noqa: E731
     rows = [[name, f"{r['expert_minutes']:.1f}", str(r["iterations"]), f"{r['seconds_per_iteration']:.2f}",

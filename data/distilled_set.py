@@ -181,3 +181,16 @@ def load_distilled_set(path) -> dict:
     if problem:
         raise UserError(f"distilled set {path} {problem}")
     return payload
+
+
+def set_source(path) -> str | None:
+    """What made the set file at `path` (its config's `source`: "distilled", "coreset:<method>"; "distilled" in
+    files from before the key), read without loading its tensors; None when it is not a distilled-set file."""
+    try:
+        payload = safe_torch_load(path, "distilled set", mmap=True)
+    except UserError:
+        return None
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT or not isinstance(payload.get("config"), dict):
+        return None
+    source = payload["config"].get("source", "distilled")
+    return source if isinstance(source, str) else None

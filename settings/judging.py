@@ -29,6 +29,8 @@ class JudgingSettings(Settings):
     eval_image_encoder: str | None = setting(None, "train this image encoder instead of the one the set was made "
                                                    "with", choices=IMAGE_ENCODERS)
     out: str | None = setting(None, "write the metrics and configuration to this JSON file")
+    overwrite: bool = setting(False, "let --out replace an existing file that is not an evaluate.py report (a "
+                                     "report it wrote before is always replaced)")
 
     def check(self) -> None:
         if self.lr_grid is not None and self.lr_eval is not None:

@@ -35,6 +35,13 @@ class ProgramSettings:
         """The flat configuration (flag name -> value) saved with everything the run writes."""
         return flatten(*self.groups())
 
+    def data_paths(self) -> dict[str, str | None]:
+        """The files and folders every program reads (flag -> path, None when not given): the data, the
+        annotations, the image encoder's checkpoint, a local text model."""
+        data, model = self.data, self.model
+        return {"--image_root": data.image_root, "--ann_root": data.ann_root, "--image_weights": model.image_weights,
+                "--text_model": model.text_model}
+
 
 @dataclass
 class BufferSettings(ProgramSettings):

@@ -18,6 +18,25 @@ MAX_SEED = 2**32 - 1
 check_seed = described(lambda v: None if 0 <= v <= MAX_SEED else f"must be a whole number from 0 to {MAX_SEED}",
                        f"0 to {MAX_SEED}")
 
+MAX_NAME_BYTES = 255  # the longest file name that common file systems (ext4, APFS, NTFS) take
+
+
+def name_problem(name) -> str | None:
+    """What makes `name` unfit to be one folder name (distill.py writes to runs/<dataset>/<name>), or None."""
+    if name is None:
+        return None
+    if not name.strip():
+        return "must not be empty"
+    if "/" in name or "\\" in name or "\0" in name or name in (".", ".."):
+        return "must be a file name, not a path (no /, \\ or NUL byte; not . or ..)"
+    if len(name.encode("utf-8", "surrogateescape")) > MAX_NAME_BYTES:
+        return f"must be at most {MAX_NAME_BYTES} bytes long (a file name)"
+    return None
+
+
+check_name = described(name_problem, f"a file name: not empty, no / \\ or NUL, not . or .., at most {MAX_NAME_BYTES} "
+                                    "bytes")
+
 
 @dataclass
 class RuntimeSettings(Settings):
@@ -31,7 +50,8 @@ class RuntimeSettings(Settings):
     wandb_project: str = setting("vl-distill", "wandb project", check=non_empty)
     wandb_entity: str | None = setting(None, "wandb entity (team or user)")
     name: str = setting(datetime.datetime.now().strftime("%Y-%m-%d_%H-%M-%S"), "run name (wandb, default output "
-                                                                               "folders)", check=non_empty)
+                                                                               "folders): a file name, not a path",
+                        check=check_name)
     progress: bool = setting(True, "show progress bars")
 
     @property
