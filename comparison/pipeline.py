@@ -45,7 +45,7 @@ from data.distilled_set import load_distilled_set
 from evaluation.metrics import format_table, markdown_table, summarize_runs, table_cells
 from evaluation.worth import plot_worth, worth_n
 from experts.files import expert_files, read_expert_metrics
-from settings.base import coerce, value_problem
+from settings.base import coerce, path_problem, value_problem
 from settings.judging import JudgingSettings, TargetSettings
 from settings.programs import Parser, check_section, check_together
 from settings.protocol import ProtocolSettings
@@ -91,6 +91,10 @@ def load_config(path: str, data: str | None) -> dict:
     unknown = set(config) - set(SECTIONS) - {"out_dir"}
     if unknown:
         raise UserError(f"config file {path} has unknown sections {sorted(unknown)}; expected {', '.join(SECTIONS)}")
+    out_dir = config.get("out_dir")
+    problem = path_problem(out_dir) if isinstance(out_dir, str) or out_dir is None else "must be a string"
+    if problem:
+        raise UserError(f"config file {path}: out_dir {problem}, got {config['out_dir']!r}")
     for section in SECTIONS:
         config.setdefault(section, {})
         if not isinstance(config[section], dict):

@@ -16,6 +16,7 @@ import argparse
 import dataclasses
 import difflib
 import math
+import os
 import types
 import typing
 from collections.abc import Callable, Iterable, Mapping
@@ -63,12 +64,14 @@ def _check(allowed: str, ok: Callable[[Any], bool], problem: str) -> Check:
 INT64_MAX = 2**63 - 1  # beyond it a count overflows as soon as torch or numpy sees it
 
 
-def at_least(low: float) -> Check:
+def at_least(low: float, most: int = INT64_MAX) -> Check:
+    """A number from `low` to `most` (a count: by default anything torch can hold)."""
     def check(v) -> str | None:
-        if v is None or (_finite(v) and low <= v <= INT64_MAX):
+        if v is None or (_finite(v) and low <= v <= most):
             return None
-        return f"must be at least {low:g}" if not v >= low else f"must be at most {INT64_MAX} (2**63 - 1)"
-    return described(check, f">= {low:g}")
+        return f"must be at least {low:g}" if not v >= low else \
+            f"must be at most {most}" + (" (2**63 - 1)" if most == INT64_MAX else "")
+    return described(check, f">= {low:g}" if most == INT64_MAX else f"{low:g} to {most}")
 
 
 positive = _check("> 0", lambda v: _finite(v) and v > 0, "must be positive (and finite)")
@@ -76,6 +79,31 @@ non_negative = _check(">= 0", lambda v: _finite(v) and v >= 0, "must be 0 or pos
 
 
 non_empty = described(lambda v: None if v is None or v.strip() else "must not be empty", "not empty")
+
+MAX_NAME_BYTES = 255  # the longest file name that common file systems (ext4, APFS, NTFS) take
+MAX_PATH_BYTES = 4095  # Linux's PATH_MAX less the closing NUL
+
+
+def path_problem(v) -> str | None:
+    """What keeps `v` from naming a file or folder on any system (before the system is asked), or None."""
+    if v is None:
+        return None
+    if not v.strip():
+        return "must not be empty"
+    if "\0" in v:
+        return "holds a NUL byte, which no path can contain"
+    try:
+        encoded = os.fsencode(v)
+    except UnicodeEncodeError:
+        return "holds characters that cannot be a file name"
+    if len(encoded) > MAX_PATH_BYTES:
+        return f"is {len(encoded)} bytes long, more than a path may be ({MAX_PATH_BYTES})"
+    if any(len(part) > MAX_NAME_BYTES for part in encoded.split(b"/")):
+        return f"has a file or folder name longer than {MAX_NAME_BYTES} bytes"
+    return None
+
+
+a_path = described(path_problem, f"a path: not empty, no NUL byte, names of at most {MAX_NAME_BYTES} bytes")
 
 
 def positive_up_to(high: float) -> Check:
@@ -131,6 +159,23 @@ def _accepts(kind: type, value) -> bool:
     return True
 
 
+def _holds_type(annotation, value) -> bool:
+    """Whether `value` is of a field's annotated type (`int | None`, `list[float]`, `str | int | None`, ...)."""
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return any(_holds_type(member, value) for member in typing.get_args(annotation))
+    if annotation is type(None):
+        return value is None
+    if typing.get_origin(annotation) is list:
+        return isinstance(value, list) and all(_accepts(typing.get_args(annotation)[0], v) for v in value)
+    return _accepts(annotation, value)
+
+
+def _type_words(annotation) -> str:
+    kind, optional, many = _base_type(annotation)
+    name = getattr(kind, "__name__", str(kind).replace(" | ", " or ").replace(" or None", ""))
+    return f"{'one or more ' if many else 'a '}{name} value{'s' if many else ''}"
+
+
 class Settings:
     """Base of the settings dataclasses (see the module docstring)."""
 
@@ -138,11 +183,14 @@ class Settings:
 
     @classmethod
     def specs(cls) -> list[dataclasses.Field]:
-        hints = typing.get_type_hints(cls)
-        fields = dataclasses.fields(cls)
-        for f in fields:
-            f.type = hints[f.name]
-        return list(fields)
+        """The fields, their `type` resolved from the annotation text (once per class: validate runs it often)."""
+        if "_resolved_fields" not in cls.__dict__:
+            hints = typing.get_type_hints(cls)
+            fields = dataclasses.fields(cls)
+            for f in fields:
+                f.type = hints[f.name]
+            cls._resolved_fields = fields
+        return list(cls._resolved_fields)
 
     @classmethod
     def names(cls) -> list[str]:
@@ -214,6 +262,8 @@ class Settings:
     def validate(self):
         """Every field's allowed values and check, then the class's own rules (`check`); returns self."""
         for f in self.specs():
+            if not _holds_type(f.type, getattr(self, f.name)):  # e.g. argparse makes `--flag=--` an empty list
+                raise UserError(f"--{f.name} needs {_type_words(f.type)}, got {getattr(self, f.name)!r}")
             problem = value_problem(f, getattr(self, f.name))
             if problem:
                 raise UserError(f"--{f.name} {problem}")

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from settings.base import (DATA_LR_MAX, WEIGHT_LR_MAX, Settings, at_least, non_negative, positive, positive_up_to,
+from settings.base import (DATA_LR_MAX, WEIGHT_LR_MAX, Settings, a_path, at_least, non_negative, positive, positive_up_to,
                            setting)
 from settings.choices import MATCHING_MODES, PIX_INITS, SIM_TYPES, TXT_INITS
 from utils.cli import UserError
@@ -14,7 +14,7 @@ class DistillSettings(Settings):
     title = "trajectory matching"
 
     buffer_path: str = setting("./buffers", "buffer root (dataset/image_encoder/text_encoder is appended) or the "
-                                            "folder of the files")
+                                            "folder of the files", check=a_path)
     syn_steps: int = setting(20, "student SGD steps per iteration", check=at_least(1))
     matching: str = setting("unroll", "how the meta-gradient is computed: unroll = one graph through all student "
                                       "steps (the reference; memory grows with --syn_steps); exact_lowmem = the same "
@@ -70,9 +70,12 @@ class DistillSettings(Settings):
                                               "evaluate and save as at the end of a run; comparisons at equal CPU "
                                               "time", check=positive, metavar="MINUTES")
     draw: bool = setting(True, "save image grids and nearest real captions at each evaluation")
-    save_dir: str | None = setting(None, "output folder (default: runs/<dataset>/<name>)")
-    resume: str | None = setting(None, "a distilled_*.pt of an earlier run to continue from")
+    save_dir: str | None = setting(None, "output folder (default: runs/<dataset>/<name>)", check=a_path)
+    resume: str | None = setting(None, "a distilled_*.pt of an earlier run to continue from", check=a_path)
 
     def check(self) -> None:
+        if self.sim_type == "lowrank" and self.sim_rank > self.num_pairs:  # L and R are N x r
+            raise UserError(f"--sim_rank {self.sim_rank} is larger than --num_pairs {self.num_pairs}: the low-rank "
+                            f"similarity of N pairs has rank at most N")
         if self.mini_batch_size > self.num_pairs:
             raise UserError(f"--mini_batch_size {self.mini_batch_size} is larger than --num_pairs {self.num_pairs}")

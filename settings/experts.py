@@ -3,14 +3,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from settings.base import WEIGHT_LR_MAX, Settings, at_least, in_interval, positive_up_to, setting
+from settings.base import WEIGHT_LR_MAX, Settings, a_path, at_least, in_interval, positive_up_to, setting
 
 
 @dataclass
 class ExpertSettings(Settings):
     title = "experts"
 
-    buffer_path: str = setting("./buffers", "root folder of the expert buffers")
+    buffer_path: str = setting("./buffers", "root folder of the expert buffers", check=a_path)
     num_experts: int = setting(100, "experts to train (added to those present)", check=at_least(1))
     train_epochs: int = setting(50, "epochs per expert (snapshots = epochs + 1)", check=at_least(1))
     expert_lr_img: float = setting(0.1, "SGD learning rate of the experts' image side", aliases=("lr_teacher_img",),

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from settings.base import WEIGHT_LR_MAX, Settings, at_least, each, positive_up_to, setting
+from settings.base import WEIGHT_LR_MAX, Settings, a_path, at_least, each, positive_up_to, setting
 from settings.choices import CENTROIDS, CORESET_METHODS, IMAGE_ENCODERS
 from utils.cli import UserError
 
@@ -28,7 +28,7 @@ class JudgingSettings(Settings):
                                         "file exists, else --eval_split", choices=("auto", "val", "test"))
     eval_image_encoder: str | None = setting(None, "train this image encoder instead of the one the set was made "
                                                    "with", choices=IMAGE_ENCODERS)
-    out: str | None = setting(None, "write the metrics and configuration to this JSON file")
+    out: str | None = setting(None, "write the metrics and configuration to this JSON file", check=a_path)
     overwrite: bool = setting(False, "let --out replace an existing file that is not an evaluate.py report (a "
                                      "report it wrote before is always replaced)")
 
@@ -42,7 +42,7 @@ class CoresetSettings(Settings):
     title = "coreset selection"
 
     buffer_path: str = setting("./buffers", "experts that embed pairs for herding / kcenter / kmeans (root or the "
-                                            "folder of the files)")
+                                            "folder of the files)", check=a_path)
     expert_number: int | None = setting(None, "expert file pair to use (default: lowest)", check=at_least(0))
     expert_epoch: int | None = setting(None, "snapshot of that expert (default: last)", check=at_least(0))
     forgetting_epochs: int = setting(2, "epochs of the expert that counts forgetting", check=at_least(1))
@@ -53,14 +53,14 @@ class CoresetSettings(Settings):
                                        aliases=("lr_teacher_txt",), check=positive_up_to(WEIGHT_LR_MAX))
     coreset_file: str | None = setting(None, "where the selected coreset is saved (default runs/<dataset>/coresets/"
                                              "<method>_<N>_seed<seed>.pt); an existing file made with the same "
-                                             "settings is reused")
+                                             "settings is reused", check=a_path)
 
 
 @dataclass
 class TargetSettings(Settings):
     title = "what to evaluate (exactly one)"
 
-    distilled: str | None = setting(None, "a distilled-set (or coreset) .pt file")
+    distilled: str | None = setting(None, "a distilled-set (or coreset) .pt file", check=a_path)
     coreset: str | None = setting(None, "select real pairs with this method (centroids: the k-means feature-centroid "
                                         "set)", choices=(*CORESET_METHODS, CENTROIDS))
     full: bool = setting(False, "train on the whole training split")

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass
 
-from settings.base import Settings, at_least, setting
+from settings.base import Settings, a_path, at_least, setting
 from settings.choices import IMAGE_ENCODERS, IMAGE_NORMS, LORA_ENCODERS, LOSS_TYPES, TEXT_ENCODERS
 from utils.cli import UserError
 
@@ -22,6 +22,10 @@ def train_stages_value(text: str) -> str | int:
     return value
 
 
+# The encoders here are made for 224-384 px; a side beyond this is a typo whose first batch would not fit in memory.
+MAX_IMAGE_SIZE = 1024
+
+
 @dataclass
 class ModelSettings(Settings):
     title = "model"
@@ -30,11 +34,11 @@ class ModelSettings(Settings):
     text_encoder: str = setting("bert", "frozen text encoder (bert = BERT-base; minilm = packaged all-MiniLM-L6-v2)",
                                 choices=TEXT_ENCODERS)
     text_model: str | None = setting(None, "hub id or local folder of the text model (bert default: "
-                                           "bert-base-uncased, must already be on disk)")
-    image_size: int = setting(224, "image side in pixels", check=at_least(1))
+                                           "bert-base-uncased, must already be on disk)", check=a_path)
+    image_size: int = setting(224, "image side in pixels", check=at_least(1, MAX_IMAGE_SIZE))
     image_pretrained: bool = setting(True, "start the image encoder from pretrained weights (offline: packaged for "
                                            "efficientnet_lite0, else --image_weights)")
-    image_weights: str | None = setting(None, "local checkpoint for the image encoder")
+    image_weights: str | None = setting(None, "local checkpoint for the image encoder", check=a_path)
     image_norm: str = setting("auto", "input normalisation: auto = what the encoder's pretrained weights expect "
                                       "(timm's pretrained_cfg: inception = mean/std 0.5 for efficientnet_lite0 and vit, "
                                       "imagenet for the others), the reference's clip statistics for an encoder "

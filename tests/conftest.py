@@ -106,3 +106,23 @@ def lora_experts(tiny_shapes, cache_dir, tmp_path_factory):
                            "--num_experts", "1", "--train_epochs", "2", "--image_encoder", "vit",
                            "--lora_rank", "2"))
     return root
+
+
+# A small pipeline config (the tiny flags as TOML) that tests change one key of.
+PIPELINE_CONFIG = """
+[common]
+dataset = "shapes"
+image_encoder = "convnet"
+image_size = 16
+image_pretrained = false
+text_encoder = "minilm"
+[buffer]
+num_experts = 2
+[distill]
+num_pairs = 6
+mini_batch_size = 3
+[evaluate]
+num_eval = 2
+[compare]
+ladder = [6, 12]
+"""

@@ -7,7 +7,7 @@ import dataclasses
 
 import pytest
 import torch
-from conftest import tiny_flags
+from conftest import PIPELINE_CONFIG, tiny_flags
 
 import buffer
 import distill
@@ -163,23 +163,7 @@ def test_every_number_flag_has_a_range_that_refuses_absurd_values(program, cls, 
     assert f"allowed: {check.allowed}" in " ".join(programs.build_parser(program, "").format_help().split())
 
 
-CONFIG = """
-[common]
-dataset = "shapes"
-image_encoder = "convnet"
-image_size = 16
-image_pretrained = false
-text_encoder = "minilm"
-[buffer]
-num_experts = 2
-[distill]
-num_pairs = 6
-mini_batch_size = 3
-[evaluate]
-num_eval = 2
-[compare]
-ladder = [6, 12]
-"""
+CONFIG = PIPELINE_CONFIG
 
 
 @pytest.mark.parametrize("old, new, message", [

@@ -40,7 +40,7 @@ def user_message(err: BaseException) -> str:
     if len(lines) > 1 and "Traceback" in str(err):
         last = lines[-1]
         return last.split(": ", 1)[1] if last.startswith(("UserError:", "utils.cli.UserError:")) else last
-    return str(err)
+    return str(err).replace("\r", "\\r").replace("\n", "\\n")  # one line, also when a path given holds a line break
 
 
 def _terminate(signum, frame):
