@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import time
 
+import utils.cli  # noqa: F401 (first: a Ctrl-C while the libraries below load is one line, not a traceback)
 import torch
 from tqdm import tqdm
 

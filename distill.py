@@ -24,6 +24,7 @@ import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+import utils.cli  # noqa: F401 (first: a Ctrl-C while the libraries below load is one line, not a traceback)
 import torch
 from tqdm import tqdm
 

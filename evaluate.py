@@ -27,6 +27,7 @@ import sys
 import time
 from pathlib import Path
 
+import utils.cli  # noqa: F401 (first: a Ctrl-C while the libraries below load is one line, not a traceback)
 import torch
 
 from data.build import has_split, load_retrieval_data

@@ -5,8 +5,8 @@
 
 The stages and the TOML file's sections are described in comparison/pipeline.py and the README ("Demo").
 """
+from utils.cli import run_cli  # first: a Ctrl-C while the libraries load is one line
 from comparison.pipeline import main
-from utils.cli import run_cli
 
 def cli() -> None:
     """Entry point of the installed command."""

@@ -50,7 +50,7 @@ from settings.judging import JudgingSettings, TargetSettings
 from settings.programs import Parser, check_section, check_together
 from settings.protocol import ProtocolSettings
 from settings.runtime import check_seed
-from utils.cli import UserError
+from utils.cli import UserError, os_error_reason
 from utils.paths import ensure_output_dir, refuse_outputs_over_inputs
 
 SECTIONS = ("common", "buffer", "distill", "evaluate", "compare", "methods", "regimes")  # [methods], [regimes]: comparison/methods.py, regimes.py
@@ -86,8 +86,16 @@ def load_config(path: str, data: str | None) -> dict:
             config = tomllib.load(handle)
     except FileNotFoundError:
         raise UserError(f"config file not found: {path}") from None
+    except OSError as err:  # a folder, no permission, a name too long, ...
+        raise UserError(f"config file {path} cannot be read: {os_error_reason(err)}; give the path of a TOML "
+                        f"file") from None
+    except UnicodeDecodeError as err:
+        raise UserError(f"config file {path} is not UTF-8 text (byte {err.object[err.start:err.start + 1]!r} at "
+                        f"position {err.start}), as TOML must be; save it as UTF-8") from None
     except tomllib.TOMLDecodeError as err:
         raise UserError(f"config file {path} is not valid TOML ({err})") from None
+    except RecursionError:
+        raise UserError(f"config file {path} is nested too deeply to read: it is damaged or not a config file") from None
     unknown = set(config) - set(SECTIONS) - {"out_dir"}
     if unknown:
         raise UserError(f"config file {path} has unknown sections {sorted(unknown)}; expected {', '.join(SECTIONS)}")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,7 +16,7 @@ from tqdm import tqdm
 
 from data.captions import clean_caption
 from data.datasets import describe_problem, image_problem
-from utils.cli import UserError
+from utils.cli import NAME_MAX, UserError, os_error_reason
 from utils.io import atomic_write_json
 
 # Annotation file name prefix of each dataset; files are `<prefix>_<split>.json` in --ann_root.
@@ -67,12 +68,17 @@ def annotation_file(dataset: str, split: str, ann_root) -> Path:
 
 
 def _read_json_list(path: Path) -> list:
-    if not path.is_file():
-        raise UserError(f"annotation file not found: {path}. {WHERE_TO_GET}")
     try:
+        if not path.is_file():
+            raise UserError(f"annotation file not found: {path}. {WHERE_TO_GET}")
         entries = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as err:
+        raise UserError(f"annotation file {path} cannot be read: {os_error_reason(err)}") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise UserError(f"annotation file {path} is not valid JSON ({err})") from None
+    except RecursionError:
+        raise UserError(f"annotation file {path} is nested too deeply to read (thousands of [ or {{ inside each "
+                        f"other): it is damaged or not an annotation file. {WHERE_TO_GET}") from None
     if not isinstance(entries, list) or not entries:
         raise UserError(f"annotation file {path} must hold a non-empty JSON list of entries")
     return entries
@@ -84,6 +90,16 @@ def _entry_field(entry, key: str, kind, path: Path, index: int):
         raise UserError(f"annotation file {path}, entry {index}: expected a {key!r} field of type "
                         f"{getattr(kind, '__name__', kind)}, got {entry!r:.120}")
     return value
+
+
+def _image_name_problem(name: str) -> str | None:
+    """Why the relative image path `name` can name no file (a NUL byte, or a component too long), or None."""
+    if "\0" in name:
+        return "holds a NUL byte (\\0), which no file name can contain"
+    longest = max((len(os.fsencode(part)) for part in Path(name).parts), default=0)
+    if longest > NAME_MAX:
+        return f"has a path component of {longest} bytes, longer than the file system allows ({NAME_MAX})"
+    return None
 
 
 def _read_record(record: Path | None) -> dict:
@@ -163,6 +179,9 @@ def read_split(dataset: str, split: str, ann_root, image_root, skip_bad_images: 
     empty = 0
     for k, entry in enumerate(entries):
         name = _entry_field(entry, "image", str, path, k)
+        problem = _image_name_problem(name)
+        if problem:
+            raise UserError(f"annotation file {path}, entry {k}: the image path {name!r:.120} {problem}; fix the entry")
         caption = entry.get("caption") if isinstance(entry, dict) else None
         captions = caption if isinstance(caption, list) else [caption]
         if not captions or not all(isinstance(c, str) for c in captions):

@@ -11,13 +11,16 @@ they were chosen. Files load with `torch.load(path, weights_only=True)`: no pick
 """
 from __future__ import annotations
 
+import functools
 import math
 from pathlib import Path
 
 import torch
 
+from settings.base import WEIGHT_LR_MAX, coerce, value_problem
+from settings.programs import PROGRAMS, group_classes
 from utils.cli import UserError
-from utils.io import atomic_torch_save, safe_torch_load
+from utils.io import MAX_ABS_VALUE, as_float32, atomic_torch_save, safe_torch_load, tensor_problem
 
 FORMAT = "vl-distill/distilled-set"
 VERSION = 1
@@ -82,6 +85,10 @@ def set_problem(payload: dict) -> str | None:
     images, texts = payload[image_key], payload["text_syn"]
     if not _is_float_tensor(images) or not _is_float_tensor(texts):
         return f"does not hold floating-point tensors for its images and texts ({image_key}, text_syn)"
+    for key in (image_key, "text_syn", "similarity"):  # what models compute with: finite, of a sane size
+        problem = tensor_problem(payload[key], max_abs=MAX_ABS_VALUE) if payload.get(key) is not None else None
+        if problem:
+            return f"{key} {problem}"
     if (image_key == "image_syn" and (images.dim() != 4 or images.shape[1] != 3)) or images.dim() < 2 \
             or texts.dim() != 2 or len(images) != len(texts) or len(texts) == 0:
         return f"has inconsistent shapes: {image_key} {tuple(images.shape)}, text_syn {tuple(texts.shape)}"
@@ -93,6 +100,9 @@ def set_problem(payload: dict) -> str | None:
     for key in ("config", "metrics", "state"):
         if not isinstance(payload.get(key, {}), dict):
             return f"has a {key} that is not a dictionary"
+    problem = config_problem(payload["config"])
+    if problem:
+        return problem
     count = len(texts)
     similarity = payload.get("similarity")
     if similarity is not None and not (_is_float_tensor(similarity, 2) and similarity.shape == (count, count)):
@@ -108,12 +118,36 @@ def set_problem(payload: dict) -> str | None:
     return f"{bad} holds non-finite values (NaN or infinity)" if bad else None
 
 
+@functools.cache
+def saved_setting_fields() -> dict:
+    """Every setting of every program, by name (a saved configuration's keys)."""
+    return {f.name: f for program in PROGRAMS for cls in group_classes(program).values() for f in cls.specs()}
+
+
+def config_problem(config: dict) -> str | None:
+    """What is wrong with a set's saved configuration, as a phrase (None: nothing): every key that is a setting
+    (a flag of buffer.py, distill.py or evaluate.py) must hold a value of the setting's type and range, as the
+    programs wrote it; other keys (what a run resolved, e.g. text_identity) are the programs' own to read."""
+    fields = saved_setting_fields()
+    for key, value in config.items():
+        if key in fields:
+            try:
+                problem = value_problem(fields[key], coerce(fields[key], value, "its saved config", key))
+            except UserError as err:
+                return f"has a wrong value in {err}: fix the key or make the set again"
+            if problem:
+                return f"has a wrong value in its saved config: {key} {problem}: fix the key or make the set again"
+    return None
+
+
 def learned_lr_problem(payload: dict) -> str | None:
-    """Which learned step size of a loaded set cannot serve as a learning rate (zero, negative or NaN: a file
-    not written by distill.py, which never saves such a value), as a phrase; None when both can."""
+    """Which learned step size of a loaded set cannot serve as a learning rate (zero, negative, NaN, or beyond
+    the range of --lr_eval: a file not written by distill.py, which never saves such a value), as a phrase;
+    None when both can."""
     bad = [f"{key} {payload[key]!r}" for key in ("syn_lr_img", "syn_lr_txt")
-           if not (_is_number(payload[key]) and payload[key] > 0)]
-    return f"has {' and '.join(bad)}, not a finite positive step size" if bad else None
+           if not (_is_number(payload[key]) and 0 < payload[key] <= WEIGHT_LR_MAX)]
+    return (f"has {' and '.join(bad)}, not a finite positive step size of at most {WEIGHT_LR_MAX:g} (the range of "
+            f"--lr_eval)" if bad else None)
 
 
 def _is_number(value) -> bool:
@@ -177,6 +211,7 @@ def load_distilled_set(path) -> dict:
     payload = safe_torch_load(path, "distilled set")
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise UserError(f"{path} is not a vl-distill distilled set (no '{FORMAT}' format tag)")
+    payload = as_float32(payload)  # a set saved in float16 or float64 is used in float32
     problem = set_problem(payload)
     if problem:
         raise UserError(f"distilled set {path} {problem}")

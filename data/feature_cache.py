@@ -30,8 +30,8 @@ from tqdm import tqdm
 from data.annotations import CaptionedImages
 from data.datasets import load_rgb
 from data.transforms import test_transform, train_transform
-from utils.cli import UserError
-from utils.io import atomic_torch_save, safe_torch_load
+from utils.cli import UserError, os_error_reason
+from utils.io import MAX_ABS_VALUE, atomic_torch_save, load_cache, tensor_problem
 
 FORMAT = "vl-distill/trunk-features"
 VERSION = 1
@@ -102,27 +102,36 @@ def cached_trunk_outputs(trunk: nn.Module, trunk_key: dict, split: CaptionedImag
     for view in views:
         key = {**trunk_key, "images": images, "num_images": len(split.image_paths), "view": view}
         path = cache_file(cache_dir, dataset_name, split_name, key)
-        payload = _load_quietly(path)
+        payload = _load_quietly(path, len(split.image_paths))
         if not (isinstance(payload, dict) and payload.get("format") == FORMAT and payload.get("key") == key):
             dataset = SeededView(split, view, trunk_key["image_size"], trunk_key["image_norm"])
             what = "plain" if view == 0 else f"augmented view {view}"
             outputs = compute_trunk_outputs(trunk, dataset, device, batch_size, workers, progress,
                                             f"trunk outputs, {split_name} ({what})")
             payload = {"format": FORMAT, "version": VERSION, "key": key, "features": outputs}
-            atomic_torch_save(payload, path)
+            try:
+                atomic_torch_save(payload, path)
+            except OSError as err:
+                raise UserError(f"the trunk-feature cache {path} cannot be written: {os_error_reason(err)}; give "
+                                f"--cache_dir a folder that can be written") from None
         per_view.append(payload["features"])
     return torch.stack(per_view)
 
 
-def _load_quietly(path: Path):
-    """A cache file's payload, or None when it is missing or unreadable (then it is computed again)."""
-    if not path.is_file():
+def _load_quietly(path: Path, count: int):
+    """A cache file's payload (its features as float32), or None when it is missing, unreadable or damaged (not
+    `count` rows of finite floating-point numbers): then it is computed again."""
+    payload = load_cache(path, "trunk-feature cache")
+    if not isinstance(payload, dict):
         return None
-    try:
-        return safe_torch_load(path, "trunk-feature cache")
-    except UserError as err:
-        print(f"note: {err}; computing it again")
+    features = payload.get("features")
+    problem = tensor_problem(features, max_abs=MAX_ABS_VALUE) or (
+        None if features.dim() >= 2 and len(features) == count
+        else f"has shape {tuple(features.shape)} for {count} images")
+    if problem:
+        print(f"note: the trunk-feature cache {path}: features {problem}; computing it again")
         return None
+    return {**payload, "features": features.float()}
 
 
 def trunk_key(encoder_name: str, trunk: nn.Module, train_stages: int, image_size: int, image_norm: str) -> dict:

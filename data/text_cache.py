@@ -11,7 +11,8 @@ from typing import Callable
 
 import torch
 
-from utils.io import atomic_torch_save, safe_torch_load
+from utils.cli import UserError, os_error_reason
+from utils.io import MAX_ABS_VALUE, atomic_torch_save, load_cache, tensor_problem
 
 
 def caption_digest(captions: list[str]) -> str:
@@ -33,13 +34,38 @@ def cached_text_embeddings(captions: list[str], path: Path, make_encoder: Callab
     `make_encoder()` is only called on a cache miss; it returns an object with
     `encode(list[str], progress=...) -> Tensor`.
     """
-    if path.is_file():
-        cached = safe_torch_load(path, "text-embedding cache")
-        if isinstance(cached, torch.Tensor) and len(cached) == len(captions):
-            return cached
+    cached = _usable_cache(path, len(captions))
+    if cached is not None:
+        return cached
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)  # a folder that cannot be made fails before the encoding
+    except OSError as err:
+        raise _unwritable(path, err) from None
     unique = sorted(set(captions), key=lambda c: (len(c), c))  # similar lengths batch with little padding
     position = {caption: i for i, caption in enumerate(unique)}
     unique_embeddings = make_encoder().encode(unique, progress=progress)
     embeddings = unique_embeddings[torch.tensor([position[c] for c in captions], dtype=torch.long)]
-    atomic_torch_save(embeddings.contiguous(), path)
+    try:
+        atomic_torch_save(embeddings.contiguous(), path)
+    except OSError as err:
+        raise _unwritable(path, err) from None
     return embeddings
+
+
+def _unwritable(path: Path, err: OSError) -> UserError:
+    return UserError(f"the text-embedding cache {path} cannot be written: {os_error_reason(err)}; give --cache_dir a "
+                     f"folder that can be written")
+
+
+def _usable_cache(path: Path, count: int) -> torch.Tensor | None:
+    """The embeddings cached in `path` as float32, or None when there are none or they are damaged (not
+    `count` rows of finite floating-point numbers, or unreadable): then they are computed again, with a note."""
+    cached = load_cache(path, "text-embedding cache")
+    if cached is None:
+        return None
+    problem = tensor_problem(cached, dims=2, max_abs=MAX_ABS_VALUE) or (
+        None if len(cached) == count else f"has {len(cached)} rows for {count} captions")
+    if problem:
+        print(f"note: the text-embedding cache {path} {problem}; computing it again")
+        return None
+    return cached.float()

@@ -20,7 +20,8 @@ from settings.data import DataSettings
 from settings.model import ModelSettings
 from utils.cli import UserError
 from experts.reference import REFERENCE_FORMAT, derived_metadata, shape_problem
-from utils.io import atomic_torch_save, atomic_write_json, safe_torch_load
+from utils.io import (MAX_ABS_VALUE, as_float32, atomic_torch_save, atomic_write_json, read_json_if_present,
+                      safe_torch_load, tensor_problem)
 
 META_NAME = "buffer_meta.json"
 MODEL_KEY = "model_settings"  # in `expected_metadata`: the settings that build the model
@@ -68,10 +69,10 @@ def _read_meta_file(directory: Path) -> dict | None:
     if not path.is_file():
         return None
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise UserError(f"buffer metadata {path} is not valid JSON ({err}); delete it only if you know "
-                        f"which settings made the experts beside it") from None
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, RecursionError) as err:  # invalid JSON, not UTF-8, nested too deeply
+        raise UserError(f"buffer metadata {path} is not valid JSON ({str(err) or 'nested too deeply'}); delete it "
+                        f"only if you know which settings made the experts beside it") from None
 
 
 def read_metadata(directory: Path) -> dict | None:
@@ -239,9 +240,9 @@ def read_expert_metrics(directory: Path) -> dict[int, dict]:
     """The metrics files of the complete experts in `directory`, by expert number."""
     found = {}
     for n, _, _ in expert_files(directory):
-        path = Path(directory) / f"metrics_{n}.json"
-        if path.is_file():
-            found[n] = json.loads(path.read_text())
+        saved = read_json_if_present(Path(directory) / f"metrics_{n}.json")
+        if saved is not None:
+            found[n] = saved
     return found
 
 
@@ -257,12 +258,18 @@ def _check_trajectories(trajectories, shapes: list[list[int]], path: Path) -> No
             if got != shapes:
                 raise UserError(f"buffer file {path}: trajectory {t}, snapshot {s} does not match the "
                                 f"parameter shapes in {META_NAME} (a different model made it)")
+            for i, tensor in enumerate(snapshot):  # a NaN here would surface as a diverging distillation
+                problem = tensor_problem(tensor, max_abs=MAX_ABS_VALUE)  # a bit flip can make 1e30: NaN later
+                if problem:
+                    raise UserError(f"buffer file {path}: expert {t} of the file, snapshot of epoch {s}: parameter "
+                                    f"tensor {i} {problem}; the expert diverged or the file is damaged: train it "
+                                    f"again, or move its file pair out of the folder")
 
 
 def load_expert_pair(image_path: Path, text_path: Path, meta: dict) -> list[tuple[list, list]]:
     """The (image trajectory, text trajectory) pairs stored in one numbered file pair, validated."""
-    image_trajs = safe_torch_load(image_path, "buffer file")
-    text_trajs = safe_torch_load(text_path, "buffer file")
+    image_trajs = as_float32(safe_torch_load(image_path, "buffer file"))  # float16/64 files are used in float32
+    text_trajs = as_float32(safe_torch_load(text_path, "buffer file"))
     _check_trajectories(image_trajs, meta["image_param_shapes"], image_path)
     _check_trajectories(text_trajs, meta["text_param_shapes"], text_path)
     if len(image_trajs) != len(text_trajs) or any(len(a) != len(b) for a, b in zip(image_trajs, text_trajs)):

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from utils.cli import UserError
+from utils.cli import UserError, os_error_reason
 from utils.paths import disk_full_message
 
 # A temporary file whose writer cannot be asked (another machine, or an older name without a
@@ -155,9 +155,15 @@ def atomic_write_json(obj, path) -> Path:
 def safe_torch_load(path, what: str = "file", mmap: bool = False):
     """`torch.load(weights_only=True)` on the CPU, with a clear error for missing or damaged files.
 
-    `mmap=True` maps the tensors' storage instead of reading it (cheap when only shapes are needed)."""
+    `mmap=True` maps the tensors' storage instead of reading it (cheap when only shapes are needed). What the
+    tensors hold is the caller's to check (`tensor_problem`, `as_float32`)."""
     path = Path(path)
-    if not path.is_file():
+    try:
+        found = path.is_file()
+    except (OSError, ValueError) as err:  # a name too long, a NUL byte, ...
+        reason = os_error_reason(err) if isinstance(err, OSError) else "the path holds a NUL byte"
+        raise UserError(f"{what} {path} cannot be read: {reason}") from None
+    if not found:
         raise UserError(f"{what} not found: {path}")
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
@@ -167,12 +173,70 @@ def safe_torch_load(path, what: str = "file", mmap: bool = False):
                         f"delete it and create it again") from None
 
 
+def load_cache(path, what: str):
+    """The payload of the cache file `path` (`what` names it), or None when there is none or it cannot be loaded
+    (then the caller computes it again; a note says why). A path the system refuses is an error."""
+    path = Path(path)
+    try:
+        if not path.is_file():
+            return None
+    except OSError as err:
+        raise UserError(f"the {what} {path} cannot be read: {os_error_reason(err)}; check --cache_dir") from None
+    try:
+        return safe_torch_load(path, what)
+    except UserError as err:
+        print(f"note: {err}; computing it again")
+        return None
+
+
+# Loaded tensor values beyond this magnitude are refused: far above anything training writes (normalised
+# pixels lie within a few units, learned pixels and text embeddings within a few hundred), and far enough
+# below float32's largest number (3.4e38) that the sums of squares inside a model stay finite (1e30 does not).
+MAX_ABS_VALUE = 1e8
+
+
+def tensor_problem(value, dims: int | None = None, max_abs: float | None = None) -> str | None:
+    """What makes a loaded `value` unusable as floating-point data, as a phrase (None: nothing): not a tensor,
+    not floating point (any floating dtype is fine: `as_float32` converts it), another number of dimensions
+    than `dims`, a NaN or an infinity, or a value beyond +-`max_abs`."""
+    if not isinstance(value, torch.Tensor):
+        return f"is {type(value).__name__!r}, not a tensor"
+    if not value.is_floating_point():
+        return f"holds {str(value.dtype).removeprefix('torch.')} values, not floating-point numbers"
+    if dims is not None and value.dim() != dims:
+        return f"has shape {tuple(value.shape)}, not {dims} dimensions"
+    finite = torch.isfinite(value)
+    if not bool(finite.all()):
+        bad = int((~finite).sum())
+        return f"has {bad} NaN or infinite value{'s' if bad > 1 else ''} (of {value.numel()})"
+    if max_abs is not None and value.numel() and float(value.abs().max()) > max_abs:
+        return (f"holds values up to {float(value.abs().max()):.3g} in magnitude, beyond the bound +-{max_abs:g} "
+                f"(larger values overflow a model's float32 sums into NaN)")
+    return None
+
+
+def as_float32(value):
+    """`value` with every floating-point tensor inside it (dicts, lists and tuples searched) as float32: files
+    written in float16, bfloat16 or float64 load as the float32 the models compute in."""
+    if isinstance(value, torch.Tensor):
+        return value.float() if value.is_floating_point() and value.dtype != torch.float32 else value
+    if isinstance(value, dict):
+        return {key: as_float32(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        items = [as_float32(item) for item in value]
+        return items if isinstance(value, list) else tuple(items)
+    return value
+
+
 def read_json_if_present(path) -> dict | None:
     """The JSON object in `path`, or None when there is no such file (a damaged file is a clear error)."""
     path = Path(path)
     if not path.is_file():
         return None
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise UserError(f"{path} is not valid JSON ({err}); delete it to start it anew") from None
+        return json.loads(path.read_text(encoding="utf-8"))
+    except OSError as err:
+        raise UserError(f"{path} cannot be read: {os_error_reason(err)}") from None
+    except (ValueError, RecursionError) as err:  # invalid JSON, bytes that are not UTF-8, nesting too deep
+        reason = "nested too deeply" if isinstance(err, RecursionError) else str(err)
+        raise UserError(f"{path} is not valid JSON ({reason}); delete it to start it anew") from None
