@@ -75,7 +75,7 @@ class DistillSettings(Settings):
 
     def check(self) -> None:
         if self.sim_type == "lowrank" and self.sim_rank > self.num_pairs:  # L and R are N x r
-            raise UserError(f"--sim_rank {self.sim_rank} is larger than --num_pairs {self.num_pairs}: the low-rank "
-                            f"similarity of N pairs has rank at most N")
+            raise UserError(f"--sim_type lowrank: --sim_rank {self.sim_rank} is larger than --num_pairs "
+                            f"{self.num_pairs} (the low-rank similarity of N pairs has rank at most N)")
         if self.mini_batch_size > self.num_pairs:
             raise UserError(f"--mini_batch_size {self.mini_batch_size} is larger than --num_pairs {self.num_pairs}")

@@ -282,7 +282,8 @@ FOUND = [
     ("buffer", "--num_workers=100000", "--num_workers must be at most 64, got 100000"),
     ("buffer", "--feature_views=1000000", "--feature_views must be at most 100, got 1000000"),
     ("distill", "--sim_type=lowrank --sim_rank=1000000000",
-     "--sim_rank 1000000000 is larger than --num_pairs 8: the low-rank similarity of N pairs has rank at most N"),
+     "--sim_type lowrank: --sim_rank 1000000000 is larger than --num_pairs 8 (the low-rank similarity of N pairs "
+     "has rank at most N)"),
 ]
 
 
@@ -313,7 +314,7 @@ END_TO_END = [
      "--coreset_size 1000000000 is larger than the 200 training pairs"),
     ("distill", ["--num_pairs", str(10**9), "--mini_batch_size", "2"],
      "--num_pairs 1000000000 is larger than the 40 training images"),
-    ("distill", ["--sim_type", "lowrank", "--sim_rank", str(10**9)], "--sim_rank 1000000000 is larger than"),
+    ("distill", ["--sim_type", "lowrank", "--sim_rank", str(10**9)], "--sim_type lowrank: --sim_rank 1000000000 is"),
 ]
 
 
