@@ -12,6 +12,7 @@ from data.annotations import CaptionedImages, annotation_file, kinds_phrase, rea
 from data.datasets import ImageDataset, PairDataset
 from data.text_cache import cache_path, cached_text_embeddings
 from data.transforms import test_transform, train_transform
+from networks.contrastive import check_pair_count
 from networks.text_encoders import FrozenTextEncoder, text_encoder_identity
 from settings.choices import DATASETS
 from settings.data import DataSettings, default_cache_dir
@@ -120,6 +121,9 @@ def load_retrieval_data(settings: DataSettings, model: ModelSettings, device: to
         parsed = read_split(settings.dataset, split, ann_root, image_root, settings.skip_bad_images,
                             max_images=limit, record_dir=Path(settings.cache_dir) / "image_checks", progress=progress)
         report_left_out(parsed, annotation_file(settings.dataset, split, ann_root))
+        if role == "train":  # nothing trains contrastively on one pair
+            where = f"the training split {annotation_file(settings.dataset, split, ann_root)}"
+            check_pair_count(len(parsed.captions), where + (f" (--max_train_images {limit})" if limit else ""))
         splits[role] = (split, parsed)
     identity = text_encoder_identity(model.text_encoder, model.text_model)
     encoder = []  # loaded at most once, and only on a cache miss

@@ -33,7 +33,8 @@ from utils.rng import global_streams_kept
 from utils.seeds import TUNING_SEED_OFFSET, eval_model_seed
 from utils.dsa import dsa_augment
 from evaluation.metrics import summarize_runs
-from evaluation.training import evaluate_retrieval, scale_learning_rates, sgd_pair, train_one_epoch
+from evaluation.training import (TrainingWatch, evaluate_retrieval, scale_learning_rates, sgd_pair, train_one_epoch,
+                                 trainable_snapshot)
 
 EVAL_MOMENTUM = 0.9
 EVAL_WEIGHT_DECAY = 5e-4
@@ -60,7 +61,8 @@ def train_fresh_model(settings: ModelSettings, protocol: ProtocolSettings, loade
                       device: torch.device, seed: int, similarity: torch.Tensor | None = None,
                       epochs: int | None = None):
     """A fresh model (built from `settings`) trained on `loader` batches with the evaluation protocol, with
-    the model's loss, against `similarity[idx, idx]` when the set has a learned similarity.
+    the model's loss, against `similarity[idx, idx]` when the set has a learned similarity; returns the model
+    and why it did not train (evaluation.training.TrainingWatch), or None when it did.
 
     The model's initialisation and dropout come from its own seed; the caller's global random streams are
     left as they were (an evaluation during distillation must not change what is learned next)."""
@@ -69,35 +71,44 @@ def train_fresh_model(settings: ModelSettings, protocol: ProtocolSettings, loade
         model = build_model(settings, text_dim).to(device)
         optimizers = sgd_pair(model, lr, lr, EVAL_MOMENTUM, EVAL_WEIGHT_DECAY)
         epochs = protocol.epoch_eval_train if epochs is None else epochs
+        start, watch = trainable_snapshot(model), TrainingWatch()
         for epoch in range(epochs):
             if epoch == epochs // 2:
                 scale_learning_rates(optimizers, 0.1)
             train_one_epoch(model, loader, optimizers, device, progress=False,
-                            loss_type=settings.loss_type, similarity=similarity)
-    return model
+                            loss_type=settings.loss_type, similarity=similarity, watch=watch)
+    return model, watch.problem(start, trainable_snapshot(model))
 
 
 def evaluate_models(settings: ModelSettings, protocol: ProtocolSettings, make_loader: Callable[[int], object], lr: float, inputs: ModelInputs, device: torch.device,
                     num_eval: int, seed: int, progress: bool = True, similarity: torch.Tensor | None = None,
-                    splits: tuple[str, ...] | None = None, group: ProcessGroupInfo | None = None) -> dict[str, dict]:
+                    splits: tuple[str, ...] | None = None, group: ProcessGroupInfo | None = None,
+                    untrained: list[dict] | None = None) -> dict[str, dict]:
     """Per split (default: the selection split), mean, std and per-run values of every retrieval metric over
     `num_eval` freshly trained models; model `k` is seeded with `seed + k` and trains on `make_loader(seed + k)`.
+    Each model that did not train is appended to `untrained` as {"lr", "seed", "problem"}.
     Under torchrun (`group`), the models are shared out over the processes and their results gathered: the
     same numbers as one process training all of them (a collective: every process must call it)."""
     splits = splits or (inputs.data.eval_name,)
     group = group or ProcessGroupInfo()
     mine = {name: {} for name in splits}
+    problems = {}
     bar = tqdm(group.my_share(num_eval), desc=f"evaluation models (lr {lr:.3g})", unit="model", leave=False,
                disable=not progress)
     for run in bar:
-        model = train_fresh_model(settings, protocol, make_loader(seed + run), lr, inputs.data.text_dim, device, seed + run,
-                                  similarity)
+        model, problem = train_fresh_model(settings, protocol, make_loader(seed + run), lr, inputs.data.text_dim,
+                                           device, seed + run, similarity)
+        if problem:
+            problems[run] = problem
         for name in splits:
             split = inputs.data.split(name)
             mine[name][run] = evaluate_retrieval(model, inputs.eval_images(name), split.text, split.txt2img, device,
                                                  progress=False)
         bar.set_postfix(r_mean=f"{mine[splits[0]][run]['r_mean']:.2f}")
     everyone = {name: {k: v for share in gather_objects(mine[name], group) for k, v in share.items()} for name in splits}
+    problems = {k: v for share in gather_objects(problems, group) for k, v in share.items()}
+    if untrained is not None:
+        untrained.extend({"lr": lr, "seed": seed + k, "problem": problems[k]} for k in sorted(problems))
     return {name: summarize_runs([runs[k] for k in range(num_eval)]) for name, runs in everyone.items()}
 
 
@@ -109,14 +120,15 @@ def judge(settings: ModelSettings, protocol: ProtocolSettings, make_loader: Call
     `report_split` (default: the selection split) and on the selection split.
 
     Returns {"metrics": report-split summary, "split": its name, "lr": the rate used, "tuning": {lr: selection
-    r_mean}, "selection_metrics": the final models on the selection split}."""
+    r_mean}, "selection_metrics": the final models on the selection split, "untrained_models": the models,
+    tuning ones included, that did not train ({"lr", "seed", "problem"})}."""
     select = inputs.data.eval_name
     report = report_split or select
-    tuning = {}
+    tuning, untrained = {}, []
     if len(lrs) > 1:
         for lr in lrs:
             summary = evaluate_models(settings, protocol, make_loader, lr, inputs, device, tune_models, seed + TUNING_SEED_OFFSET,
-                                      progress, similarity)[select]
+                                      progress, similarity, untrained=untrained)[select]
             tuning[f"{lr:g}"] = summary["r_mean"]["mean"]
             if progress:
                 tqdm.write(f"  lr {lr:g}: r_mean on {select} {summary['r_mean']['mean']:.2f} ({tune_models} model"
@@ -125,9 +137,18 @@ def judge(settings: ModelSettings, protocol: ProtocolSettings, make_loader: Call
     else:
         lr = lrs[0]
     summaries = evaluate_models(settings, protocol, make_loader, lr, inputs, device, num_eval, seed, progress, similarity,
-                                splits=tuple(dict.fromkeys((report, select))))
+                                splits=tuple(dict.fromkeys((report, select))), untrained=untrained)
     return {"metrics": summaries[report], "split": report, "lr": lr, "tuning": tuning,
-            "selection_metrics": summaries[select]}
+            "selection_metrics": summaries[select], "untrained_models": untrained}
+
+
+def untrained_warning(untrained: list[dict], models: int) -> str | None:
+    """The loud line saying which evaluation models did not train (of `models` trained in all), or None."""
+    if not untrained:
+        return None
+    first = untrained[0]
+    return (f"WARNING: {len(untrained)} of {models} evaluation models did not train, so their numbers are those of "
+            f"untrained models (first: lr {first['lr']:.4g}, seed {first['seed']}: {first['problem']})")
 
 
 def pair_batches(protocol: ProtocolSettings, model, inputs: ModelInputs, device: torch.device, texts: torch.Tensor,
@@ -149,11 +170,13 @@ def pair_batches(protocol: ProtocolSettings, model, inputs: ModelInputs, device:
 
 def evaluate_pairs(settings: ModelSettings, protocol: ProtocolSettings, images: torch.Tensor, texts: torch.Tensor, lr: float, inputs: ModelInputs,
                    device: torch.device, num_eval: int, seed: int, progress: bool = True,
-                   similarity: torch.Tensor | None = None, model=None, group: ProcessGroupInfo | None = None) -> dict:
+                   similarity: torch.Tensor | None = None, model=None, group: ProcessGroupInfo | None = None,
+                   untrained: list[dict] | None = None) -> dict:
     """The protocol at one learning rate on a fixed set of (image tensor, text embedding) pairs, on the
-    selection split: a distilled set or a coreset, with its learned [N, N] target similarity if it has one."""
+    selection split: a distilled set or a coreset, with its learned [N, N] target similarity if it has one
+    (models that did not train are appended to `untrained`, see evaluate_models)."""
     model = model if model is not None else build_model(settings, inputs.data.text_dim)
     similarity = None if similarity is None else similarity.detach().to(device)
     make_loader = pair_batches(protocol, model, inputs, device, texts, images)
     return evaluate_models(settings, protocol, make_loader, lr, inputs, device, num_eval, seed, progress,
-                           similarity, group=group)[inputs.data.eval_name]
+                           similarity, group=group, untrained=untrained)[inputs.data.eval_name]

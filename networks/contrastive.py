@@ -7,9 +7,22 @@ from torch import nn
 
 from networks.projection import ProjectionHead
 from networks.split import split_encoder
+from settings.base import MIN_PAIRS
 from settings.choices import LOSS_TYPES
+from utils.cli import UserError
 
 TEMPERATURE = 0.07
+
+
+def check_pair_count(pairs: int, what: str) -> None:
+    """Refuse to train contrastively on fewer than MIN_PAIRS (2) pairs; `what` names the set or split.
+
+    Over a batch of one pair InfoNCE's only logit is its own target: the loss is 0 whatever the weights and its
+    gradient is exactly zero (so is `kl`'s), and even the sigmoid losses see no negative to push away."""
+    if pairs < MIN_PAIRS:
+        raise UserError(f"{what} has {pairs} image-caption pair{'s' if pairs != 1 else ''}: contrastive training "
+                        f"needs at least {MIN_PAIRS} (over one pair the loss is 0 whatever the weights, so nothing "
+                        f"would train)")
 
 
 def similarity_logits(image_features: torch.Tensor, text_features: torch.Tensor,

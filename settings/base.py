@@ -74,6 +74,12 @@ def at_least(low: float, most: int = INT64_MAX) -> Check:
     return described(check, f">= {low:g}" if most == INT64_MAX else f"{low:g} to {most}")
 
 
+# A contrastive batch (and a set or split trained contrastively) needs 2 pairs: over one, InfoNCE's only logit is
+# its own target, so the loss is 0 whatever the weights and nothing trains.
+MIN_PAIRS = 2
+pair_count = at_least(MIN_PAIRS)  # the check of every batch size (and set size) that feeds a contrastive loss
+
+
 positive = _check("> 0", lambda v: _finite(v) and v > 0, "must be positive (and finite)")
 non_negative = _check(">= 0", lambda v: _finite(v) and v >= 0, "must be 0 or positive (and finite)")
 

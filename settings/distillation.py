@@ -3,8 +3,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from settings.base import (DATA_LR_MAX, WEIGHT_LR_MAX, Settings, a_path, at_least, non_negative, positive, positive_up_to,
-                           setting)
+from settings.base import (DATA_LR_MAX, WEIGHT_LR_MAX, Settings, a_path, at_least, non_negative, pair_count, positive,
+                           positive_up_to, setting)
 from settings.choices import MATCHING_MODES, PIX_INITS, SIM_TYPES, TXT_INITS
 from utils.cli import UserError
 
@@ -29,8 +29,8 @@ class DistillSettings(Settings):
                                  check=at_least(1))
     expert_epochs: int = setting(3, "expert epochs between start and target", check=at_least(1))
     max_start_epoch: int = setting(25, "start epoch is drawn from 0..max_start_epoch-1", check=at_least(1))
-    num_pairs: int = setting(100, "synthetic pairs N", aliases=("num_queries",), check=at_least(1))
-    mini_batch_size: int = setting(100, "synthetic pairs per student step", check=at_least(1))
+    num_pairs: int = setting(100, "synthetic pairs N", aliases=("num_queries",), check=pair_count)
+    mini_batch_size: int = setting(100, "synthetic pairs per student step", check=pair_count)
     Iteration: int = setting(50000, "distillation iterations", aliases=("iterations",), check=at_least(1))
     lr_img: float = setting(1000, "learning rate of the synthetic images", check=positive_up_to(DATA_LR_MAX))
     lr_txt: float = setting(1000, "learning rate of the synthetic text embeddings",

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from settings.base import WEIGHT_LR_MAX, Settings, a_path, at_least, in_interval, positive_up_to, setting
+from settings.base import WEIGHT_LR_MAX, Settings, a_path, at_least, in_interval, pair_count, positive_up_to, setting
 
 
 @dataclass
@@ -17,8 +17,9 @@ class ExpertSettings(Settings):
                                    check=positive_up_to(WEIGHT_LR_MAX))
     expert_lr_txt: float = setting(0.1, "SGD learning rate of the experts' text head", aliases=("lr_teacher_txt",),
                                    check=positive_up_to(WEIGHT_LR_MAX))
-    expert_batch: int = setting(128, "training batch size of the experts (real pairs)",
-                                aliases=("batch_train", "batch_size_train"), check=at_least(1))
+    expert_batch: int = setting(128, "training batch size of the experts (real pairs; a training split "
+                                                   "smaller than it is one batch per epoch)",
+                                aliases=("batch_train", "batch_size_train"), check=pair_count)
     mom: float = setting(0.0, "SGD momentum", check=in_interval(0, 1, high_included=False))
     l2: float = setting(0.0, "SGD weight decay", check=in_interval(0, 1))
     decay: bool = setting(False, "multiply both learning rates by 0.1 after epoch train_epochs // 2 + 1")

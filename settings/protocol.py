@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from settings.base import Settings, at_least, setting
+from settings.base import Settings, at_least, pair_count, setting
 from utils.cli import UserError
 from utils.dsa import check_strategy
 
@@ -14,7 +14,8 @@ class ProtocolSettings(Settings):
 
     num_eval: int = setting(5, "fresh models per evaluation (mean ± std over them)", check=at_least(1))
     epoch_eval_train: int = setting(50, "epochs each evaluation model trains", check=at_least(1))
-    batch_train: int = setting(64, "batch size when training evaluation models", check=at_least(1))
+    batch_train: int = setting(64, "batch size when training evaluation models (a set smaller than it is one batch "
+                                           "per epoch)", check=pair_count)
     dsa: bool = setting(False, "differentiable augmentation of synthetic images in student steps and evaluation "
                                "training (the reference parses --dsa but never applies it; off by default as there)")
     dsa_strategy: str = setting("color_crop_cutout_flip_scale_rotate", "DSA operations, joined by _")
@@ -29,4 +30,5 @@ class ProtocolSettings(Settings):
             try:
                 check_strategy(self.dsa_strategy)
             except ValueError as err:
-                raise UserError(f"--dsa_strategy: {err}") from None
+                raise UserError(f"--dsa_strategy {self.dsa_strategy!r} (with --dsa True): {err}; or pass "
+                                f"--dsa False") from None

@@ -78,7 +78,12 @@ _OPS = {"color": _color, "crop": _translation, "cutout": _cutout, "flip": _flip,
 
 
 def check_strategy(strategy: str) -> list[str]:
-    ops = [op for op in strategy.split("_") if op]
+    """The operations of a strategy ("color_crop": color, then crop); ValueError when it names none (an augmentation
+    that augments nothing) or an unknown one."""
+    ops = [op for op in strategy.strip().split("_") if op]
+    if not ops:
+        raise ValueError(f"no operation is named, so nothing would be augmented; join some of "
+                         f"{', '.join(OPERATIONS)} with _ (e.g. {DEFAULT_STRATEGY})")
     unknown = [op for op in ops if op not in _OPS]
     if unknown:
         raise ValueError(f"unknown DSA operation(s) {unknown}; choose from {', '.join(OPERATIONS)}")
