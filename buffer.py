@@ -18,6 +18,7 @@ Several processes: `torchrun --nproc_per_node=K buffer.py ...` splits the expert
 """
 from __future__ import annotations
 
+import sys
 import time
 
 import utils.cli  # noqa: F401 (first: a Ctrl-C while the libraries below load is one line, not a traceback)
@@ -38,6 +39,8 @@ from utils.paths import ensure_output_dir, refuse_outputs_over_inputs
 from utils.seeds import expert_seed
 from evaluation.metrics import format_metrics, format_summary, summarize_runs
 from evaluation.training import (
+    TrainingWatch,
+    batch_note,
     evaluate_retrieval,
     scale_learning_rates,
     sgd_pair,
@@ -85,14 +88,16 @@ def train_expert(settings: BufferSettings, inputs, device, seed: int, label: str
     decay_after = how.train_epochs // 2 + 1
     epochs = tqdm(range(done, how.train_epochs), desc=label, unit="epoch", disable=not progress)
     for epoch in epochs:
+        watch = TrainingWatch()
         stats = train_one_epoch(model, loader, optimizers, device, progress, desc=f"epoch {epoch}",
-                                loss_type=settings.model.loss_type)
+                                loss_type=settings.model.loss_type, watch=watch)
         metrics = evaluate_retrieval(model, inputs.eval_images(), data.eval_text, data.eval_txt2img, device,
                                      progress)
         image_traj.append(snapshot(model.image_part))
         text_traj.append(snapshot(model.text_projection))
         run.log({**stats, **metrics, "epoch": epoch})
-        history.append({"epoch": epoch + 1, **stats, **metrics})
+        history.append({"epoch": epoch + 1, **stats, **metrics, "steps": watch.steps,
+                        "gradient_steps": watch.gradient_steps})
         epochs.write(f"{label} epoch {epoch}: loss {stats['train_loss']:.4f} acc {stats['train_acc']:.3f} | "
                      f"{format_metrics(metrics)}")
         if how.decay and epoch == decay_after:
@@ -100,6 +105,18 @@ def train_expert(settings: BufferSettings, inputs, device, seed: int, label: str
         checkpoint.save_snapshot(epoch + 1, image_traj[-1], text_traj[-1])
         checkpoint.save(epoch + 1, model, optimizers, loader, history, time.time() - started)
     return image_traj, text_traj, history, time.time() - started
+
+
+# The keys of an epoch's history that are not retrieval metrics.
+NOT_METRICS = ("epoch", "train_loss", "train_acc", "steps", "gradient_steps")
+
+
+def untrained_problem(image_traj: list, text_traj: list, history: list[dict]) -> str | None:
+    """Why an expert did not train (evaluation.training.TrainingWatch: no step, no non-zero gradient, or every
+    tensor at the end bit-identical to its start), or None. Epochs of a partial expert written before steps were
+    counted count as one step with a gradient."""
+    watch = TrainingWatch(sum(h.get("steps", 1) for h in history), sum(h.get("gradient_steps", 1) for h in history))
+    return watch.problem(image_traj[0] + text_traj[0], image_traj[-1] + text_traj[-1])
 
 
 def check_paths(settings: BufferSettings) -> None:
@@ -136,7 +153,8 @@ def main(argv=None) -> int:
           f"{len(data.eval.image_paths)} {settings.data.eval_split} images; device {device}; experts -> {directory}")
     run = start_run(runtime.logging_mode, runtime.wandb_project, runtime.wandb_entity, runtime.name,
                     settings.snapshot(), "buffer", suffix=f"-rank{group.rank}" if group.world_size > 1 else "")
-    finals, start = [], time.time()
+    batch_note("--expert_batch", settings.experts.expert_batch, len(data.train.captions), "the training split")
+    finals, failed, start = [], [], time.time()
     for index in group.my_share(settings.experts.num_experts):
         number, label = numbers[index], f"expert {numbers[index]}"
         seed = expert_seed(runtime.seed, number)
@@ -145,15 +163,23 @@ def main(argv=None) -> int:
             print(f"{label}: continuing the interrupted run's expert after epoch {resumed['epochs_done']}")
         image_traj, text_traj, history, seconds = train_expert(settings, inputs, device, seed, label, run,
                                                                checkpoint, resumed)
+        problem = untrained_problem(image_traj, text_traj, history)
         saved = save_expert(directory, number, image_traj, text_traj)
+        untrained = {"did_not_train": problem} if problem else {}
         save_expert_metrics(directory, saved, history, {"eval_split": settings.data.eval_split,
-                                                        "seconds": round(seconds, 1)})
+                                                        "seconds": round(seconds, 1), **untrained})
+        if problem:
+            failed.append(saved)
+            print(f"WARNING: expert {saved} did not train: {problem}. It is saved, with this warning in "
+                  f"metrics_{saved}.json; distilling from it would match a trajectory that learned nothing",
+                  file=sys.stderr)
         checkpoint.remove()
-        finals.append({k: v for k, v in history[-1].items() if k not in ("epoch", "train_loss", "train_acc")})
+        finals.append({k: v for k, v in history[-1].items() if k not in NOT_METRICS})
         print(f"saved {label} -> {directory}/{{img,txt}}_replay_buffer_{saved}.pt")
     if finals:
         print(f"[rank {group.rank}] {len(finals)} experts in {time.time() - start:.0f}s; final retrieval "
-              f"on {settings.data.eval_split} (mean ± std over experts): {format_summary(summarize_runs(finals))}")
+              f"on {settings.data.eval_split} (mean ± std over experts): {format_summary(summarize_runs(finals))}"
+              + (f"; WARNING: experts {', '.join(map(str, failed))} did not train (see above)" if failed else ""))
     run.finish()
     distributed.shutdown()
     return 0

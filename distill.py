@@ -32,7 +32,8 @@ from data.build import load_retrieval_data
 from data.distilled_set import learned_lr_problem, load_distilled_set, resume_state_problem, save_distilled_set, set_source
 from data.model_inputs import inputs_for
 from evaluation import coresets
-from evaluation.protocol import evaluate_pairs
+from evaluation.protocol import evaluate_pairs, untrained_warning
+from evaluation.training import batch_note
 from experts.cycler import ExpertCycler
 from experts.files import check_buffer_matches, expected_metadata, locate_buffer, read_metadata
 from matching.guard import StepGuard
@@ -508,6 +509,8 @@ def distill(settings: DistillRunSettings, device: torch.device, group: ProcessGr
     say(f"distilling {settings.distill.num_pairs} pairs from {len(experts.files)} expert files in {directory} on {device}"
         f"{f' x {group.world_size} processes' if group.distributed else ''}; {per_update} trajectory segment"
         f"{'s' if per_update > 1 else ''} per update; saving to {files.dir}")
+    if main_process:
+        batch_note("--batch_train", settings.protocol.batch_train, settings.distill.num_pairs, "the synthetic set")
 
     def similarity_of(learned: dict) -> torch.Tensor | None:
         return None if distiller.similarity is None else distiller.similarity.submatrix(learned["sim_params"]).detach()
@@ -525,13 +528,15 @@ def distill(settings: DistillRunSettings, device: torch.device, group: ProcessGr
         """Judge the set of `point` (the evaluation models shared out over the processes), write it, and return
         the point with its evaluation and the best so far."""
         iteration, learned = point.iteration, point.learned
-        lr = learned["syn_lr_img"]
+        lr, untrained = learned["syn_lr_img"], []
         summary = evaluate_pairs(settings.model, settings.protocol, learned["image_syn"], learned["text_syn"], lr, inputs, device,
                                  settings.protocol.num_eval, seed=distill_eval_seed(runtime.seed, iteration), progress=progress,
-                                 similarity=similarity_of(learned), model=student_model, group=group)
+                                 similarity=similarity_of(learned), model=student_model, group=group, untrained=untrained)
         if main_process:
             tqdm.write(f"iteration {iteration}: {format_summary(summary)}  (eval lr {lr:.4g}, {settings.protocol.num_eval} "
                        f"models, {settings.data.eval_split}; {distiller.guard.total_skipped} steps skipped so far)")
+            if untrained:
+                tqdm.write(untrained_warning(untrained, settings.protocol.num_eval))
         run.log({**{f"eval/{k}": v["mean"] for k, v in summary.items()},
                  **{f"eval/{k}_std": v["std"] for k, v in summary.items()}}, step=iteration)
         r_mean = summary["r_mean"]["mean"]

@@ -37,9 +37,11 @@ from data.model_inputs import inputs_for
 from data.transforms import renormalize
 from evaluation import coresets
 from evaluation.metrics import format_table
-from evaluation.protocol import judge, pair_batches
+from evaluation.protocol import judge, pair_batches, untrained_warning
+from evaluation.training import batch_note
 from experts.files import check_buffer_matches, expected_metadata, locate_buffer, read_metadata
 from networks import build_model, check_image_size, image_norm
+from networks.contrastive import check_pair_count
 from networks.text_encoders import text_encoder_identity
 from settings import DEFAULT_REAL_LR, programs
 from settings.choices import CENTROIDS
@@ -228,6 +230,8 @@ def forgetting_counts(settings: EvaluateSettings, inputs, model, device: torch.d
         if isinstance(saved, dict) and saved.get("key") == key:
             print(f"reusing the forgetting counts in {path}")
             return coresets.ForgettingCounter.from_counts(saved["events"], saved["ever_learned"])
+    batch_note("--forgetting_batch", settings.coreset.forgetting_batch, len(inputs.data.train.captions),
+               "the training split")
     loader = inputs.train_batches(settings.coreset.forgetting_batch, settings.runtime.seed)
     counter = coresets.count_forgetting(settings.coreset.forgetting_lr_img, settings.coreset.forgetting_lr_txt,
                                         inputs.data, model, device, settings.coreset.forgetting_epochs, loader,
@@ -359,6 +363,7 @@ def main(argv=None) -> int:
     payload, set_path = None, None
     if namespace.distilled:
         payload, set_path = load_distilled_set(namespace.distilled), Path(namespace.distilled)
+        check_pair_count(len(payload["text_syn"]), f"--distilled {set_path}")
         apply_file_settings(namespace, payload["config"], explicit)
     settings = programs.from_namespace("evaluate", namespace)
     check_paths(settings)
@@ -403,6 +408,9 @@ def main(argv=None) -> int:
         what = f"full-data training ({len(data.train.captions)} pairs)"
         make_loader = lambda seed: inputs.train_batches(settings.protocol.batch_train, seed)  # noqa: E731
         label = f"full-{len(data.train.captions)}"
+    batch_note("--batch_train", settings.protocol.batch_train,
+               len(payload["text_syn"]) if payload is not None else len(data.train.captions),
+               "the set" if payload is not None else "the training split")
     choice = f"lr chosen from {lrs} on {settings.data.eval_split}" if len(lrs) > 1 else f"lr {lrs[0]:.4g}"
     transfer = f" (the set was made with {made_with})" if made_with and made_with != settings.model.image_encoder else ""
     print(f"evaluating {what} with {settings.protocol.num_eval} x {settings.model.image_encoder}{transfer}: {choice}; reporting on {report_split}"
@@ -420,6 +428,10 @@ def main(argv=None) -> int:
     run.finish()
     print(format_table({f"{label} ({report_split})": summary}))
     print(f"{settings.protocol.num_eval} models at lr {result['lr']:.4g}, {seconds:.0f}s")
+    models = settings.protocol.num_eval + (settings.judging.tune_models * len(lrs) if len(lrs) > 1 else 0)
+    warning = untrained_warning(result["untrained_models"], models)
+    if warning:
+        print(warning)
     if settings.judging.out:
         config = settings.snapshot()
         config.update(set_file=str(set_path) if set_path else None, set_config=payload["config"] if payload else None,
@@ -430,6 +442,7 @@ def main(argv=None) -> int:
         atomic_write_json({"label": label, "image_encoder": settings.model.image_encoder, "metrics": summary, "split": report_split, "lr": result["lr"],
                            "tuning": result["tuning"], "selection_split": settings.data.eval_split,
                            "selection_metrics": result["selection_metrics"], "config": config,
+                           "untrained_models": result["untrained_models"], "warning": warning,
                            "seconds": round(seconds, 1)}, Path(settings.judging.out))
         print(f"wrote {settings.judging.out}")
     return 0

@@ -54,7 +54,7 @@ from utils.cli import UserError, os_error_reason
 from utils.paths import ensure_output_dir, refuse_outputs_over_inputs
 
 SECTIONS = ("common", "buffer", "distill", "evaluate", "compare", "methods", "regimes")  # [methods], [regimes]: comparison/methods.py, regimes.py
-NOT_METRICS = ("epoch", "train_loss", "train_acc")
+NOT_METRICS = ("epoch", "train_loss", "train_acc", "steps", "gradient_steps")  # buffer.py's epoch keys besides metrics
 FULL = "all"  # the key of the full-data row in `epochs_per_size`
 # The sections whose keys are flags of a program, and the keys the pipeline itself reads there.
 PROGRAM_SECTIONS = {"buffer": ("buffer", ()), "distill": ("distill", ("seeds",)), "evaluate": ("evaluate", ())}

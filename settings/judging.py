@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from settings.base import WEIGHT_LR_MAX, Settings, a_path, at_least, each, positive_up_to, setting
+from settings.base import WEIGHT_LR_MAX, Settings, a_path, at_least, each, pair_count, positive_up_to, setting
 from settings.choices import CENTROIDS, CORESET_METHODS, IMAGE_ENCODERS
 from utils.cli import UserError
 
@@ -15,7 +15,7 @@ DEFAULT_REAL_LR = 0.1
 class JudgingSettings(Settings):
     title = "evaluation choices"
 
-    coreset_size: int | None = setting(None, "coreset size N (pairs)", aliases=("num_queries",), check=at_least(1))
+    coreset_size: int | None = setting(None, "coreset size N (pairs)", aliases=("num_queries",), check=pair_count)
     lr_eval: float | None = setting(None, "learning rate of the evaluation models (default: the set's learned step "
                                           f"size; for coresets and --full, {DEFAULT_REAL_LR:g})",
                                    check=positive_up_to(WEIGHT_LR_MAX))
@@ -46,7 +46,7 @@ class CoresetSettings(Settings):
     expert_number: int | None = setting(None, "expert file pair to use (default: lowest)", check=at_least(0))
     expert_epoch: int | None = setting(None, "snapshot of that expert (default: last)", check=at_least(0))
     forgetting_epochs: int = setting(2, "epochs of the expert that counts forgetting", check=at_least(1))
-    forgetting_batch: int = setting(128, "batch size of that expert", check=at_least(1))
+    forgetting_batch: int = setting(128, "batch size of that expert", check=pair_count)
     forgetting_lr_img: float = setting(0.1, "image-side learning rate of the forgetting expert",
                                        aliases=("lr_teacher_img",), check=positive_up_to(WEIGHT_LR_MAX))
     forgetting_lr_txt: float = setting(0.1, "text-head learning rate of the forgetting expert",

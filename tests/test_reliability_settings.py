@@ -56,7 +56,7 @@ BAD = [
     ("evaluate", ["--batch_size_test", "0"], "--batch_size_test must be at least 1, got 0"),
     ("buffer", ["--num_experts", "0"], "--num_experts must be at least 1"),
     ("buffer", ["--train_epochs", "0"], "--train_epochs must be at least 1"),
-    ("buffer", ["--batch_train", "0"], "--expert_batch must be at least 1"),
+    ("buffer", ["--batch_train", "0"], "--expert_batch must be at least 2"),
     ("buffer", ["--image_size", "0"], "--image_size must be at least 1"),
     ("distill", ["--max_files", "0"], "--max_files must be at least 1, got 0"),
     ("distill", ["--max_experts", "0"], "--max_experts must be at least 1, got 0"),
@@ -64,7 +64,7 @@ BAD = [
     ("distill", ["--Iteration", "0"], "--Iteration must be at least 1"),
     ("distill", ["--syn_steps", "0"], "--syn_steps must be at least 1"),
     ("distill", ["--syn_steps", str(2**63)], "--syn_steps must be at most 9223372036854775807 (2**63 - 1)"),
-    ("distill", ["--num_pairs", "0"], "--num_pairs must be at least 1"),
+    ("distill", ["--num_pairs", "0"], "--num_pairs must be at least 2"),
     ("distill", ["--expert_epochs", "0"], "--expert_epochs must be at least 1"),
     ("distill", ["--num_eval", "0"], "--num_eval must be at least 1"),
     ("distill", ["--epoch_eval_train", "0"], "--epoch_eval_train must be at least 1"),
@@ -119,7 +119,7 @@ def test_a_missing_gpu_is_named_with_the_devices_there_are(no_work, tmp_path):
 GOOD = [
     ("distill", ["--lr_img", "1e6", "--lr_txt", "1e-8", "--lr_lr", "100", "--lr_sim", "1e6", "--student_lr_img", "100",
                  "--max_files", "1", "--max_experts", "1", "--skip_spikes", "0", "--seed", str(MAX_SEED),
-                 "--device", "cpu", "--num_workers", "0", "--batch_size_test", "1", "--mini_batch_size", "1"]),
+                 "--device", "cpu", "--num_workers", "0", "--batch_size_test", "1", "--mini_batch_size", "2"]),
     ("buffer", ["--expert_lr_img", "100", "--mom", "0", "--l2", "1", "--seed", "0", "--num_experts", "1"]),
     ("buffer", ["--mom", "0.999", "--l2", "0", "--lr_teacher_txt", "1e-6"]),
     ("evaluate", ["--full", "--lr_grid", "1e-6", "100", "--forgetting_lr_img", "100", "--expert_number", "0"]),
@@ -185,7 +185,7 @@ CONFIG = PIPELINE_CONFIG
     ("image_pretrained = false", "image_pretrained = false\ntrain_stages = 0",
      "[common] with [buffer]: --train_stages 0 freezes the whole image encoder"),
     # [compare]: what becomes evaluate.py's flags passes the same checks
-    ("ladder = [6, 12]", "ladder = [6, 0]", "[compare]: ladder must be at least 1, got 0"),
+    ("ladder = [6, 12]", "ladder = [6, 0]", "[compare]: ladder must be at least 2, got 0"),
     ("ladder = [6, 12]", 'ladder = [6, "12"]', "[compare]: ladder must be a int, got '12'"),
     ("ladder = [6, 12]", 'ladder = [6]\ncoreset_methods = ["herdin"]', "[compare]: coreset_methods 'herdin' is not "
                                                                        "one of random, herding"),
