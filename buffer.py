@@ -35,6 +35,7 @@ from experts.checkpoint import ExpertCheckpoint, numbers_to_train, tidy
 from experts.files import buffer_dir, claim_metadata, describe_experts, save_expert, save_expert_metrics
 from utils.cli import run_cli
 from utils.device import pick_device, seed_everything
+from utils.io import owner_tag
 from utils.paths import ensure_output_dir, refuse_outputs_over_inputs
 from utils.seeds import expert_seed
 from evaluation.metrics import format_metrics, format_summary, summarize_runs
@@ -146,8 +147,12 @@ def main(argv=None) -> int:
             claim_metadata(directory, describe_experts(settings.data, model_settings, probe, data.text_identity,
                                                        data.text_dim, len(data.train.captions)))
             tidy(directory)
-    numbers = distributed.from_main_process(numbers_to_train(directory, settings.experts.num_experts) if group.is_main else None,
-                                group, device)
+    # Rank 0 claims every number, each in the name of the process that trains it (my_share's round robin), so
+    # that another buffer.py started on this folder at the same time takes other numbers.
+    count, owners = settings.experts.num_experts, distributed.gather_objects(owner_tag(), group)
+    numbers = distributed.from_main_process(
+        numbers_to_train(directory, count, [owners[i % group.world_size] for i in range(count)]) if group.is_main
+        else None, group, device)
 
     print(f"[rank {group.rank}] {len(data.train.captions)} train pairs ({len(data.train.image_paths)} images), "
           f"{len(data.eval.image_paths)} {settings.data.eval_split} images; device {device}; experts -> {directory}")

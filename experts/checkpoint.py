@@ -7,13 +7,20 @@ expert). Readers never look at hidden folders. A later run claims the folder of 
 longer runs by renaming it to its own name (of two claimants only one rename succeeds), checks the
 settings and continues after the last complete epoch, so that the finished expert is bit-identical to
 one trained in one go. The folder goes once the expert's file pair is written.
+
+A run claims all its numbers before it trains: each number's partial folder is made (or a dead run's
+renamed) while holding `.claiming_<n>/`, which os.mkdir creates for one process only. A run that finds
+it held, or finds a live run's partial folder or a file with that number, takes the next number, so
+two runs started together on one folder never train the same expert.
 """
 from __future__ import annotations
 
+import itertools
 import os
 import random
 import re
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +33,7 @@ from utils.rng import restore_rng, rng_state
 
 _PARTIAL = re.compile(r"\.partial_(?P<n>\d+)~(?P<host>[^~/]*)~(?P<pid>\d+)")
 STATE = "state.pt"
+CLAIM_LOCK_STALE_SECONDS = 60  # a `.claiming_<n>` folder older than this was left by a killed claimer
 
 
 def _partials(directory: Path) -> list[tuple[int, Path, bool]]:
@@ -49,6 +57,12 @@ def tidy(directory: Path) -> None:
     directory = Path(directory)
     for path in remove_stale_temporaries(directory):
         _say(f"removed {path.name} (left by an interrupted run)")
+    for lock in directory.glob(".claiming_*"):  # held for microseconds: an old one's claimer was killed holding it
+        try:
+            if time.time() - lock.stat().st_mtime > CLAIM_LOCK_STALE_SECONDS:
+                lock.rmdir()
+        except OSError:
+            pass
     complete = complete_numbers(directory)
     for number, folder, gone in _partials(directory):
         if not gone:
@@ -64,19 +78,49 @@ def tidy(directory: Path) -> None:
                  f"from {folder.name}")
 
 
-def numbers_to_train(directory: Path, count: int) -> list[int]:
-    """`count` expert numbers to train: first those of partial experts a finished run left, then the
-    lowest numbers with no file in the folder and no partial expert of a live run."""
-    partials = _partials(directory)
-    used = used_numbers(directory)
-    left = sorted({n for n, _, gone in partials if gone} - used)[:count]
-    taken = used | {n for n, _, _ in partials}
-    numbers, n = list(left), 0
-    while len(numbers) < count:
-        if n not in taken:
+def numbers_to_train(directory: Path, count: int, owners: list[str] | None = None) -> list[int]:
+    """Claim `count` expert numbers and return them, the i-th for the process `owners[i]` (`HOST~PID`, by
+    default this one): first those of partial experts a finished run left (continued), then the lowest
+    numbers with no file in the folder and no partial expert of a live run. A claimed number has a partial
+    folder in its owner's name (see the module docstring)."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    owners = owners or [owner_tag()] * count
+    left = sorted({n for n, _, gone in _partials(directory) if gone})
+    numbers = []
+    for n in itertools.chain(left, itertools.count()):
+        if len(numbers) == count:
+            break
+        if n not in numbers and _claim(directory, n, owners[len(numbers)]):
             numbers.append(n)
-        n += 1
     return numbers
+
+
+def _claim(directory: Path, number: int, owner: str) -> bool:
+    """Make `number` the expert of process `owner` (False: it has a file, a live run trains it, or another
+    process is claiming it this moment). A dead run's partial folder of the number becomes the owner's."""
+    lock = directory / f".claiming_{number}"
+    try:
+        lock.mkdir()
+    except FileExistsError:
+        return False
+    try:
+        mine = directory / f".partial_{number}~{owner}"
+        others = [(folder, gone) for n, folder, gone in _partials(directory) if n == number and folder != mine]
+        if number in used_numbers(directory) or not all(gone for _, gone in others):
+            return False
+        dead = [folder for folder, _ in others]
+        kept = next((folder for folder in dead if (folder / STATE).is_file()), None)
+        if kept is not None and not (mine / STATE).is_file():  # a dead run's expert in training: continued
+            shutil.rmtree(mine, ignore_errors=True)
+            os.rename(kept, mine)
+            dead.remove(kept)
+        for folder in dead:
+            shutil.rmtree(folder, ignore_errors=True)
+        mine.mkdir(exist_ok=True)
+        return True
+    finally:
+        lock.rmdir()
 
 
 def _numpy_state() -> dict:
@@ -99,31 +143,21 @@ class ExpertCheckpoint:
 
     @classmethod
     def claim(cls, directory: Path, number: int, settings: dict) -> tuple[ExpertCheckpoint, dict | None]:
-        """This process's checkpoint for expert `number`, and the state to continue from when a run that
-        no longer runs left one made with the same `settings` (None: start afresh)."""
+        """This process's checkpoint for expert `number` (claimed by `numbers_to_train`, or now), and the state
+        to continue from when the folder holds one made with the same `settings` (None: start afresh)."""
         checkpoint = cls(directory, number, settings)
-        state = None
-        for n, folder, gone in _partials(directory):
-            if n != number or not gone:
-                continue
-            if state is None and checkpoint._take_over(folder):
-                state = checkpoint._read_state()
-            elif folder != checkpoint.folder:
-                shutil.rmtree(folder, ignore_errors=True)
-        if state is None:
-            shutil.rmtree(checkpoint.folder, ignore_errors=True)
+        if not checkpoint.folder.is_dir():
+            _claim(Path(directory), number, owner_tag())
         checkpoint.folder.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(checkpoint.folder)
+        state = checkpoint._read_state()
+        if state is None:  # emptied, not removed: the folder is this process's claim on the number
+            for path in checkpoint.folder.iterdir():
+                if path.is_dir():
+                    shutil.rmtree(path)
+                else:
+                    path.unlink()
         return checkpoint, state
-
-    def _take_over(self, folder: Path) -> bool:
-        if folder != self.folder:
-            shutil.rmtree(self.folder, ignore_errors=True)  # an own leftover of an earlier call gives way
-        try:
-            os.rename(folder, self.folder)
-        except FileNotFoundError:  # another run claimed it first
-            return False
-        remove_stale_temporaries(self.folder)
-        return True
 
     def _read_state(self) -> dict | None:
         path = self.folder / STATE
