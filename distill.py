@@ -36,7 +36,7 @@ from evaluation.protocol import evaluate_pairs, untrained_warning
 from evaluation.training import batch_note
 from experts.cycler import ExpertCycler
 from experts.files import check_buffer_matches, expected_metadata, locate_buffer, read_metadata
-from matching.guard import StepGuard
+from matching.guard import StepGuard, after_divergence
 from matching.meta_gradient import matching_gradients
 from matching.streams import SegmentStream, SegmentStreams, saved_streams, streams_entries
 from matching.synthetic import initial_synthetic_set
@@ -607,7 +607,7 @@ def distill(settings: DistillRunSettings, device: torch.device, group: ProcessGr
         if not point.metrics:
             point = evaluate_and_save(point)
     except Diverged as err:
-        save(files.last, good)
+        save(files.last, replace(good, guard=after_divergence(good.guard)))  # (good may be a resume with skips behind)
         raise UserError(f"{err}; stopped. The last good distilled set is {files.last} (iteration {good.iteration}): "
                         f"the state before the refused steps; continue from it with --resume and lower "
                         f"--lr_img/--lr_txt/--lr_lr or --syn_steps") from None

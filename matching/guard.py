@@ -13,7 +13,8 @@ skips such a step instead of applying it:
 
 Skipped steps are counted (in total and by reason) and reported; after `max_consecutive` skips in a
 row the run stops, keeping the last good state. The guard's history is part of the resume state, so
-a resumed run makes the same decisions as an uninterrupted one.
+a resumed run makes the same decisions as an uninterrupted one; the state saved by a stopped run has
+no skips in a row behind it (`after_divergence`).
 """
 from __future__ import annotations
 
@@ -78,6 +79,13 @@ class StepGuard:
         self.history = {k: list(v) for k, v in history.items()}
         self.skipped = dict(skipped)
         self.consecutive = consecutive
+
+
+def after_divergence(state: dict) -> dict:
+    """The guard `state` to save with the set a diverged run keeps. A refused step never moves the set, so that
+    set is the one from before the first refused step, with no skip behind it: the run of skips starts at 0
+    (a resume with lower learning rates gets the whole --max_skips), the counts by reason and the history stay."""
+    return {**state, "consecutive": 0}
 
 
 def _finite(value) -> bool:
