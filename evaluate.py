@@ -51,6 +51,7 @@ from utils.cli import UserError, run_cli
 from utils.device import pick_device, seed_everything
 from utils.io import atomic_torch_save, atomic_write_json, safe_torch_load
 from utils.paths import ensure_output_file, json_object_in, refuse_outputs_over_inputs
+from utils.seeds import coreset_probe_seed, forgetting_seed
 from utils.wandb_logging import start_run
 
 # Settings a distilled-set file supplies unless the command line gives them.
@@ -59,12 +60,12 @@ FILE_SETTINGS = ("dataset", "image_root", "ann_root", "cache_dir", "eval_split",
                  "train_stages", "feature_views", "num_eval", "epoch_eval_train", "batch_train", "dsa", "dsa_strategy",
                  "image_projection", "lora_rank", "loss_type")
 # Settings that decide the forgetting counts (shared by coresets of every size).
-FORGETTING_KEYS = ("seed", "dataset", "text_identity", "image_encoder", "image_size", "image_pretrained",
+FORGETTING_KEYS = ("seed", "model_seed", "dataset", "text_identity", "image_encoder", "image_size", "image_pretrained",
                    "image_weights", "forgetting_epochs", "forgetting_batch", "forgetting_lr_img", "forgetting_lr_txt",
                    "num_train_pairs")
 # Settings that decide which pairs a coreset holds (per method); a saved coreset is reused only when
 # all of them agree.
-SELECTION_KEYS = ("source", "coreset_size", "seed", "dataset", "text_identity", "image_size", "num_train_pairs",
+SELECTION_KEYS = ("source", "coreset_size", "seed", "model_seed", "dataset", "text_identity", "image_size", "num_train_pairs",
                   "image_norm")
 MODEL_KEYS = ("image_encoder", "image_pretrained", "image_weights", "train_stages", "image_projection")
 EXPERT_KEYS = MODEL_KEYS + ("buffer_path", "expert_number", "expert_epoch")
@@ -216,6 +217,9 @@ def selection_config(settings: EvaluateSettings, data) -> dict:
     config = settings.snapshot()
     config.update(source=f"coreset:{settings.target.coreset}", text_identity=data.text_identity,
                   num_train_pairs=len(data.train.captions), image_norm=image_norm(settings.model))
+    if settings.target.coreset != "random":  # the model that counts forgetting events or embeds the pairs
+        derive = forgetting_seed if settings.target.coreset == "forgetting" else coreset_probe_seed
+        config["model_seed"] = derive(settings.runtime.seed)
     return config
 
 
@@ -232,7 +236,7 @@ def forgetting_counts(settings: EvaluateSettings, inputs, model, device: torch.d
             return coresets.ForgettingCounter.from_counts(saved["events"], saved["ever_learned"])
     batch_note("--forgetting_batch", settings.coreset.forgetting_batch, len(inputs.data.train.captions),
                "the training split")
-    loader = inputs.train_batches(settings.coreset.forgetting_batch, settings.runtime.seed)
+    loader = inputs.train_batches(settings.coreset.forgetting_batch, config["model_seed"])
     counter = coresets.count_forgetting(settings.coreset.forgetting_lr_img, settings.coreset.forgetting_lr_txt,
                                         inputs.data, model, device, settings.coreset.forgetting_epochs, loader,
                                         settings.runtime.progress)
@@ -266,7 +270,7 @@ def select_coreset(settings: EvaluateSettings, inputs, device: torch.device, con
     num_pairs = len(data.train.captions)
     if settings.target.coreset == "random":
         return coresets.select_random(num_pairs, settings.judging.coreset_size, generator), None
-    seed_everything(settings.runtime.seed)
+    seed_everything(config["model_seed"])
     model = build_model(settings.model, data.text_dim).to(device)
     if settings.target.coreset == "forgetting":
         counter = forgetting_counts(settings, inputs, model, device, config)
