@@ -443,7 +443,10 @@ def distill(settings: DistillRunSettings, device: torch.device, group: ProcessGr
 
     directory = locate_buffer(settings.distill.buffer_path, settings.data.dataset, settings.model.image_encoder, settings.model.text_encoder)
     meta = read_metadata(directory)
-    check_buffer_matches(meta, directory, expected_metadata(settings.data, settings.model, text_identity))
+    expected = expected_metadata(settings.data, settings.model, text_identity)
+    if settings.distill.sim_type != "none":  # LoRS: the loss against a learned similarity is the method's choice,
+        expected.pop("loss_type")           # not the experts' (they trained against the identity)
+    check_buffer_matches(meta, directory, expected)
 
     def expert_cycler(stream_generator: torch.Generator) -> ExpertCycler:
         return ExpertCycler(directory, meta, stream_generator, settings.distill.max_start_epoch + settings.distill.expert_epochs,

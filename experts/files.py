@@ -28,7 +28,8 @@ MODEL_KEY = "model_settings"  # in `expected_metadata`: the settings that build 
 FORMAT_VERSION = 1
 # Metadata entries that must agree for two sets of experts to share a folder or be matched against.
 COMPATIBILITY_KEYS = ("dataset", "train_pairs", "image_encoder", "text_encoder", "text_model", "image_size", "text_dim",
-                      "image_dim", "image_norm", "trainable_parts", "image_param_shapes", "text_param_shapes")
+                      "image_dim", "image_norm", "trainable_parts", "image_pretrained", "loss_type", "feature_views",
+                      "image_param_shapes", "text_param_shapes")
 
 
 def buffer_dir(buffer_path, dataset: str, image_encoder: str, text_encoder: str) -> Path:
@@ -37,6 +38,11 @@ def buffer_dir(buffer_path, dataset: str, image_encoder: str, text_encoder: str)
 
 def parameter_shapes(module: nn.Module) -> list[list[int]]:
     return [list(p.shape) for p in trainable_parameters(module)]
+
+
+def feature_views(data: DataSettings, settings: ModelSettings) -> int | None:
+    """The augmented views experts train over when a frozen trunk's outputs are cached (None: no trunk)."""
+    return data.feature_views if settings.trainable_stages is not None else None
 
 
 def describe_experts(data: DataSettings, settings: ModelSettings, model, text_identity: str, text_dim: int,
@@ -55,7 +61,7 @@ def describe_experts(data: DataSettings, settings: ModelSettings, model, text_id
         "image_pretrained": settings.pretrained,
         "image_norm": image_norm(settings),
         "trainable_parts": trainable_parts(settings),
-        "feature_views": data.feature_views if model.has_trunk else None,
+        "feature_views": feature_views(data, settings),
         "loss_type": settings.loss_type,
         "image_param_shapes": parameter_shapes(model.image_part),
         "text_param_shapes": parameter_shapes(model.text_projection),
@@ -84,8 +90,12 @@ def read_metadata(directory: Path) -> dict | None:
     return found
 
 
-# What buffers written before a metadata entry existed hold.
-LEGACY_DEFAULTS = {"trainable_parts": ["image_encoder", "text_projection"], "image_norm": "clip"}
+# What buffers written before a metadata entry existed hold: the setting's only value, or its default, then.
+# image_pretrained is in every buffer_meta.json buffer.py wrote (its flag's default was True); loss_type came
+# with the losses other than InfoNCE (8d0dcb7); feature_views with the frozen trunk (dfcde2c), before which
+# no expert trained over cached trunk outputs.
+LEGACY_DEFAULTS = {"trainable_parts": ["image_encoder", "text_projection"], "image_norm": "clip",
+                   "image_pretrained": True, "loss_type": "infonce", "feature_views": None}
 
 
 def mismatches(found: dict, expected: dict) -> list[str]:
@@ -109,13 +119,25 @@ def expected_metadata(data: DataSettings, settings: ModelSettings, text_identity
     """What a run with these settings needs its experts' metadata to say (checked by `check_buffer_matches`)."""
     expected = {"dataset": data.dataset, "image_encoder": settings.image_encoder, "text_encoder": settings.text_encoder,
                 "text_model": text_identity, "image_size": settings.image_size, "image_norm": image_norm(settings),
-                "trainable_parts": trainable_parts(settings),
+                "trainable_parts": trainable_parts(settings), "image_pretrained": settings.pretrained,
+                "loss_type": settings.loss_type, "feature_views": feature_views(data, settings),
                 MODEL_KEY: settings}  # not a metadata entry: builds the model a buffer without metadata must fit
     if text_dim is not None:
         expected["text_dim"] = text_dim
     if train_pairs is not None:
         expected["train_pairs"] = train_pairs
     return expected
+
+
+# What to pass when a key disagrees (the first key of this order that does).
+MISMATCH_HINTS = {
+    "trainable_parts": " (the experts must train what distillation matches: the same --train_stages, "
+                       "--image_projection and --lora_rank)",
+    "image_norm": " (pass the --image_norm the experts were trained with)",
+    "image_pretrained": " (pass the --image_pretrained / --image_weights the experts were trained with)",
+    "loss_type": " (pass the --loss_type the experts were trained with)",
+    "feature_views": " (pass the --feature_views and --train_stages the experts were trained with)",
+}
 
 
 def check_buffer_matches(meta: dict | None, directory: Path, expected: dict) -> None:
@@ -131,10 +153,8 @@ def check_buffer_matches(meta: dict | None, directory: Path, expected: dict) -> 
         adopt_reference_buffer(meta, directory, expected)
     problems = mismatches(meta, expected)
     if problems:
-        hint = (" (the experts must train what distillation matches: the same --train_stages, --image_projection "
-                "and --lora_rank)" if any(p.startswith("trainable_parts") for p in problems) else
-                " (pass the --image_norm the experts were trained with)" if any(p.startswith("image_norm")
-                                                                                 for p in problems) else "")
+        hint = next((hint for key, hint in MISMATCH_HINTS.items() if any(p.startswith(key + ":") for p in problems)),
+                    "")
         raise UserError(f"the experts in {directory} do not fit this run ({'; '.join(problems[:3])}){hint}")
 
 
@@ -158,8 +178,8 @@ def adopt_reference_buffer(meta: dict, directory: Path, expected: dict) -> None:
     meta.update({key: expected[key] for key in COMPATIBILITY_KEYS
                  if key in expected and key not in ("text_dim", "train_pairs")})
     print(f"warning: {directory} has no {META_NAME}: read as the reference implementation's format; the "
-          f"parameter shapes fit this run's model, the data set, text model and image normalisation the "
-          f"experts were trained with cannot be checked", file=sys.stderr)
+          f"parameter shapes fit this run's model, the data set, text model, image normalisation, pretraining, "
+          f"loss and feature views the experts were trained with cannot be checked", file=sys.stderr)
 
 
 def claim_metadata(directory: Path, meta: dict) -> None:
