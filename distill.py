@@ -623,6 +623,12 @@ def distill(settings: DistillRunSettings, device: torch.device, group: ProcessGr
         save(files.last, point)
         say(f"\ninterrupted: saved iteration {point.iteration} to {files.last}; continue with --resume {files.last}")
         raise
+    except UserError as err:  # e.g. a damaged expert file that the cycler reached only now: keep what was learned
+        if point.iteration == start_it:
+            raise
+        save(files.last, point)
+        raise UserError(f"{err}; saved iteration {point.iteration} to {files.last}: once that is fixed, continue "
+                        f"with --resume {files.last}") from None
     run.finish()
     per_iteration = timing["seconds"] / max(timing["iterations"], 1)
     skipped = distiller.guard.skipped

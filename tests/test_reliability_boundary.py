@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -336,3 +337,32 @@ def test_a_herding_coreset_refuses_experts_of_nan_weights_naming_the_file(expert
                                         r"epoch \d: parameter tensor 0 has \d+ NaN or infinite values"):
         evaluate.main(flags)
     assert not (tmp_path / "coreset.pt").exists() and not (tmp_path / "r.json").exists()
+
+
+SECOND_EXPERT = 1  # damaged; with this seed the cycler visits expert 0 first (iteration 0), then it
+SEED_VISITING_EXPERT_0_FIRST = 0
+
+
+def test_a_damaged_expert_reached_mid_run_keeps_what_was_learned(experts, tiny_shapes, cache_dir, tmp_path):
+    """distill.py loads expert files as the cycler reaches them: a damaged one found after some iterations stops
+    the run with one line, and the iterations learned so far are saved and resumable (not lost)."""
+    import distill
+
+    def damage_second(part, number, trajectories):
+        if part == "txt" and number == SECOND_EXPERT:
+            trajectories[0][1][0].view(-1)[0] = float("inf")
+    folder = damaged_buffer(experts, tmp_path, damage_second)
+    run = tmp_path / "run"
+    with pytest.raises(UserError, match=rf"txt_replay_buffer_{SECOND_EXPERT}.pt: expert 0 of the file.*; saved "
+                                        rf"iteration 1 to {re.escape(str(run / 'distilled_last.pt'))}: once that "
+                                        r"is fixed, continue with --resume"):
+        distill.main(distill_flags(tiny_shapes, cache_dir, folder, run, "--Iteration", "4", "--eval_it", "10",
+                                   "--seed", str(SEED_VISITING_EXPERT_0_FIRST)))
+    saved = torch.load(run / "distilled_last.pt", weights_only=True)
+    assert saved["iteration"] == 1 and torch.isfinite(saved["image_syn"]).all()
+    # the same run on undamaged experts continues from it
+    distill.main(distill_flags(tiny_shapes, cache_dir, Path(experts, *LAYOUT), tmp_path / "resumed", "--Iteration",
+                               "2", "--eval_it", "10", "--seed", str(SEED_VISITING_EXPERT_0_FIRST),
+                               "--resume", str(run / "distilled_last.pt")))
+    assert torch.load(tmp_path / "resumed" / "distilled_last.pt", weights_only=True)["iteration"] == 2
+
