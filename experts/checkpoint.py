@@ -33,6 +33,8 @@ from utils.rng import restore_rng, rng_state
 
 _PARTIAL = re.compile(r"\.partial_(?P<n>\d+)~(?P<host>[^~/]*)~(?P<pid>\d+)")
 STATE = "state.pt"
+STATE_KEYS = frozenset({"settings", "epochs_done", "model", "optimizers", "rng", "python_rng", "numpy_rng", "history",
+                        "seconds"})  # what ExpertCheckpoint.save writes
 CLAIM_LOCK_STALE_SECONDS = 60  # a `.claiming_<n>` folder older than this was left by a killed claimer
 
 
@@ -168,6 +170,11 @@ class ExpertCheckpoint:
         except UserError as err:
             _say(f"expert {self.number}: {err}; training it afresh")
             return None
+        problem = self._state_problem(state)
+        if problem:
+            _say(f"expert {self.number}: the interrupted run's partial expert cannot be continued ({path.name} or "
+                 f"its snapshots {problem}); training it afresh")
+            return None
         if state.get("settings") != self.settings:
             changed = sorted(k for k in {*state.get("settings", {}), *self.settings}
                              if state.get("settings", {}).get(k) != self.settings.get(k))
@@ -175,6 +182,28 @@ class ExpertCheckpoint:
                  f"({', '.join(changed[:4])}); training it afresh")
             return None
         return state
+
+    def _state_problem(self, state) -> str | None:
+        """What makes a partial state unusable (damaged, of another layout, non-finite, snapshots missing), or None."""
+        if not isinstance(state, dict) or not STATE_KEYS <= state.keys():
+            return f"lack{'s' if isinstance(state, dict) else ''} the keys {', '.join(sorted(STATE_KEYS))}"
+        done = state["epochs_done"]
+        if not isinstance(done, int) or isinstance(done, bool) or done < 0 or not isinstance(state["history"], list):
+            return f"hold epochs_done {done!r} and a history of type {type(state['history']).__name__}"
+        if not isinstance(state["model"], dict) or not all(
+                isinstance(v, torch.Tensor) and (not v.is_floating_point() or torch.isfinite(v).all())
+                for v in state["model"].values()):
+            return "hold a model state that is not a dict of finite tensors"
+        for epoch in range(done + 1):
+            try:
+                snapshot = safe_torch_load(self._snapshot_path(epoch), "partial expert snapshot")
+            except UserError:
+                return f"lack a readable snapshot of epoch {epoch}"
+            if not (isinstance(snapshot, list) and len(snapshot) == 2 and all(
+                    isinstance(part, list) and all(isinstance(x, torch.Tensor) and x.is_floating_point()
+                                                   and torch.isfinite(x).all() for x in part) for part in snapshot)):
+                return f"hold a snapshot of epoch {epoch} that is not two lists of finite tensors"
+        return None
 
     def _snapshot_path(self, epoch: int) -> Path:
         return self.folder / f"snapshot_{epoch}.pt"

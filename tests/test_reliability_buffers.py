@@ -253,3 +253,42 @@ def test_a_partial_expert_of_other_settings_is_trained_afresh(tmp_path, capsys):
     other, state = ExpertCheckpoint.claim(tmp_path, 3, {"expert_lr_img": 0.2})
     assert state is None and list(other.folder.iterdir()) == []
     assert "made with other settings (expert_lr_img); training it afresh" in capsys.readouterr().out
+
+
+def _nan_in_snapshot(folder):
+    torch.save([[torch.tensor([float("nan")])], []], folder / "snapshot_1.pt")
+
+
+def _state_edit(edit):
+    def apply(folder):
+        state = torch.load(folder / "state.pt", weights_only=True)
+        torch.save(edit(state), folder / "state.pt")
+    return apply
+
+
+@pytest.mark.parametrize("damage, named", [
+    (lambda folder: (folder / "snapshot_1.pt").unlink(), "lack a readable snapshot of epoch 1"),
+    (lambda folder: (folder / "snapshot_0.pt").write_bytes(b"torn"), "lack a readable snapshot of epoch 0"),
+    (_nan_in_snapshot, "hold a snapshot of epoch 1 that is not two lists of finite tensors"),
+    (_state_edit(lambda s: {k: v for k, v in s.items() if k != "optimizers"}), "lacks the keys"),
+    (_state_edit(lambda s: [s]), "lack the keys"),
+    (_state_edit(lambda s: {**s, "epochs_done": -1}), "hold epochs_done -1"),
+    (_state_edit(lambda s: {**s, "model": {"weight": torch.full((2, 2), float("inf"))}}), "hold a model state that is not a dict of finite tensors"),
+])
+def test_a_damaged_partial_expert_is_trained_afresh(tmp_path, capsys, damage, named):
+    """A partial state that cannot be continued (torn or missing snapshot, NaN, another layout) is named and the
+    expert trained afresh, instead of a traceback when buffer.py restores it."""
+    from experts.checkpoint import ExpertCheckpoint
+
+    model = torch.nn.Linear(2, 2)
+    optimizers = [torch.optim.SGD(model.parameters(), lr=0.1)]
+    loader = torch.utils.data.DataLoader(range(4), shuffle=True, generator=torch.Generator().manual_seed(0))
+    first, _ = ExpertCheckpoint.claim(tmp_path, 3, {"expert_lr_img": 0.1})
+    first.save_snapshot(0, [model.weight.detach().clone()], [])
+    first.save_snapshot(1, [model.weight.detach().clone()], [])
+    first.save(1, model, optimizers, loader, [{"epoch": 1}], 1.0)
+    damage(first.folder)
+    again, state = ExpertCheckpoint.claim(tmp_path, 3, {"expert_lr_img": 0.1})
+    assert state is None and list(again.folder.iterdir()) == []
+    assert f"expert 3: the interrupted run's partial expert cannot be continued (state.pt or its snapshots {named}" \
+        in capsys.readouterr().out
