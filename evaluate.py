@@ -232,8 +232,15 @@ def forgetting_counts(settings: EvaluateSettings, inputs, model, device: torch.d
     if path.exists():
         saved = safe_torch_load(path, "forgetting counts")
         if isinstance(saved, dict) and saved.get("key") == key:
-            print(f"reusing the forgetting counts in {path}")
-            return coresets.ForgettingCounter.from_counts(saved["events"], saved["ever_learned"])
+            pairs = len(inputs.data.train.captions)
+            events, learned = saved.get("events"), saved.get("ever_learned")
+            if (isinstance(events, torch.Tensor) and isinstance(learned, torch.Tensor) and events.shape == (pairs,)
+                    and learned.shape == (pairs,) and not events.is_floating_point() and int(events.min()) >= 0
+                    and learned.dtype == torch.bool):
+                print(f"reusing the forgetting counts in {path}")
+                return coresets.ForgettingCounter.from_counts(events, learned)
+            print(f"note: the forgetting counts in {path} are damaged (not {pairs} whole counts and flags); "
+                  f"counting again")
     batch_note("--forgetting_batch", settings.coreset.forgetting_batch, len(inputs.data.train.captions),
                "the training split")
     loader = inputs.train_batches(settings.coreset.forgetting_batch, config["model_seed"])

@@ -54,6 +54,23 @@ def test_forgetting_counts_are_shared_by_coreset_sizes(tiny_shapes, cache_dir, e
     assert "reusing the forgetting counts" not in capsys.readouterr().out
 
 
+
+@pytest.mark.parametrize("damage", [
+    lambda saved: {**saved, "events": saved["events"][:3]},                      # another length
+    lambda saved: {**saved, "events": saved["events"].float() * float("nan")},  # not whole counts
+    lambda saved: {**saved, "ever_learned": saved["ever_learned"].long()},      # flags of another type
+])  # (a file without counts at all is not evaluate.py's: refused, never replaced; tests/test_reliability_outputs.py)
+def test_damaged_forgetting_counts_are_counted_again(tiny_shapes, cache_dir, experts, tmp_path, capsys, damage):
+    first, _ = coreset(tiny_shapes, cache_dir, experts, tmp_path, "forgetting", 6)
+    counts = tmp_path / "forgetting_counts_seed0.pt"
+    torch.save(damage(torch.load(counts, weights_only=True)), counts)
+    (tmp_path / "forgetting.pt").unlink()
+    capsys.readouterr()
+    again, _ = coreset(tiny_shapes, cache_dir, experts, tmp_path, "forgetting", 6)
+    out = capsys.readouterr().out
+    assert f"note: the forgetting counts in {counts} are damaged" in out and "reusing" not in out
+    assert torch.equal(again["caption_indices"], first["caption_indices"])
+
 def test_json_has_every_metric_with_runs_and_population_std(tiny_shapes, cache_dir, experts, tmp_path):
     _, report = coreset(tiny_shapes, cache_dir, experts, tmp_path, "random", 10)
     assert set(report["metrics"]) == METRICS
