@@ -81,6 +81,10 @@ def run_config(settings: DistillRunSettings, text_identity: str) -> dict:
 
 def check_resume(payload: dict, settings: DistillRunSettings, text_identity: str, path) -> None:
     config = {RESUME_ALIASES.get(k, k): v for k, v in payload["config"].items()}
+    source = config.get("source", "distilled")
+    if source != "distilled":  # a coreset or feature-centroid set: nothing was learned, so nothing to continue
+        raise UserError(f"--resume {path} is a {source} set written by evaluate.py, not a distill.py run: it holds "
+                        f"no run to continue; --resume takes a distilled_*.pt from a distill.py --save_dir")
     expected = {**settings.snapshot(), "text_identity": text_identity}
     problems = [f"{k}: file has {config.get(k)!r}, this run has {expected[k]!r}"
                 for k in RESUME_KEYS if config.get(k) != expected[k]]

@@ -151,11 +151,11 @@ def check_buffer_matches(meta: dict | None, directory: Path, expected: dict) -> 
                         f"--image_encoder and --text_encoder first, or point --buffer_path at its output")
     if meta.get("format") == REFERENCE_FORMAT:
         adopt_reference_buffer(meta, directory, expected)
-    problems = mismatches(meta, expected)
+    problems = mismatches(meta, expected)[:3]  # the hint is for a key the message shows
     if problems:
         hint = next((hint for key, hint in MISMATCH_HINTS.items() if any(p.startswith(key + ":") for p in problems)),
                     "")
-        raise UserError(f"the experts in {directory} do not fit this run ({'; '.join(problems[:3])}){hint}")
+        raise UserError(f"the experts in {directory} do not fit this run ({'; '.join(problems)}){hint}")
 
 
 def reference_metadata(directory: Path) -> dict:

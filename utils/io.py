@@ -152,6 +152,17 @@ def atomic_write_json(obj, path) -> Path:
     return atomic_write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n", path)
 
 
+def _tensor_file_start(path: Path) -> bool:
+    """Whether `path` begins as torch.save writes: a zip archive (PK), or a pickle (0x80) in the legacy format.
+    An empty or unreadable file counts as one (damaged), for torch.load to report."""
+    try:
+        with open(path, "rb") as file:
+            start = file.read(2)
+    except OSError:
+        return True
+    return not start or start.startswith((b"PK", b"\x80"))
+
+
 def safe_torch_load(path, what: str = "file", mmap: bool = False):
     """`torch.load(weights_only=True)` on the CPU, with a clear error for missing or damaged files.
 
@@ -164,7 +175,9 @@ def safe_torch_load(path, what: str = "file", mmap: bool = False):
         reason = os_error_reason(err) if isinstance(err, OSError) else "the path holds a NUL byte"
         raise UserError(f"{what} {path} cannot be read: {reason}") from None
     if not found:
-        raise UserError(f"{what} not found: {path}")
+        raise UserError(f"{what} {path} is a folder, not a file" if path.is_dir() else f"{what} not found: {path}")
+    if not _tensor_file_start(path):  # e.g. a JSON or text file given by mistake: not damaged, so not to be deleted
+        raise UserError(f"{what} {path} is not a tensor file (a .pt file written by this project); check the path")
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as err:  # torch raises many types for truncated/corrupt/unsafe files

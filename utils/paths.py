@@ -21,6 +21,9 @@ def ensure_output_dir(path, flag: str, given=None) -> Path:
     for parent in [path, *path.parents]:
         if parent.exists() and not parent.is_dir():
             raise UserError(f"{flag} {given or path}: {parent} is a file, not a folder")
+        if parent.is_symlink() and not parent.exists():  # mkdir would say only "File exists"
+            raise UserError(f"{flag} {given or path}: {parent} is a symbolic link to nothing (its target is missing, "
+                            f"or links lead back to it); create its target or give another folder")
     try:
         path.mkdir(parents=True, exist_ok=True)
         fd, probe = tempfile.mkstemp(prefix=".write-test.", suffix=".tmp", dir=path)
