@@ -66,6 +66,9 @@ FULL_MODES = ("train", "experts")
 # The file that marks a folder as the pipeline's own: only such a folder is emptied (--fresh) or has stage outputs
 # deleted. A folder from before the marker existed is recognised by its stage stamps.
 MARKER = ".vl-distill-pipeline"
+# What the pipeline writes in its folder: a folder from before the marker holds nothing else.
+PIPELINE_WRITES = {"buffers", "distill", "results", "stamps", "results.md", "results.json", "worth_n.png",
+                   "nearest_captions.txt", "synthetic_images_plain.png", "synthetic_images_clipped.png"}
 # The keys of any section that name something the programs read.
 INPUT_KEYS = ("image_root", "ann_root", "image_weights", "text_model")
 
@@ -183,16 +186,27 @@ def output_folder(flag: str | None, config: dict, config_file: str | None = None
 
 def claim_output_folder(out: Path, name: str = "out_dir") -> Path:
     """Make the existing folder `out` the pipeline's own, or refuse it: an empty folder is marked with MARKER, a
-    marked one is taken, a pipeline folder from before the marker (it holds stamps/*.json) is marked and taken; a
-    folder with anything else in it is refused, since stages and --fresh delete what is in their folder."""
+    marked one is taken, a pipeline folder from before the marker (stage stamps, and only names the pipeline
+    writes) is marked and taken; any other folder is refused, since stages and --fresh delete what is in it."""
     marker = out / MARKER
     if marker.is_file():
         return out
-    if any(out.iterdir()) and not any((out / "stamps").glob("*.json")):
+    foreign = sorted(entry.name for entry in out.iterdir() if entry.name not in PIPELINE_WRITES)
+    stamps = list((out / "stamps").glob("*")) if (out / "stamps").is_dir() else []
+    if foreign or not all(is_stamp(stamp) for stamp in stamps) or (any(out.iterdir()) and not stamps):
+        named = f" (it holds {', '.join(foreign[:3])})" if foreign else ""
         raise UserError(f"{name} {out} already holds files that pipeline.py did not write (it has no {MARKER}); "
-                        f"give a new or empty folder")
+                        f"give a new or empty folder{named}")
     marker.write_text("This folder is pipeline.py's output: --fresh and changed stages delete what is in it.\n")
     return out
+
+
+def is_stamp(path: Path) -> bool:
+    """Whether `path` is a stage stamp: a .json file holding the list of flags the stage ran with."""
+    try:
+        return path.suffix == ".json" and isinstance(json.loads(path.read_bytes()), list)
+    except (OSError, ValueError, RecursionError):
+        return False
 
 
 def owned_by_pipeline(path: Path) -> bool:

@@ -1,0 +1,30 @@
+"""Red-team cases for evaluate.py and pipeline.py (issue 26): each failed before its fix."""
+from __future__ import annotations
+
+import pytest
+
+from comparison import pipeline
+from utils.cli import UserError
+
+
+def test_fresh_never_empties_a_folder_with_stamps_and_other_files(tmp_path):
+    """A folder holding stamps/*.json beside a user's own file is not an old pipeline folder: it used to be
+    marked and --fresh deleted the user's file."""
+    folder = tmp_path / "work"
+    (folder / "stamps").mkdir(parents=True)
+    (folder / "stamps" / "x.json").write_text("{}")
+    (folder / "thesis.tex").write_text("precious")
+    with pytest.raises(UserError, match="thesis.tex"):
+        pipeline.claim_output_folder(folder)
+    assert not (folder / pipeline.MARKER).exists()
+    assert (folder / "thesis.tex").read_text() == "precious"
+
+
+def test_an_old_pipeline_folder_is_still_taken(tmp_path):
+    folder = tmp_path / "old"
+    (folder / "stamps").mkdir(parents=True)
+    (folder / "stamps" / "experts.json").write_text('["--dataset", "shapes"]')
+    (folder / "buffers").mkdir()
+    (folder / "results.md").write_text("table")
+    assert pipeline.claim_output_folder(folder) == folder
+    assert (folder / pipeline.MARKER).is_file()
