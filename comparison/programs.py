@@ -47,7 +47,10 @@ def run_configuration(label: str, flags: list[str], shared: list[str], out: Path
     with open(out / f"{label}.log", "w") as log:
         code = launch("evaluate", [*shared, *flags, "--out", str(result)], log)
     if code != 0:
-        raise UserError(f"[{label}] evaluate.py failed (exit {code}); see {out / f'{label}.log'}")
+        lines = (out / f"{label}.log").read_text(errors="replace").splitlines()
+        said = [line for line in lines if line.startswith("error: ")]  # the program's own one-line reason
+        why = f": {said[-1].removeprefix('error: ')}" if said else ""
+        raise UserError(f"[{label}] evaluate.py failed (exit {code}){why}; see {out / f'{label}.log'}")
     report = json.loads(result.read_text())
     report["wall_seconds"] = round(time.time() - started, 1)
     result.write_text(json.dumps(report, indent=1, sort_keys=True))

@@ -28,3 +28,17 @@ def test_an_old_pipeline_folder_is_still_taken(tmp_path):
     (folder / "results.md").write_text("table")
     assert pipeline.claim_output_folder(folder) == folder
     assert (folder / pipeline.MARKER).is_file()
+
+
+def test_a_failed_row_says_why_on_its_one_line(tmp_path, monkeypatch):
+    """A ladder size above the data failed with only 'see <log>'; the line now carries the program's error."""
+    from comparison import programs
+
+    def fail(program, flags, log=None):
+        log.write("loading...\nerror: --coreset_size 500 is larger than the 100 training pairs\n")
+        return 2
+    monkeypatch.setattr(programs, "launch", fail)
+    with pytest.raises(UserError) as err:
+        programs.run_configuration("random-500", ["--coreset", "random"], [], tmp_path)
+    assert str(err.value) == (f"[random-500] evaluate.py failed (exit 2): --coreset_size 500 is larger than the 100 "
+                              f"training pairs; see {tmp_path / 'random-500.log'}")
