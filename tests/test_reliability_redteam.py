@@ -81,3 +81,25 @@ def test_buffer_mismatch_hint_follows_the_keys_shown(tiny_shapes, cache_dir, exp
         distill.main(distill_flags(tiny_shapes, cache_dir, tmp_path / "buf", tmp_path / "out", "--Iteration", "2"))
     message = str(err.value)
     assert "image_encoder: buffer has None" in message and "--image_pretrained" not in message
+
+
+def test_a_second_ctrl_c_while_the_program_exits_prints_no_traceback(tmp_path):
+    # Ctrl-C twice in quick succession on buffer.py: the second one landed in torch's atexit clean-up and printed
+    # "Exception ignored in atexit callback" with a traceback after the one-line "interrupted" message.
+    import subprocess
+    import sys
+
+    script = tmp_path / "twice.py"
+    script.write_text(
+        "import atexit, os, signal, time\n"
+        "from utils.cli import run_cli\n"
+        "def exiting():\n"
+        "    os.kill(os.getpid(), signal.SIGINT)  # the second Ctrl-C, while the interpreter shuts down\n"
+        "    time.sleep(0.2)\n"
+        "atexit.register(exiting)\n"
+        "def main():\n"
+        "    raise KeyboardInterrupt\n"
+        "run_cli(main)\n")
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 130
+    assert done.stderr == "interrupted: everything saved so far is complete and reloadable\n"

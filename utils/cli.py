@@ -141,6 +141,10 @@ if sys.excepthook is sys.__excepthook__:  # programs import this module first, b
     sys.excepthook = _interrupted_while_starting
 
 
+def _ignore(signum, frame) -> None:
+    """A handler that does nothing (not SIG_IGN, which the processes a program starts would inherit)."""
+
+
 def run_cli(main: Callable[[], int | None]) -> None:
     """Run a script's `main`, reporting `UserError` and the input errors of `input_error_message` as one line
     on stderr with exit status 2, and any other exception as a bug (traceback, then a line saying so; status 1).
@@ -156,6 +160,8 @@ def run_cli(main: Callable[[], int | None]) -> None:
         print(f"error: {user_message(err)}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
+        if threading.current_thread() is threading.main_thread():  # a second Ctrl-C must not break the clean-up
+            signal.signal(signal.SIGINT, _ignore)                   # that runs as the interpreter exits
         print("interrupted: everything saved so far is complete and reloadable", file=sys.stderr)
         sys.exit(130)
     except Exception as err:  # noqa: BLE001 (the boundary: every exception ends here, as one line or as a bug)
