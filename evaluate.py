@@ -105,8 +105,6 @@ def check_settings(settings: EvaluateSettings) -> None:
         raise UserError("--coreset needs --coreset_size N (how many real pairs to select; --num_queries is the same)")
     if not coreset and size is not None:
         raise UserError("--coreset_size only applies to --coreset (a distilled set has its own size)")
-    if coreset == "forgetting" and settings.coreset.forgetting_epochs < 2:
-        raise UserError("--forgetting_epochs must be at least 2: a pair has to be seen twice to be forgotten")
     if settings.judging.eval_image_encoder:  # the encoder that trains
         check_image_size(settings.judging.eval_image_encoder, settings.model.image_size, "--eval_image_encoder")
     else:

@@ -45,7 +45,8 @@ class CoresetSettings(Settings):
                                             "folder of the files)", check=a_path)
     expert_number: int | None = setting(None, "expert file pair to use (default: lowest)", check=at_least(0))
     expert_epoch: int | None = setting(None, "snapshot of that expert (default: last)", check=at_least(0))
-    forgetting_epochs: int = setting(2, "epochs of the expert that counts forgetting", check=at_least(1))
+    forgetting_epochs: int = setting(2, "epochs of the expert that counts forgetting (a pair must be seen twice to be "
+                                    "forgotten)", check=at_least(2))
     forgetting_batch: int = setting(128, "batch size of that expert", check=pair_count)
     forgetting_lr_img: float = setting(0.1, "image-side learning rate of the forgetting expert",
                                        aliases=("lr_teacher_img",), check=positive_up_to(WEIGHT_LR_MAX))

@@ -163,7 +163,7 @@ def test_bad_inputs_get_clear_messages(tiny_shapes, cache_dir, experts, tmp_path
         run("--coreset", "random", "--num_queries", "201")
     with pytest.raises(UserError, match="needs --coreset_size"):
         run("--coreset", "random")
-    with pytest.raises(UserError, match="seen twice"):
+    with pytest.raises(UserError, match="--forgetting_epochs must be at least 2"):
         run("--coreset", "forgetting", "--num_queries", "4", "--forgetting_epochs", "1")
     with pytest.raises(UserError, match="no experts in"):
         run("--coreset", "herding", "--num_queries", "4", "--buffer_path", str(tmp_path))

@@ -42,3 +42,13 @@ def test_a_failed_row_says_why_on_its_one_line(tmp_path, monkeypatch):
         programs.run_configuration("random-500", ["--coreset", "random"], [], tmp_path)
     assert str(err.value) == (f"[random-500] evaluate.py failed (exit 2): --coreset_size 500 is larger than the 100 "
                               f"training pairs; see {tmp_path / 'random-500.log'}")
+
+
+def test_forgetting_epochs_of_one_is_refused_by_its_range(tmp_path):
+    """--help said '>= 1' while evaluate.py refused 1, and a pipeline [evaluate] forgetting_epochs = 1 passed the
+    checks before work and failed at the forgetting row, after the experts and the ladder."""
+    from settings.programs import check_section
+
+    with pytest.raises(UserError, match=r"^cfg \[evaluate\]: forgetting_epochs must be at least 2"):
+        check_section("evaluate", {"forgetting_epochs": 1}, "cfg [evaluate]")
+    assert check_section("evaluate", {"forgetting_epochs": 2}, "cfg [evaluate]") == {"forgetting_epochs": 2}
