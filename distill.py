@@ -463,6 +463,9 @@ def distill(settings: DistillRunSettings, device: torch.device, group: ProcessGr
         load_distilled_set(settings.distill.resume) if settings.distill.resume and main_process else None, group, device)
     if resume is not None:
         check_resume(resume, settings, text_identity, settings.distill.resume)
+        if resume["iteration"] == settings.distill.Iteration:
+            say(f"note: --resume {settings.distill.resume} is already at --Iteration {settings.distill.Iteration}: "
+                f"nothing is left to learn; give a larger --Iteration to continue it")
 
     with distributed.main_process_first(group):  # rank 0 builds the caches, the others read them
         data = load_retrieval_data(settings.data, settings.model, device, progress=progress)

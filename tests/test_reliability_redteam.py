@@ -103,3 +103,12 @@ def test_a_second_ctrl_c_while_the_program_exits_prints_no_traceback(tmp_path):
     done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60)
     assert done.returncode == 130
     assert done.stderr == "interrupted: everything saved so far is complete and reloadable\n"
+
+
+def test_resuming_a_finished_run_says_nothing_is_left_to_learn(tiny_shapes, cache_dir, experts, run4, tmp_path, capsys):
+    # `--resume distilled_last.pt` of a run that reached --Iteration ended "done: 0 iterations", exit 0, and no more.
+    last = run4 / "distilled_last.pt"
+    assert distill.main(distill_flags(tiny_shapes, cache_dir, experts, tmp_path / "out", "--Iteration", "4",
+                                      "--resume", str(last))) == 0
+    assert (f"note: --resume {last} is already at --Iteration 4: nothing is left to learn; give a larger --Iteration "
+            f"to continue it\n") in capsys.readouterr().out
