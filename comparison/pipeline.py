@@ -33,7 +33,9 @@ is checked before the first program runs.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import difflib
+import fcntl
 import json
 import shutil
 import time
@@ -199,6 +201,19 @@ def claim_output_folder(out: Path, name: str = "out_dir") -> Path:
                         f"give a new or empty folder{named}")
     marker.write_text("This folder is pipeline.py's output: --fresh and changed stages delete what is in it.\n")
     return out
+
+
+@contextlib.contextmanager
+def holding(out: Path, name: str):
+    """One pipeline at a time in a folder: an exclusive lock on its marker for the whole run (the system drops
+    it when the process ends, also by kill -9), so a second run started on it is refused, not mixed in."""
+    with open(out / MARKER, "rb") as marker:
+        try:
+            fcntl.flock(marker, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise UserError(f"{name} {out} is in use by another pipeline.py run; wait for it to end or give "
+                            f"another folder") from None
+        yield
 
 
 def is_stamp(path: Path) -> bool:
@@ -369,6 +384,11 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     config = load_config(args.config, args.data)
     out = output_folder(args.out_dir, config, args.config)
+    with holding(out, "--out_dir" if args.out_dir is not None else "out_dir"):
+        return run_stages(args, config, out)
+
+
+def run_stages(args, config: dict, out: Path) -> int:
     if args.fresh:
         empty_output_folder(out)
     started, times = time.time(), {}

@@ -52,3 +52,26 @@ def test_forgetting_epochs_of_one_is_refused_by_its_range(tmp_path):
     with pytest.raises(UserError, match=r"^cfg \[evaluate\]: forgetting_epochs must be at least 2"):
         check_section("evaluate", {"forgetting_epochs": 1}, "cfg [evaluate]")
     assert check_section("evaluate", {"forgetting_epochs": 2}, "cfg [evaluate]") == {"forgetting_epochs": 2}
+
+
+def test_a_second_pipeline_on_a_folder_in_use_is_refused(tmp_path, monkeypatch):
+    """Two pipelines started at once on one out_dir both trained every expert (4 of 2 wanted) and distilled into
+    the same folder; the second is now refused while the first holds the folder, and a finished run frees it."""
+    config = tmp_path / "toy.toml"
+    config.write_text('[common]\ndataset = "shapes"\n')
+    out = tmp_path / "out"
+    seen = []
+
+    def second_run(config_, out_):
+        with pytest.raises(UserError, match=rf"^--out_dir {out} is in use by another pipeline\.py run"):
+            pipeline.main([str(config), "--out_dir", str(out)])
+        seen.append(out_)
+        raise KeyboardInterrupt
+    monkeypatch.setattr(pipeline, "experts_stage", second_run)
+    with pytest.raises(KeyboardInterrupt):
+        pipeline.main([str(config), "--out_dir", str(out)])
+    assert seen == [out]
+    monkeypatch.setattr(pipeline, "experts_stage", lambda config_, out_: seen.append("again") or 1 / 0)
+    with pytest.raises(ZeroDivisionError):  # the first run's end freed the folder
+        pipeline.main([str(config), "--out_dir", str(out)])
+    assert seen == [out, "again"]
