@@ -48,6 +48,8 @@ from evaluation.metrics import format_table, markdown_table, summarize_runs, tab
 from evaluation.worth import plot_worth, worth_n
 from experts.files import expert_files, read_expert_metrics
 from settings.base import coerce, path_problem, value_problem
+from settings.distillation import DistillSettings
+from settings.experts import ExpertSettings
 from settings.judging import JudgingSettings, TargetSettings
 from settings.programs import Parser, check_section, check_together
 from settings.protocol import ProtocolSettings
@@ -132,8 +134,22 @@ def check_sections(config: dict, where: str) -> dict:
         flags = {key: value for key, value in config[section].items() if key not in extra}
         check_together(program, {**config["common"], **flags}, f"{where} [common] with [{section}]")
     distill_settings(config, where)
+    check_expert_length(config, where)
     check_compare(config["compare"], f"{where} [compare]")
     return config
+
+
+def check_expert_length(config: dict, where: str) -> None:
+    """The experts the pipeline trains are long enough for its distillation (distill.py would say so only after
+    they trained): train_epochs + 1 snapshots >= max_start_epoch + expert_epochs."""
+    def value(section: str, cls, key: str) -> int:
+        return int({**config["common"], **config[section]}.get(key, getattr(cls(), key)))
+    epochs = value("buffer", ExpertSettings, "train_epochs")
+    start, span = (value("distill", DistillSettings, key) for key in ("max_start_epoch", "expert_epochs"))
+    if epochs + 1 < start + span:
+        raise UserError(f"{where}: [buffer] train_epochs {epochs} gives {epochs + 1} snapshots per expert, but "
+                        f"[distill] max_start_epoch {start} and expert_epochs {span} need {start + span}; train "
+                        f"longer experts or lower those")
 
 
 def compare_value(cls, name: str, value, where: str, key: str):

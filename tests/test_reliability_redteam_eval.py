@@ -75,3 +75,15 @@ def test_a_second_pipeline_on_a_folder_in_use_is_refused(tmp_path, monkeypatch):
     with pytest.raises(ZeroDivisionError):  # the first run's end freed the folder
         pipeline.main([str(config), "--out_dir", str(out)])
     assert seen == [out, "again"]
+
+
+def test_experts_too_short_for_the_distillation_are_refused_before_work(tmp_path):
+    """A config without [distill] (max_start_epoch 25, expert_epochs 3) over experts of 2 epochs trained the
+    experts and then failed in distill.py; it is now refused with the config, naming the keys."""
+    config = {"common": {"dataset": "shapes"}, "buffer": {"train_epochs": 2}, "distill": {}, "evaluate": {},
+              "compare": {}}
+    with pytest.raises(UserError, match=r"^cfg: \[buffer\] train_epochs 2 gives 3 snapshots per expert, but "
+                                        r"\[distill\] max_start_epoch 25 and expert_epochs 3 need 28"):
+        pipeline.check_sections(config, "cfg")
+    config["distill"] = {"max_start_epoch": 1, "expert_epochs": 2}
+    pipeline.check_sections(config, "cfg")  # start epoch 0, target 2: the 3 snapshots suffice
