@@ -415,6 +415,11 @@ def check_paths(settings: DistillRunSettings) -> None:
         if OWN_SETS.fullmatch(path.name) and set_source(path) != "distilled":
             raise UserError(f"--save_dir {save_dir} holds {path.name}, which is not a set written by distill.py, and "
                             f"this run would replace it: move it away or give --save_dir another folder")
+    earlier = save_dir / "distilled_last.pt"
+    if earlier.is_file() and not settings.distill.resume and not settings.distill.overwrite:
+        raise UserError(f"--save_dir {save_dir} holds an earlier run ({earlier.name}), which this run would replace: "
+                        f"continue it with --resume {earlier}, give --save_dir another folder, or pass "
+                        f"--overwrite True to start over there")
     timing = save_dir / TIMING_NAME
     if timing.exists() and json_object_in(timing) is None:
         raise UserError(f"--save_dir {save_dir} holds {TIMING_NAME}, which is not distill.py's timing record, and "

@@ -72,6 +72,8 @@ class DistillSettings(Settings):
     draw: bool = setting(True, "save image grids and nearest real captions at each evaluation")
     save_dir: str | None = setting(None, "output folder (default: runs/<dataset>/<name>)", check=a_path)
     resume: str | None = setting(None, "a distilled_*.pt of an earlier run to continue from", check=a_path)
+    overwrite: bool = setting(False, "let a run without --resume replace the sets an earlier run left in --save_dir "
+                                     "(else refused: continue it with --resume, or give another --save_dir)")
 
     def check(self) -> None:
         if self.sim_type == "lowrank" and self.sim_rank > self.num_pairs:  # L and R are N x r

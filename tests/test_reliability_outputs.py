@@ -312,3 +312,25 @@ def test_a_stage_deletes_outputs_only_in_a_folder_the_pipeline_claimed(tmp_path)
     with pytest.raises(RuntimeError, match="never claimed by the pipeline"):
         pipeline.Stage(tmp_path, "evaluate", ["--flag"], [tmp_path / "results"]).begin()
     assert (tmp_path / "results" / "table.csv").read_text() == "1,2,3"
+
+
+def test_a_run_without_resume_never_replaces_an_earlier_run_in_its_save_dir(run4, tiny_shapes, cache_dir, experts,
+                                                                               tmp_path):
+    """Forgetting --resume after Ctrl-C used to replace the earlier run's last and best sets with a new run's:
+    now refused (naming --resume), unless --overwrite True; --resume continues it as before."""
+    from conftest import distill_flags
+    import shutil
+
+    earlier = tmp_path / "run"
+    shutil.copytree(run4, earlier)
+    before = {p.name: p.read_bytes() for p in earlier.glob("distilled_*.pt")}
+    with pytest.raises(UserError, match=rf"--save_dir {earlier} holds an earlier run \(distilled_last.pt\), which this "
+                                        rf"run would replace: continue it with --resume {earlier / 'distilled_last.pt'}"):
+        distill.main(distill_flags(tiny_shapes, cache_dir, experts, earlier, "--Iteration", "2"))
+    assert {p.name: p.read_bytes() for p in earlier.glob("distilled_*.pt")} == before
+    assert distill.main(distill_flags(tiny_shapes, cache_dir, experts, earlier, "--Iteration", "6", "--resume",
+                                      str(earlier / "distilled_last.pt"))) == 0
+    assert torch.load(earlier / "distilled_last.pt", weights_only=True)["iteration"] == 6
+    assert distill.main(distill_flags(tiny_shapes, cache_dir, experts, earlier, "--Iteration", "2",
+                                      "--overwrite", "True")) == 0
+    assert torch.load(earlier / "distilled_last.pt", weights_only=True)["iteration"] == 2
