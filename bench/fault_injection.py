@@ -168,7 +168,8 @@ def kill_distill(runner: Runner, work: Path, experts: Path, reference: Path, sec
     saved = torch.load(last, map_location="cpu", weights_only=True)["iteration"] if last.is_file() and not corrupt \
         else 0
     lost = (max(done) if done else 0) - saved
-    resume = ["--resume", str(last)] if last.is_file() and not corrupt else []
+    # (a damaged last file cannot be resumed: start over there, which distill.py allows only when told)
+    resume = ["--resume", str(last)] if last.is_file() and not corrupt else ["--overwrite", "True"]
     runner.run("distill", flags + ["--progress", "False", *resume])
     left = temporaries(folder)
     identical = all(same_tensors(learned_tensors(folder / name), learned_tensors(reference / name))
