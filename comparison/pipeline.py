@@ -339,6 +339,10 @@ def distill_settings(config: dict, where: str = "config") -> tuple[dict, list[in
     problem = next((check_seed(s) for s in seeds if check_seed(s)), None)
     if problem:
         raise UserError(f"{where} [distill]: seeds: each {problem}, got {seeds!r}")
+    repeated = sorted({s for s in seeds if seeds.count(s) > 1})
+    if repeated:  # one run per seed: a repeated seed would be one run counted as several
+        raise UserError(f"{where} [distill]: seeds lists {', '.join(map(str, repeated))} more than once, got {seeds!r}; "
+                        f"give each seed once")
     return settings, seeds
 
 

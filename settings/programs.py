@@ -11,6 +11,7 @@ import argparse
 import difflib
 import sys
 import typing
+from pathlib import Path
 from dataclasses import dataclass, fields
 
 from settings.base import Settings, coerce, flatten, value_problem
@@ -39,7 +40,10 @@ class ProgramSettings:
         """The files and folders every program reads (flag -> path, None when not given): the data, the
         annotations, the image encoder's checkpoint, a local text model."""
         data, model = self.data, self.model
-        return {"--image_root": data.image_root, "--ann_root": data.ann_root, "--image_weights": model.image_weights,
+        annotations = ("--ann_root", data.ann_root) if data.ann_root else (
+            "the annotation folder (--ann_root, default IMAGE_ROOT/annotations)",
+            str(Path(data.image_root) / "annotations") if data.image_root else None)
+        return {"--image_root": data.image_root, annotations[0]: annotations[1], "--image_weights": model.image_weights,
                 "--text_model": model.text_model}
 
 

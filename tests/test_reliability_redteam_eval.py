@@ -87,3 +87,30 @@ def test_experts_too_short_for_the_distillation_are_refused_before_work(tmp_path
         pipeline.check_sections(config, "cfg")
     config["distill"] = {"max_start_epoch": 1, "expert_epochs": 2}
     pipeline.check_sections(config, "cfg")  # start epoch 0, target 2: the 3 snapshots suffice
+
+
+def test_a_seed_given_twice_is_refused_with_the_config():
+    """`seeds = [0, 0]` ran one distillation and pooled it as if it were one row of one seed, silently."""
+    config = {"common": {}, "distill": {"seeds": [0, 3, 0]}}
+    with pytest.raises(UserError, match=r"config \[distill\]: seeds lists 0 more than once, got \[0, 3, 0\]"):
+        pipeline.distill_settings(config)
+    assert pipeline.distill_settings({"common": {}, "distill": {"seeds": [0, 3]}})[1] == [0, 3]
+
+
+def test_a_cache_dir_in_the_default_annotation_folder_is_refused(tiny_shapes, cache_dir, tmp_path):
+    """--cache_dir <image_root>/annotations wrote caches among the annotation files when --ann_root was not
+    given (the same folder given as --ann_root was refused)."""
+    import shutil
+
+    from conftest import tiny_flags
+    import evaluate
+
+    data = tmp_path / "shapes"
+    shutil.copytree(tiny_shapes, data)
+    before = sorted(p.name for p in (data / "annotations").iterdir())
+    with pytest.raises(UserError, match=r"--cache_dir .* the annotation folder \(--ann_root, default "
+                                        r"IMAGE_ROOT/annotations\)"):
+        evaluate.main(tiny_flags(data, data / "annotations", "--coreset", "random", "--coreset_size", "4",
+                                 "--num_eval", "1", "--epoch_eval_train", "1", "--out", str(tmp_path / "r.json"),
+                                 "--coreset_file", str(tmp_path / "c.pt")))
+    assert sorted(p.name for p in (data / "annotations").iterdir()) == before
