@@ -180,12 +180,16 @@ def check_loaded_experts(image_path: Path, text_path: Path, meta: dict, damaged:
             assert all(finite_float32(t) for t in snapshot), f"a damaged snapshot used: {snapshot}"
 
 
+def copy_with_one_file_chosen(data, image_path: Path, text_path: Path, tmp_path_factory) -> tuple[Path, Path]:
+    """A fresh copy of the expert folder, and one of its two files (drawn) to damage."""
+    copy = Path(shutil.copytree(image_path.parent, tmp_path_factory.mktemp("buf") / "b"))
+    return copy, copy / data.draw(st.sampled_from([image_path.name, text_path.name]))
+
 @PROPERTY
 @given(data=st.data())
 def test_a_damaged_buffer_file_is_one_line_naming_it_or_valid(data, expert_pair, tmp_path_factory):
     image_path, text_path, meta = expert_pair
-    copy = Path(shutil.copytree(image_path.parent, tmp_path_factory.mktemp("buf") / "b"))
-    damaged = copy / data.draw(st.sampled_from([image_path.name, text_path.name]))
+    copy, damaged = copy_with_one_file_chosen(data, image_path, text_path, tmp_path_factory)
     damaged.write_bytes(data.draw(damaged_bytes(damaged.read_bytes())))
     check_loaded_experts(copy / image_path.name, copy / text_path.name, meta, damaged)
 
@@ -194,8 +198,7 @@ def test_a_damaged_buffer_file_is_one_line_naming_it_or_valid(data, expert_pair,
 @given(data=st.data())
 def test_a_buffer_with_damaged_snapshots_is_one_line_naming_it_or_valid(data, expert_pair, tmp_path_factory):
     image_path, text_path, meta = expert_pair
-    copy = Path(shutil.copytree(image_path.parent, tmp_path_factory.mktemp("buf") / "b"))
-    damaged = copy / data.draw(st.sampled_from([image_path.name, text_path.name]))
+    copy, damaged = copy_with_one_file_chosen(data, image_path, text_path, tmp_path_factory)
     trajectories = torch.load(damaged, weights_only=True)
     snapshot = trajectories[0][data.draw(st.integers(0, 2))]
     index = data.draw(st.integers(0, len(snapshot) - 1))
