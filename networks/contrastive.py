@@ -35,27 +35,48 @@ KL_TARGET_SHARPNESS = 10.0  # `kl`: a row of S becomes the distribution softmax(
 
 
 def _soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    return -(targets * F.log_softmax(logits, dim=1)).sum(dim=1).mean()
+    """-(1/N) Σ_i Σ_j t_ij log softmax(logits_i)_j: the cross-entropy of each row against its target row.
+
+    The mean over the rows is taken by `F.nll_loss` over one class (the row sums as that class's log
+    probabilities), the reduction `F.cross_entropy` with class labels uses. With identity targets a row
+    sum is exactly its diagonal log-probability (the other terms are ±0), so the value and the gradients
+    (first and second order) are bit-identical to the hard-label path (`F.cross_entropy(logits, arange)`;
+    tested on CPU, tests/test_extensions_properties.py); `.mean()` or
+    `F.cross_entropy(logits, targets)` with probability targets sum in another order and differ in the
+    last bits of the value."""
+    row_sums = (targets * F.log_softmax(logits, dim=1)).sum(dim=1, keepdim=True)
+    return F.nll_loss(row_sums, torch.zeros(len(row_sums), dtype=torch.long, device=logits.device))
 
 
 def _kl(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """KL(softmax(10 · targets) ‖ softmax(logits)) of the rows, averaged over all N·M entries (LoRS's
+    `KLDivLoss(reduction="mean")`: the sum over the matrix divided by its size, not by the N rows). The
+    mean is taken here: PyTorch warns that its `reduction="mean"` will come to mean "batchmean"."""
     return F.kl_div(F.log_softmax(logits, dim=1), F.log_softmax(KL_TARGET_SHARPNESS * targets, dim=1),
-                    reduction="batchmean", log_target=True)
+                    reduction="none", log_target=True).mean()
 
 
 def _weighted_bce(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """BCE averaged over the positives (target > 0.5) and over the negatives separately, then averaged."""
+    """(mean BCE over the positives (target > 0.5) + mean BCE over the negatives) / 2, as in LoRS; a part
+    with no entries counts as 0 (no positives: half the negatives' mean).
+
+    Deliberate differences from LoRS's code: the BCE is `binary_cross_entropy_with_logits` (exact and
+    stable for large |logits|) rather than -t·log(σ + 1e-6) - (1-t)·log(1 - σ + 1e-6), whose 1e-6 caps
+    an entry's loss near -log(1e-6) ≈ 13.8 and shifts it where σ or 1 - σ comes near 1e-6 (|logit| ≳ 10;
+    elsewhere the two agree to about 1e-6 relative); and each part is divided by its count, not by
+    count + 1e-6 (a relative 1e-6 / count)."""
     losses = F.binary_cross_entropy_with_logits(logits, targets, reduction="none")
     positive = targets.detach() > 0.5
-    parts = [losses[mask].mean() for mask in (positive, ~positive) if mask.any()]
-    return sum(parts) / len(parts)
+    parts = [torch.where(mask, losses, 0.0).sum() / mask.sum().clamp(min=1) for mask in (positive, ~positive)]
+    return (parts[0] + parts[1]) / 2
 
 
 def soft_target_loss(logits: torch.Tensor, targets: torch.Tensor, loss_type: str) -> torch.Tensor:
     """The contrastive loss of [images, texts] logits against a target similarity matrix (`--loss_type`):
     infonce = cross-entropy against the rows and the columns of the targets, averaged; wbce = weighted
     binary cross-entropy of sigmoid(logits); bce = plain binary cross-entropy; kl = KL divergence from
-    softmax(10 · targets) to softmax(logits), rows and columns; mse = squared error of sigmoid(logits)."""
+    softmax(10 · targets) to softmax(logits), rows and columns, each averaged over the matrix's entries;
+    mse = squared error of sigmoid(logits)."""
     if loss_type == "infonce":
         return (_soft_cross_entropy(logits, targets) + _soft_cross_entropy(logits.t(), targets.t())) / 2
     if loss_type == "kl":
