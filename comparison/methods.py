@@ -23,16 +23,15 @@ another time, on a busier machine.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import shutil
 from pathlib import Path
 
 from comparison.programs import run, run_configuration
+from comparison.config import DEFAULT_METHODS, method_config
 from comparison.pipeline import (
     as_flags,
     banner,
-    check_sections,
     distill_settings,
     distill_stage,
     experts_stage,
@@ -43,14 +42,6 @@ from settings.programs import Parser
 from utils.cli import UserError
 from utils.io import read_json_if_present
 from evaluation.metrics import markdown_table, table_cells
-
-LORS = {"sim_type": "lowrank", "sim_rank": 10, "sim_alpha": 1.0, "lr_sim": 1.0, "loss_type": "infonce"}  # 10 diverged on shapes
-DEFAULT_METHODS = {
-    "base": {},
-    "lors": {"distill": dict(LORS)},
-    "repblend": {"common": {"image_projection": True}, "distill": {**LORS, "blend_alpha": 1.0}},
-}
-
 
 def parse_args(argv=None):
     parser = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -66,18 +57,6 @@ def parse_args(argv=None):
     if args.time_iterations < 0:
         parser.error(f"--time_iterations must be 0 or more, got {args.time_iterations}")
     return args
-
-
-def method_config(config: dict, name: str) -> dict:
-    """The pipeline config with the method's `common` and `distill` settings on top."""
-    extra = config.get("methods", {}).get(name, DEFAULT_METHODS.get(name))
-    if extra is None:
-        raise UserError(f"unknown method {name!r}: give it a [methods.{name}] table in the config "
-                        f"(known: {', '.join(DEFAULT_METHODS)})")
-    merged = copy.deepcopy(config)
-    for section in ("common", "distill"):
-        merged[section].update(extra.get(section, {}))
-    return check_sections(merged, f"method {name} ([methods.{name}] on top of the config)")
 
 
 def method_experts(config: dict, name: str, out: Path) -> tuple[dict, Path]:

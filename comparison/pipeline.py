@@ -15,7 +15,11 @@ which rows to build:
   the same r_mean (evaluation/worth.py);
 - `coreset_methods` at `coreset_sizes` (default: the distilled size), and `centroids = true` for the
   k-means feature-centroid set (frozen trunk only);
-- `epochs_per_size = {5000 = 10, all = 4}`: `--epoch_eval_train` of rows of that many pairs (CPU budgets).
+- `epochs_per_size = {5000 = 10, all = 4}`: `--epoch_eval_train` of rows of that many pairs (CPU budgets);
+- `budgets = [100, 200, 500, 1000]` and `methods = ["base", "lors", "repblend"]`: distil every size with every
+  method (comparison/config.py: per-size `[budgets.<N>]` flags, per-method `[methods.<name>]` tables), then also
+  write table.md in the papers' layout (sets as rows, sizes as column groups, r_mean with worth-N per size) and
+  budgets.png (r_mean against the set size, log axis).
 
 Choices are made on the selection split (`--eval_split`, val): the distillation's best iteration and every
 row's learning rate; the table is on the report split (test when its annotation file is present).
@@ -34,45 +38,43 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import difflib
 import fcntl
 import json
 import shutil
 import time
-import tomllib
 from pathlib import Path
 
+from comparison.config import (  # noqa: F401  (load_config, check_sections: the names callers know this module by)
+    BASE,
+    FULL,
+    PROGRAM_SECTIONS,
+    DistillRun,
+    budgets_of,
+    check_sections,
+    distill_runs,
+    distill_settings,
+    load_config,
+    method_names,
+    row_name,
+    set_sizes,
+)
 from comparison.programs import run, run_configuration
 from data.distilled_set import load_distilled_set
+from evaluation.budgets import cell, paper_table, plot_budgets, r_mean_table
 from evaluation.metrics import format_table, markdown_table, summarize_runs, table_cells
 from evaluation.worth import plot_worth, worth_n
 from experts.files import expert_files, read_expert_metrics
-from settings.base import coerce, path_problem, value_problem
-from settings.distillation import DistillSettings
-from settings.experts import ExpertSettings
-from settings.judging import JudgingSettings, TargetSettings
-from settings.programs import Parser, check_section, check_together
-from settings.protocol import ProtocolSettings
-from settings.runtime import check_seed
-from utils.cli import UserError, os_error_reason
+from settings.programs import Parser
+from utils.cli import UserError
 from utils.paths import ensure_output_dir, refuse_outputs_over_inputs
 
-SECTIONS = ("common", "buffer", "distill", "evaluate", "compare", "methods", "regimes")  # [methods], [regimes]: comparison/methods.py, regimes.py
 NOT_METRICS = ("epoch", "train_loss", "train_acc", "steps", "gradient_steps")  # buffer.py's epoch keys besides metrics
-FULL = "all"  # the key of the full-data row in `epochs_per_size`
-# The sections whose keys are flags of a program, and the keys the pipeline itself reads there.
-PROGRAM_SECTIONS = {"buffer": ("buffer", ()), "distill": ("distill", ("seeds",)), "evaluate": ("evaluate", ())}
-# The [compare] keys that are lists of values of an evaluate.py flag, and that flag's settings field.
-COMPARE_LISTS = {"ladder": (JudgingSettings, "coreset_size"), "coreset_sizes": (JudgingSettings, "coreset_size"),
-                 "coreset_methods": (TargetSettings, "coreset")}
-COMPARE_KEYS = (*COMPARE_LISTS, "centroids", "full", "epochs_per_size")
-FULL_MODES = ("train", "experts")
 # The file that marks a folder as the pipeline's own: only such a folder is emptied (--fresh) or has stage outputs
 # deleted. A folder from before the marker existed is recognised by its stage stamps.
 MARKER = ".vl-distill-pipeline"
 # What the pipeline writes in its folder: a folder from before the marker holds nothing else.
-PIPELINE_WRITES = {"buffers", "distill", "results", "stamps", "results.md", "results.json", "worth_n.png",
-                   "nearest_captions.txt", "synthetic_images_plain.png", "synthetic_images_clipped.png"}
+PIPELINE_WRITES = {"buffers", "distill", "results", "stamps", "methods", "results.md", "results.json", "worth_n.png",
+                   "table.md", "budgets.png", "nearest_captions.txt", "synthetic_images_plain.png", "synthetic_images_clipped.png"}
 # The keys of any section that name something the programs read.
 INPUT_KEYS = ("image_root", "ann_root", "image_weights", "text_model")
 
@@ -85,107 +87,6 @@ def parse_args(argv=None):
     parser.add_argument("--fresh", action="store_true", help="delete everything in the output folder first (only a "
                                                               "folder the pipeline made: it holds " + MARKER + ")")
     return parser.parse_args(argv)
-
-
-def load_config(path: str, data: str | None) -> dict:
-    try:
-        with open(path, "rb") as handle:
-            config = tomllib.load(handle)
-    except FileNotFoundError:
-        raise UserError(f"config file not found: {path}") from None
-    except OSError as err:  # a folder, no permission, a name too long, ...
-        raise UserError(f"config file {path} cannot be read: {os_error_reason(err)}; give the path of a TOML "
-                        f"file") from None
-    except UnicodeDecodeError as err:
-        raise UserError(f"config file {path} is not UTF-8 text (byte {err.object[err.start:err.start + 1]!r} at "
-                        f"position {err.start}), as TOML must be; save it as UTF-8") from None
-    except tomllib.TOMLDecodeError as err:
-        raise UserError(f"config file {path} is not valid TOML ({err})") from None
-    except RecursionError:
-        raise UserError(f"config file {path} is nested too deeply to read: it is damaged or not a config file") from None
-    unknown = set(config) - set(SECTIONS) - {"out_dir"}
-    if unknown:
-        raise UserError(f"config file {path} has unknown sections {sorted(unknown)}; expected {', '.join(SECTIONS)}")
-    out_dir = config.get("out_dir")
-    problem = path_problem(out_dir) if isinstance(out_dir, str) or out_dir is None else "must be a string"
-    if problem:
-        raise UserError(f"config file {path}: out_dir {problem}, got {config['out_dir']!r}")
-    for section in SECTIONS:
-        config.setdefault(section, {})
-        if not isinstance(config[section], dict):
-            raise UserError(f"config file {path}: [{section}] must be a table, got {config[section]!r}")
-    check_sections(config, f"config file {path}")
-    if data is not None:
-        if not Path(data).is_dir():
-            raise UserError(f"--data {data} is not a folder")
-        config["common"]["image_root"] = str(Path(data).resolve())
-    return config
-
-
-def check_sections(config: dict, where: str) -> dict:
-    """Check the program sections of a config in place, before any work: each section against the program's typed
-    settings (settings/programs.py: an unknown key is an error naming the nearest valid one, a value of the
-    wrong type or out of range an error naming the key), then the rules between flags on what each program
-    will be given ([common] with its section), and the distillation seeds."""
-    for program in PROGRAM_SECTIONS:
-        config["common"] = check_section(program, config["common"], f"{where} [common]")
-    for section, (program, extra) in PROGRAM_SECTIONS.items():
-        config[section] = check_section(program, config[section], f"{where} [{section}]", extra)
-        flags = {key: value for key, value in config[section].items() if key not in extra}
-        check_together(program, {**config["common"], **flags}, f"{where} [common] with [{section}]")
-    distill_settings(config, where)
-    check_expert_length(config, where)
-    check_compare(config["compare"], f"{where} [compare]")
-    return config
-
-
-def check_expert_length(config: dict, where: str) -> None:
-    """The experts the pipeline trains are long enough for its distillation (distill.py would say so only after
-    they trained): train_epochs + 1 snapshots >= max_start_epoch + expert_epochs."""
-    def value(section: str, cls, key: str) -> int:
-        return int({**config["common"], **config[section]}.get(key, getattr(cls(), key)))
-    epochs = value("buffer", ExpertSettings, "train_epochs")
-    start, span = (value("distill", DistillSettings, key) for key in ("max_start_epoch", "expert_epochs"))
-    if epochs + 1 < start + span:
-        raise UserError(f"{where}: [buffer] train_epochs {epochs} gives {epochs + 1} snapshots per expert, but "
-                        f"[distill] max_start_epoch {start} and expert_epochs {span} need {start + span}; train "
-                        f"longer experts or lower those")
-
-
-def compare_value(cls, name: str, value, where: str, key: str):
-    """A [compare] value that becomes evaluate.py's `--name`: the same type and range as the flag."""
-    field = next(f for f in cls.specs() if f.name == name)
-    value = coerce(field, value, where, key)
-    problem = value_problem(field, value)
-    if problem:
-        raise UserError(f"{where}: {key} {problem}")
-    return value
-
-
-def check_compare(compare: dict, where: str) -> None:
-    """The [compare] table: known keys, and values that the evaluate.py calls they become accept."""
-    for key, value in compare.items():
-        if key not in COMPARE_KEYS:
-            near = difflib.get_close_matches(key, COMPARE_KEYS, n=1)
-            raise UserError(f"{where}: unknown key {key!r}" + (f"; did you mean {near[0]!r}?" if near else
-                                                               f" (valid keys: {', '.join(COMPARE_KEYS)})"))
-        if key in COMPARE_LISTS:
-            if not isinstance(value, list):
-                raise UserError(f"{where}: {key} must be a list, got {value!r}")
-            for item in value:
-                compare_value(*COMPARE_LISTS[key], item, where, key)
-    if not isinstance(compare.get("centroids", False), bool):
-        raise UserError(f"{where}: centroids must be true or false, got {compare['centroids']!r}")
-    if compare.get("full", "train") not in FULL_MODES:
-        raise UserError(f"{where}: full must be 'train' (the evaluation protocol on all pairs) or 'experts', "
-                        f"got {compare['full']!r}")
-    epochs = compare.get("epochs_per_size", {})
-    if not isinstance(epochs, dict):
-        raise UserError(f"{where}: epochs_per_size must be a table such as {{1000 = 10, {FULL} = 4}}, got {epochs!r}")
-    for size, count in epochs.items():
-        if size != FULL and not (size.isdigit() and int(size) > 0):
-            raise UserError(f"{where}: epochs_per_size keys are set sizes or {FULL!r}, got {size!r}")
-        compare_value(ProtocolSettings, "epoch_eval_train", count, where, f"epochs_per_size.{size}")
 
 
 def output_folder(flag: str | None, config: dict, config_file: str | None = None) -> Path:
@@ -327,25 +228,6 @@ def expert_folder(buffers: Path) -> Path:
     return found.parent
 
 
-def distill_settings(config: dict, where: str = "config") -> tuple[dict, list[int]]:
-    """The distill.py flags without `seeds`, and the distillation seeds (default: the one `seed`)."""
-    settings = dict(config["distill"])
-    seeds = settings.pop("seeds", None)
-    if seeds is None:
-        seeds = [int(settings.get("seed", config["common"].get("seed", 0)))]
-    whole = [isinstance(s, int) and not isinstance(s, bool) for s in seeds] if isinstance(seeds, list) else [False]
-    if not seeds or not all(whole):
-        raise UserError(f"{where} [distill]: seeds must be a non-empty list of whole numbers, got {seeds!r}")
-    problem = next((check_seed(s) for s in seeds if check_seed(s)), None)
-    if problem:
-        raise UserError(f"{where} [distill]: seeds: each {problem}, got {seeds!r}")
-    repeated = sorted({s for s in seeds if seeds.count(s) > 1})
-    if repeated:  # one run per seed: a repeated seed would be one run counted as several
-        raise UserError(f"{where} [distill]: seeds lists {', '.join(map(str, repeated))} more than once, got {seeds!r}; "
-                        f"give each seed once")
-    return settings, seeds
-
-
 def distill_stage(config: dict, out: Path, expert_dir: Path, seed: int | None = None,
                   name: str = "distill") -> tuple[Path, bool]:
     """The last distilled set of one distillation run, and whether it was (re)made in this invocation."""
@@ -362,7 +244,9 @@ def distill_stage(config: dict, out: Path, expert_dir: Path, seed: int | None = 
         return final, False
     stage.begin()
     resume = ["--resume", str(final)] if final.is_file() else []
-    banner("distillation" + (f" (seed {seed})" if seed is not None else "") + (f": resuming {final}" if resume else ""))
+    size = settings.get("num_pairs")
+    banner("distillation" + (f" of {size} pairs" if size is not None else "") + (f" (seed {seed})" if seed is not None else "")
+           + (f": resuming {final}" if resume else ""))
     run("distill.py", flags + ["--buffer_path", str(expert_dir), "--save_dir", str(save_dir), *resume])
     return final, True
 
@@ -412,8 +296,8 @@ def run_stages(args, config: dict, out: Path) -> int:
     if args.fresh:
         empty_output_folder(out)
     started, times = time.time(), {}
-    _, seeds = distill_settings(config)
-    size = int(config["distill"].get("num_pairs", 100))
+    runs = distill_runs(config)
+    sizes = set_sizes(config)
     compare = config["compare"]
 
     expert_dir = experts_stage(config, out)
@@ -423,14 +307,15 @@ def run_stages(args, config: dict, out: Path) -> int:
     # fails or is retuned never costs them.
     results = out / "results"
     evaluate_flags = as_flags(config["common"]) + as_flags(config["evaluate"]) + ["--buffer_path", str(expert_dir)]
-    Stage(out, "evaluate", evaluate_flags + [json.dumps(compare, sort_keys=True)], [results]).begin()
+    rows_part = {key: value for key, value in compare.items() if key not in ("budgets", "methods")}
+    Stage(out, "evaluate", evaluate_flags + [json.dumps(rows_part, sort_keys=True)], [results]).begin()
     (results / "coresets").mkdir(parents=True, exist_ok=True)
     banner("evaluation: random ladder, coresets, full data")
     ladder, others = {}, {}
-    for count in compare.get("ladder", [size, 10 * size]):
+    for count in compare.get("ladder", [sizes[0], 10 * sizes[0]]):
         label, report = coreset_row(config, results, evaluate_flags, "random", int(count))
         ladder[label] = report
-    for count in compare.get("coreset_sizes", [size]):
+    for count in compare.get("coreset_sizes", sizes):
         for method in compare.get("coreset_methods", []):
             label, report = coreset_row(config, results, evaluate_flags, method, int(count))
             others[label] = report
@@ -440,25 +325,41 @@ def run_stages(args, config: dict, out: Path) -> int:
     full_label, full_report = full_data_row(config, out, expert_dir, evaluate_flags)
     times["ladder, coresets, full data"] = time.time() - started - sum(times.values())
 
-    distilled = {}
-    for seed in seeds:
-        final, remade = distill_stage(config, out, expert_dir, seed, f"distill/seed{seed}")
-        best = final.parent / "distilled_best.pt"  # the best iteration on the selection split
-        label = f"distilled-{len(load_distilled_set(best)['text_syn'])} (seed {seed})"
-        if remade:
-            (results / f"{label}.json").unlink(missing_ok=True)
-        distilled[label] = run_configuration(label, ["--distilled", str(best)], evaluate_flags, results)
+    distilled, groups, run_seconds = {}, {}, {}
+    for item in runs:
+        began = time.time()
+        distilled[item.label] = distilled_row(config, item, out, expert_dir, evaluate_flags, results)
+        groups.setdefault((item.method, item.size), []).append(item.label)
+        run_seconds[item.label] = round(time.time() - began, 1)
     times["distillation + its evaluation"] = time.time() - started - sum(times.values())
-    first_set = out / "distill" / f"seed{seeds[0]}" / "distilled_best.pt"
+    first_set = out / "distill" / runs[0].folder / "distilled_best.pt"
     reports = {}
-    if len(distilled) > 1:
-        reports[f"distilled-{size} ({len(distilled)} seeds)"] = pooled(list(distilled.values()))
-    reports.update(distilled)
+    for (method, size), labels in groups.items():
+        if len(labels) > 1:
+            reports[f"{row_name(method, size)} ({len(labels)} seeds)"] = pooled([distilled[label] for label in labels])
+        reports.update({label: distilled[label] for label in labels})
     reports.update(others)
     reports.update(ladder)
     reports[full_label] = full_report
-    write_outputs(out, first_set, reports, ladder, full_report, times, config)
+    write_outputs(out, first_set, reports, ladder, full_report, times, config, run_seconds)
+    if budgets_of(config) is not None:
+        write_budget_table(out, reports, config)
     return 0
+
+
+def distilled_row(config: dict, item: DistillRun, out: Path, expert_dir: Path, evaluate_flags: list[str],
+                  results: Path) -> dict:
+    """Distill one run (reused when done), then judge its best iteration (the one chosen on the selection split)
+    with the protocol: a method with its own [common] settings uses its own experts for both."""
+    if item.config["common"] != config["common"]:  # other trainable parts or encoder: other experts
+        expert_dir = experts_stage(item.config, out / "methods" / item.method)
+        evaluate_flags = as_flags(item.config["common"]) + as_flags(config["evaluate"]) + ["--buffer_path",
+                                                                                          str(expert_dir)]
+    final, remade = distill_stage(item.config, out, expert_dir, item.seed, f"distill/{item.folder}")
+    if remade:
+        (results / f"{item.label}.json").unlink(missing_ok=True)
+    return run_configuration(item.label, ["--distilled", str(final.parent / "distilled_best.pt")], evaluate_flags,
+                             results)
 
 
 def ladder_points(ladder: dict[str, dict], full_report: dict) -> dict[int, dict]:
@@ -479,7 +380,7 @@ def worth_column(reports: dict[str, dict], ladder: dict[str, dict], full_report:
 
 
 def write_outputs(out: Path, distilled: Path, reports: dict[str, dict], ladder: dict[str, dict], full_report: dict,
-                  times: dict[str, float], config: dict) -> None:
+                  times: dict[str, float], config: dict, run_seconds: dict[str, float] | None = None) -> None:
     summaries = {label: r["metrics"] for label, r in reports.items()}
     worth = worth_column(reports, ladder, full_report)
     header, cells = table_cells(summaries)
@@ -495,7 +396,7 @@ def write_outputs(out: Path, distilled: Path, reports: dict[str, dict], ladder: 
     (out / "results.json").write_text(json.dumps(
         {"split": split, "rows": summaries, "worth_n": worth, "ladder": {str(k): v for k, v in points.items()},
          "choices": {label: {"lr": r.get("lr"), "tuning": r.get("tuning")} for label, r in reports.items()},
-         "stage_seconds": times}, indent=1))
+         "stage_seconds": times, "distillation_seconds": run_seconds or {}}, indent=1))
     marked = {label: r["metrics"]["r_mean"] for label, r in reports.items() if worth.get(label) is not None
               and "(seed" not in label}
     plot = None
@@ -515,6 +416,46 @@ def write_outputs(out: Path, distilled: Path, reports: dict[str, dict], ladder: 
     print("\n" + ", ".join(f"{k} {v / 60:.1f} min" for k, v in times.items()) +
           f"; total {sum(times.values()) / 60:.1f} min")
     print(f"wrote {out / 'results.md'}, {out / 'results.json'}" + (f", {plot}" if plot else ""))
+
+
+def budget_rows(reports: dict[str, dict], config: dict) -> dict[str, dict[int, dict]]:
+    """The table's rows by set size: each method's distilled sets (pooled over seeds), the coresets of each size
+    ("random" from the ladder), from the row labels the pipeline gives them."""
+    sizes, rows = set_sizes(config), {}
+    names = [(method, row_name(method, size), size) for method in method_names(config) for size in sizes]
+    names += [(kind, f"{kind}-{size}", size) for kind in ["random", *config["compare"].get("coreset_methods", []),
+                                                          *(["centroids"] if config["compare"].get("centroids") else [])]
+              for size in sizes]
+    for name, prefix, size in names:
+        found = [label for label in reports if label == prefix or label.startswith(prefix + " (")]
+        pooled_label = next((label for label in found if "seeds)" in label), found[0] if found else None)
+        if pooled_label is not None:
+            rows.setdefault("distilled" if name == BASE else name, {})[size] = reports[pooled_label]["metrics"]
+    return rows
+
+
+def write_budget_table(out: Path, reports: dict[str, dict], config: dict) -> None:
+    """table.md (the paper's layout, then r_mean with worth-N per size) and budgets.png (r_mean against pairs)."""
+    sizes, rows = set_sizes(config), budget_rows(reports, config)
+    ladder = {label: r for label, r in reports.items() if label.startswith("random-")}
+    full_label = next(label for label in reports if label.startswith("full data"))
+    worth = worth_column(reports, ladder, reports[full_label])
+    by_name = {}
+    for name, by_size in rows.items():
+        for size in by_size:
+            label = next((label for label in reports if reports[label]["metrics"] is by_size[size]), None)
+            if label is not None and worth.get(label):
+                by_name.setdefault(name, {})[size] = worth[label]["text"]
+    split = next((r.get("split") for r in reports.values() if r.get("split")), "?")
+    full = reports[full_label]["metrics"]["r_mean"]
+    text = (f"Reported on the {split} split (choices on {config['common'].get('eval_split', 'val')}); mean ± std over "
+            f"the evaluation models (distilled rows: pooled over the seeds). Full data: {cell(full)}.\n\n"
+            f"{paper_table(rows, sizes)}\n\nr_mean, and what each set is worth in random real pairs:\n\n"
+            f"{r_mean_table(rows, sizes, by_name)}\n")
+    (out / "table.md").write_text(text)
+    plot = plot_budgets(rows, out / "budgets.png", ladder_points(ladder, reports[full_label]), full,
+                        title=f"r_mean on {split} against the set size")
+    print(f"wrote {out / 'table.md'}, {plot}")
 
 
 def margin(ours: dict, other: dict) -> str:

@@ -312,21 +312,27 @@ def plot_worth(ladder: dict[int, dict], points: dict[str, dict], path, title: st
             if w.n is not None:
                 ax.plot([w.n], [mean], marker="D", markersize=7, color=colour, markeredgecolor="black",
                         linestyle="none", zorder=4)
-        if full is not None:
-            full_mean = float(full["mean"])
-            full_std = full.get("std")
-            label = "full data" + (f": {full_mean:.2f} ± {float(full_std):.2f}" if full_std is not None
-                                   else f": {full_mean:.2f}")
-            ax.axhline(full_mean, color="dimgrey", linestyle=":", linewidth=1.5, label=label, zorder=1)
-        ax.set_xscale("log")
-        ax.set_xlabel("random real pairs N")
-        ax.set_ylabel("r_mean")
-        if title:
-            ax.set_title(title)
-        ax.grid(True, which="major", alpha=0.3)
-        ax.legend(fontsize="small", loc="best")
-        fig.tight_layout()
-        fig.savefig(path, format="png", dpi=DPI)
+        finish_r_mean_plot(fig, ax, path, "random real pairs N", title, full)
     finally:
         plt.close(fig)
     return path
+
+
+def finish_r_mean_plot(fig, ax, path: Path, xlabel: str, title: str = "", full: dict | None = None) -> None:
+    """The common end of an r_mean plot against a number of pairs: full-data training (an r_mean summary) as a
+    dotted horizontal line, a log x axis, labels, grid, legend; saved as a PNG at DPI."""
+    if full is not None:
+        full_mean = float(full["mean"])
+        full_std = full.get("std")
+        label = "full data" + (f": {full_mean:.2f} ± {float(full_std):.2f}" if full_std is not None
+                               else f": {full_mean:.2f}")
+        ax.axhline(full_mean, color="dimgrey", linestyle=":", linewidth=1.5, label=label, zorder=1)
+    ax.set_xscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("r_mean")
+    if title:
+        ax.set_title(title)
+    ax.grid(True, which="major", alpha=0.3)
+    ax.legend(fontsize="small", loc="best")
+    fig.tight_layout()
+    fig.savefig(path, format="png", dpi=DPI)

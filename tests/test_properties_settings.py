@@ -26,7 +26,7 @@ from hypothesis import strategies as st
 import buffer
 import distill
 import evaluate
-from comparison import pipeline
+from comparison import config as pipeline_config, pipeline
 from experts import cycler
 from experts.files import buffer_dir, claim_metadata, describe_experts, load_expert_pair, save_expert
 from networks import build_model, trainable_parameters
@@ -223,8 +223,8 @@ TOML_VALUES = st.recursive(
     max_leaves=4)
 
 # Every key a section takes: a program's settings fields in its section, the pipeline's own keys in theirs.
-SECTION_KEYS = [(program, f.name) for program in pipeline.PROGRAM_SECTIONS for f in program_fields(program)] + \
-               [("distill", "seeds")] + [("compare", key) for key in pipeline.COMPARE_KEYS] + [(None, "out_dir")]
+SECTION_KEYS = [(program, f.name) for program in pipeline_config.PROGRAM_SECTIONS for f in program_fields(program)] + \
+               [("distill", "seeds")] + [("compare", key) for key in pipeline_config.COMPARE_KEYS] + [(None, "out_dir")]
 
 
 def with_key(section: str | None, key: str, value) -> str:

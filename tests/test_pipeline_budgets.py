@@ -1,0 +1,128 @@
+"""pipeline.py over several set sizes and methods ([compare] budgets / methods): the paper's table at toy size."""
+from __future__ import annotations
+
+import json
+
+import pytest
+from PIL import Image
+
+from comparison import pipeline, programs
+from data.distilled_set import load_distilled_set
+from evaluation.budgets import paper_table, r_mean_table
+from tests.test_pipeline import TOY, launch_in_process
+from utils.cli import UserError
+
+
+@pytest.fixture(autouse=True)
+def programs_in_process(monkeypatch):
+    monkeypatch.setattr(programs, "launch", launch_in_process)
+
+
+def budget_config(text: str) -> str:
+    """The toy pipeline config distilling 4 and 6 pairs (one seed), LoRS at 6 pairs only."""
+    for old, new in (("seeds = [0, 1]", "seeds = [0]"), ("num_pairs = 6\n", ""),
+                     ("ladder = [6, 12, 24]", "ladder = [4, 6, 12]"), ("lr_grid = [0.03, 0.1]\n", "")):
+        assert old in text
+        text = text.replace(old, new)
+    text = text.replace('coreset_methods = ["kmeans"]', 'coreset_methods = ["kmeans"]\nbudgets = [4, 6]\n'
+                                                        'methods = ["base", "lors"]')
+    return text + ('[methods.lors]\ndistill = {sim_type = "lowrank", sim_rank = 2, lr_sim = 1.0}\nbudgets = [6]\n'
+                   '[budgets.6]\ndistill = {mini_batch_size = 4}\n')
+
+
+@pytest.fixture(scope="module")
+def budget_run(tiny_shapes, cache_dir, tmp_path_factory):
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(programs, "launch", launch_in_process)
+        out = tmp_path_factory.mktemp("budgets")
+        config = out / "table.toml"
+        config.write_text(budget_config(TOY.format(out=out / "run", root=tiny_shapes, cache=cache_dir)))
+        assert pipeline.main([str(config)]) == 0
+    return config, out / "run"
+
+
+def test_every_method_distils_at_its_sizes_with_that_sizes_settings(budget_run):
+    _, out = budget_run
+    found = sorted(str(p.parent.relative_to(out / "distill")) for p in out.glob("distill/**/distilled_last.pt"))
+    assert found == ["base-4/seed0", "base-6/seed0", "lors-6/seed0"]
+    sets = {name: load_distilled_set(out / "distill" / name / "distilled_last.pt") for name in found}
+    assert [len(sets[name]["text_syn"]) for name in found] == [4, 6, 6]
+    assert [sets[name]["config"]["mini_batch_size"] for name in found] == [3, 4, 4]  # [budgets.6] at 6 pairs only
+    assert "similarity" not in sets["base-6/seed0"] and sets["lors-6/seed0"]["similarity"].shape == (6, 6)
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    for label in ("distilled-4 (seed 0)", "distilled-6 (seed 0)", "lors-6 (seed 0)", "kmeans-4", "kmeans-6",
+                  "random-4", "random-12", "full data"):
+        assert label in rows
+    report = json.loads((out / "results" / "lors-6 (seed 0).json").read_text())
+    assert report["config"]["distilled"].endswith("lors-6/seed0/distilled_best.pt")
+
+
+def test_the_table_has_sets_as_rows_and_sizes_as_column_groups(budget_run):
+    _, out = budget_run
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    text = (out / "table.md").read_text()
+    assert text.startswith("Reported on the test split (choices on val)")
+    lines = [line for line in text.splitlines() if line.startswith("|")]
+    header = [cell.strip() for cell in lines[0].strip("|").split("|")]
+    assert header[:2] == ["set", "4: IR@1"] and header[8] == "6: IR@1" and len(header) == 1 + 2 * 7
+    table = {line.split("|")[1].strip(): [c.strip() for c in line.strip("|").split("|")[1:]] for line in lines[2:6]}
+    assert list(table) == ["distilled", "lors", "random", "kmeans"]
+    summary = rows["distilled-6 (seed 0)"]["r_mean"]
+    assert table["distilled"][13] == f"{summary['mean']:.2f} ± {summary['std']:.2f}"
+    assert table["lors"][:7] == ["–"] * 7 and table["lors"][13] != "–"  # LoRS ran at 6 pairs only
+    assert table["random"][6] == f"{rows['random-4']['r_mean']['mean']:.2f} ± {rows['random-4']['r_mean']['std']:.2f}"
+    with Image.open(out / "budgets.png") as image:
+        assert image.size == (750, 500)
+
+
+def test_a_rerun_reuses_every_run(budget_run, capsys):
+    config, out = budget_run
+    before = (out / "distill" / "lors-6" / "seed0" / "distilled_last.pt").stat().st_mtime_ns
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(programs, "launch", launch_in_process)
+        assert pipeline.main([str(config)]) == 0
+    text = capsys.readouterr().out
+    assert text.count("distillation: reusing") == 3 and "distill.py" not in text and "buffer.py" not in text
+    assert (out / "distill" / "lors-6" / "seed0" / "distilled_last.pt").stat().st_mtime_ns == before
+
+
+@pytest.mark.parametrize("change, message", [
+    (("budgets = [4, 6]", "budgets = [4, 6]\nnum_pairs_typo = 1"), "unknown key 'num_pairs_typo'"),
+    (("[budgets.6]", "[budgets.7]"), r"\[budgets\]: '7' is not one of the set sizes \[4, 6\]"),
+    (("budgets = [6]\n", "budgets = [5]\n"), r"\[methods.lors\]: budgets must be a non-empty list of the set sizes"),
+    (('methods = ["base", "lors"]', 'methods = ["base", "lorz"]'), "unknown method 'lorz'"),
+    (('methods = ["base", "lors"]', 'methods = ["base", "base"]'), "methods must be a non-empty list"),
+    (("budgets = [4, 6]", "budgets = [4, 4]"), "budgets must list each set size once"),
+    (("budgets = [4, 6]", "budgets = [1, 6]"), "budgets"),
+    (("[distill]\n", "[distill]\nnum_pairs = 4\n"), "not both"),
+    (("distill = {mini_batch_size = 4}", "distill = {mini_batch_size = 9}"), "larger than --num_pairs 6"),
+    (("budgets = [6]\n", "budgets = [6]\nepochs = 3\n"), r"\[methods.lors\]: unknown key 'epochs'"),
+])
+def test_a_bad_budget_or_method_setting_is_refused_before_any_work(tiny_shapes, cache_dir, tmp_path, monkeypatch,
+                                                                   change, message):
+    monkeypatch.setattr(programs, "launch", lambda *a, **k: pytest.fail("a program ran"))
+    text = budget_config(TOY.format(out=tmp_path / "run", root=tiny_shapes, cache=cache_dir))
+    assert change[0] in text
+    config = tmp_path / "bad.toml"
+    config.write_text(text.replace(change[0], change[1], 1))
+    with pytest.raises(UserError, match=message):
+        pipeline.main([str(config)])
+    assert not (tmp_path / "run").exists()
+
+
+def summary(mean: float, std: float = 0.5) -> dict:
+    return {key: {"mean": mean + k, "std": std} for k, key in
+            enumerate(["img_r1", "img_r5", "img_r10", "txt_r1", "txt_r5", "txt_r10", "r_mean"])}
+
+
+def test_the_tables_print_every_cell_and_mark_missing_ones():
+    rows = {"distilled": {100: summary(10.0), 200: summary(20.0)}, "lors": {200: summary(30.0)}}
+    lines = paper_table(rows, [100, 200]).splitlines()
+    assert lines[0] == ("| set | 100: IR@1 | IR@5 | IR@10 | TR@1 | TR@5 | TR@10 | r_mean | 200: IR@1 | IR@5 | IR@10 | "
+                        "TR@1 | TR@5 | TR@10 | r_mean |")
+    assert lines[2].split(" | ")[1:3] == ["10.00 ± 0.50", "11.00 ± 0.50"] and "26.00 ± 0.50" in lines[2]
+    assert lines[3].split(" | ")[1:8] == ["–"] * 7 and lines[3].endswith("36.00 ± 0.50 |")
+    compact = r_mean_table(rows, [100, 200], {"distilled": {200: "1,000"}}).splitlines()
+    assert compact[0] == "| set | 100 pairs | 200 pairs |"
+    assert compact[2] == "| distilled | 16.00 ± 0.50 | 26.00 ± 0.50 (worth 1,000) |"
+    assert compact[3] == "| lors | – | 36.00 ± 0.50 |"
