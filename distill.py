@@ -40,7 +40,7 @@ from matching.guard import StepGuard, after_divergence
 from matching.meta_gradient import matching_gradients
 from matching.streams import SegmentStream, SegmentStreams, saved_streams, streams_entries
 from matching.synthetic import initial_synthetic_set
-from matching.trajectory import Students, contrastive_step_loss, draw_blends, draw_minibatches, pick_segment
+from matching.trajectory import Students, contrastive_step_loss, draw_blends, draw_minibatches, frozen_features, pick_segment
 from networks import build_model, check_image_size, image_norm, text_encoder_identity
 from networks.similarity import TargetSimilarity
 from reparam_module import ReparamModule
@@ -191,12 +191,13 @@ class Distiller:
     def _meta_gradient(self, segment, batches, augment, blends):
         """The matching loss's meta-gradient, with the pixels' part taken back through a frozen trunk."""
         settings = self.settings
-        # A frozen trunk runs once per iteration on every synthetic image (one augmentation draw when DSA is
-        # on); the student steps then see its outputs, and their gradient flows back through it at the end.
+        # A frozen trunk runs once per iteration on the synthetic images this iteration's minibatches hold (one
+        # augmentation draw when DSA is on); the student steps then see its outputs, and their gradient flows
+        # back through it at the end.
         features_given = self.students.frozen_encoder is not None
         if features_given:
             pixels = self.image_syn if augment is None else augment(self.image_syn, 0)
-            features = self.students.frozen_encoder(pixels)
+            features = frozen_features(self.students.frozen_encoder, pixels, batches)
             image_input = features.detach().requires_grad_(True)
             augment = None
         else:

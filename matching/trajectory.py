@@ -54,6 +54,19 @@ def draw_minibatches(num_queries: int, mini_batch_size: int, syn_steps: int,
     return [torch.randperm(num_queries, generator=generator)[:mini_batch_size] for _ in range(syn_steps)]
 
 
+def frozen_features(encoder: torch.nn.Module, pixels: torch.Tensor, batches: list[torch.Tensor]) -> torch.Tensor:
+    """The frozen encoder's outputs [N, ...] for the synthetic `pixels` [N, ...], computed for the images that the
+    student steps' minibatches `batches` hold; the rows of the others are zero (no step reads them, so they get
+    no gradient either way). The encoder is in eval mode, so an image's output does not depend on the others in
+    its batch: at a set much larger than the images one iteration uses, the encoder's cost follows the images
+    used, not the set size."""
+    used = torch.unique(torch.cat(batches)).to(pixels.device)
+    if len(used) == len(pixels):
+        return encoder(pixels)
+    seen = encoder(pixels[used])
+    return seen.new_zeros((len(pixels), *seen.shape[1:])).index_copy(0, used, seen)
+
+
 def draw_blends(syn_steps: int, mini_batch_size: int, alpha: float,
                 generator: torch.Generator) -> list[tuple[float, torch.Tensor]]:
     """RepBlend: per student step, λ ~ Beta(alpha, alpha) and a permutation of the minibatch."""
