@@ -73,7 +73,7 @@ NOT_METRICS = ("epoch", "train_loss", "train_acc", "steps", "gradient_steps")  #
 # deleted. A folder from before the marker existed is recognised by its stage stamps.
 MARKER = ".vl-distill-pipeline"
 # What the pipeline writes in its folder: a folder from before the marker holds nothing else.
-PIPELINE_WRITES = {"buffers", "distill", "results", "stamps", "methods", "results.md", "results.json", "worth_n.png",
+PIPELINE_WRITES = {"buffers", "distill", "results", "stamps", "methods", "sweep", "results.md", "results.json", "worth_n.png",
                    "table.md", "budgets.png", "nearest_captions.txt", "synthetic_images_plain.png", "synthetic_images_clipped.png"}
 # The keys of any section that name something the programs read.
 INPUT_KEYS = ("image_root", "ann_root", "image_weights", "text_model")

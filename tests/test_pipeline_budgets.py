@@ -126,3 +126,27 @@ def test_the_tables_print_every_cell_and_mark_missing_ones():
     assert compact[0] == "| set | 100 pairs | 200 pairs |"
     assert compact[2] == "| distilled | 16.00 ± 0.50 | 26.00 ± 0.50 (worth 1,000) |"
     assert compact[3] == "| lors | – | 36.00 ± 0.50 |"
+
+
+def test_a_sweep_runs_each_variant_on_the_pipelines_experts_and_tables_its_val_curve(budget_run, capsys):
+    from comparison import sweep
+
+    config, out = budget_run
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(programs, "launch", launch_in_process)
+        assert sweep.main([str(config), "--variants", "base", "--size", "6", "--iterations", "2"]) == 0
+        assert sweep.main([str(config), "--variants", "lors", "--size", "6", "--iterations", "2"]) == 0
+    printed = capsys.readouterr().out
+    assert "experts: 2 of 2 trained, reusing them" in printed
+    result = json.loads((out / "sweep" / "sweep-6.json").read_text())
+    assert list(result["variants"]) == ["base", "lors"] and result["split"] == "val"  # the earlier variant is kept
+    for name in ("base", "lors"):
+        folder = out / "sweep" / f"{name}-6-it2" / "seed0"
+        variant = result["variants"][name]
+        assert set(variant["curve"]) == {"0", "2"} and variant["settings"]["mini_batch_size"] == 4  # [budgets.6]
+        assert variant["curve"]["2"] == load_distilled_set(folder / "distilled_000002.pt")["metrics"]["r_mean"]["mean"]
+        assert variant["best_r_mean"] == max(variant["curve"].values())
+    assert "similarity" in load_distilled_set(out / "sweep" / "lors-6-it2" / "seed0" / "distilled_last.pt")
+    lines = (out / "sweep" / "sweep-6.md").read_text().splitlines()
+    assert lines[2] == "| variant | it 0 | it 2 | best | s / iteration |"
+    assert [line.split("|")[1].strip() for line in lines[4:]] == ["base", "lors"]
