@@ -5,7 +5,8 @@ in the frozen text encoder's space) and two step sizes (image encoder, text head
 takes an expert trajectory, starts a student at epoch `start` of it, takes --syn_steps SGD steps on
 random synthetic minibatches (graph kept), and minimises the distance to the expert's parameters
 --expert_epochs later, normalised by how far the expert moved. Every --eval_it iterations fresh
-models are trained on the synthetic set and tested; the set is saved to --save_dir then
+models are trained on the synthetic set (the image side at the learned syn_lr_img, the text head at
+syn_lr_txt) and tested; the set is saved to --save_dir then
 (distilled_best.pt when it improved, distilled_<it>.pt, distilled_last.pt), and resumable with --resume.
 Ctrl-C (or SIGTERM) saves the start of the iteration it interrupted to distilled_last.pt; a resumed run
 continues bit for bit as one that never stopped (every random draw comes from saved generators;
@@ -32,7 +33,7 @@ from data.build import load_retrieval_data
 from data.distilled_set import learned_lr_problem, load_distilled_set, resume_state_problem, save_distilled_set, set_source
 from data.model_inputs import inputs_for
 from evaluation import coresets
-from evaluation.protocol import evaluate_pairs, untrained_warning
+from evaluation.protocol import evaluate_pairs, lr_label, untrained_warning
 from evaluation.training import batch_note
 from experts.cycler import ExpertCycler
 from experts.files import check_buffer_matches, expected_metadata, locate_buffer, read_metadata
@@ -54,7 +55,7 @@ from utils.paths import ensure_output_dir, json_object_in, refuse_outputs_over_i
 from utils import distributed
 from utils.distributed import ProcessGroupInfo, sum_over_ranks
 from utils.rng import global_streams_seeded
-from utils.seeds import distill_eval_seed, segment_stream_seed
+from utils.seeds import distill_eval_seed, segment_stream_seed, similarity_init_seed
 from evaluation.metrics import format_summary
 from utils.visualize import nearest_captions, save_image_grids, write_nearest_captions
 from utils.wandb_logging import start_run
@@ -123,7 +124,7 @@ class Distiller:
     one trajectory-matching iteration on it."""
 
     def __init__(self, settings: DistillRunSettings, images: torch.Tensor, texts: torch.Tensor, device: torch.device,
-                 students: Students, generator: torch.Generator, group: ProcessGroupInfo | None = None):
+                 students: Students, group: ProcessGroupInfo | None = None):
         self.settings, self.device, self.students = settings, device, students
         self.group = group or ProcessGroupInfo()
         self.sync_seconds = 0.0  # time spent averaging the meta-gradients over the processes (torchrun)
@@ -133,7 +134,12 @@ class Distiller:
         self.syn_lr_txt = torch.tensor(float(settings.distill.student_lr_txt), device=device, requires_grad=True)
         self.similarity = TargetSimilarity(settings.distill.sim_type, settings.distill.num_pairs,
                                            settings.distill.sim_rank, settings.distill.sim_alpha) if settings.distill.sim_type != "none" else None
-        self.sim_params = ([t.requires_grad_(True) for t in self.similarity.initial_params(generator, device)]
+        # The similarity's initial parameters (LoRS's random L) come from a generator of their own, not the run's:
+        # the run then draws the same segments, minibatches and augmentations whatever --sim_type, so a run with a
+        # similarity is paired with the same run without (and S = I held fixed learns exactly what the base method
+        # learns). A resumed run draws them again, then `restore` puts back the saved ones.
+        own = torch.Generator().manual_seed(similarity_init_seed(settings.runtime.seed))
+        self.sim_params = ([t.requires_grad_(True) for t in self.similarity.initial_params(own, device)]
                            if self.similarity else [])
         self.optimizers = {
             "img": torch.optim.SGD([self.image_syn], lr=settings.distill.lr_img, momentum=0.5),
@@ -488,7 +494,7 @@ def distill(settings: DistillRunSettings, device: torch.device, group: ProcessGr
         chosen = kmeans_start(settings, data, student_model, directory, meta, device) if settings.distill.pix_init == "kmeans" else None
     images, texts = initial_synthetic_set(data, settings.distill.num_pairs, settings.model.image_size, settings.distill.pix_init, settings.distill.txt_init,
                                           settings.model.text_encoder, generator, image_norm(settings.model), chosen)
-    distiller = Distiller(settings, images, texts, device, students, generator, group)
+    distiller = Distiller(settings, images, texts, device, students, group)
 
     def new_stream(slot: int, iteration: int) -> SegmentStream:
         stream_generator = torch.Generator().manual_seed(segment_stream_seed(runtime.seed, slot, iteration))
@@ -544,13 +550,16 @@ def distill(settings: DistillRunSettings, device: torch.device, group: ProcessGr
         """Judge the set of `point` (the evaluation models shared out over the processes), write it, and return
         the point with its evaluation and the best so far."""
         iteration, learned = point.iteration, point.learned
-        lr, untrained = learned["syn_lr_img"], []
+        # The models train at the set's two learned step sizes: the image side at one, the text head at the other.
+        lr, lr_txt, untrained = learned["syn_lr_img"], learned["syn_lr_txt"], []
         summary = evaluate_pairs(settings.model, settings.protocol, learned["image_syn"], learned["text_syn"], lr, inputs, device,
                                  settings.protocol.num_eval, seed=distill_eval_seed(runtime.seed, iteration), progress=progress,
-                                 similarity=similarity_of(learned), model=student_model, group=group, untrained=untrained)
+                                 similarity=similarity_of(learned), model=student_model, group=group, untrained=untrained,
+                                 lr_txt=lr_txt)
         if main_process:
-            tqdm.write(f"iteration {iteration}: {format_summary(summary)}  (eval lr {lr:.4g}, {settings.protocol.num_eval} "
-                       f"models, {settings.data.eval_split}; {distiller.guard.total_skipped} steps skipped so far)")
+            tqdm.write(f"iteration {iteration}: {format_summary(summary)}  (eval {lr_label(lr, lr_txt)}, "
+                       f"{settings.protocol.num_eval} models, {settings.data.eval_split}; "
+                       f"{distiller.guard.total_skipped} steps skipped so far)")
             if untrained:
                 tqdm.write(untrained_warning(untrained, settings.protocol.num_eval))
         run.log({**{f"eval/{k}": v["mean"] for k, v in summary.items()},

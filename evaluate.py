@@ -3,15 +3,17 @@
 Exactly one of:
   --distilled PATH        a saved distilled set (or a saved coreset: the same file format). Data set,
                           encoders, image size and evaluation settings come from the file unless
-                          given on the command line; the learning rate is the learned step size.
+                          given on the command line; the learning rates are the learned step sizes:
+                          the image side trains at syn_lr_img, the text head at syn_lr_txt.
   --coreset METHOD        choose --coreset_size real training pairs (random, herding, kcenter,
                           forgetting, kmeans), save them as a set file, and evaluate them the same way;
                           `centroids` (frozen trunk only) is the k-means feature-centroid set instead:
                           per cluster the mean trunk output and the mean text embedding of its pairs.
   --full                  train on the whole training split (the upper bound), same protocol.
 --num_eval fresh models (seeds --seed, --seed+1, ...) train --epoch_eval_train epochs (SGD, momentum
-0.9, weight decay 5e-4, lr x0.1 half way); the table shows mean ± std over them. With --lr_grid the
-learning rate is chosen first on --eval_split (val: the split for choices) by --tune_models models per
+0.9, weight decay 5e-4, lr x0.1 half way); the table shows mean ± std over them. --lr_eval LR trains both
+the image side and the text head at LR (coresets and --full: at 0.1 by default). With --lr_grid one
+learning rate for both is chosen first on --eval_split (val: the split for choices) by --tune_models models per
 value; the reported numbers are on --report_split (auto: the test split when its annotation file is
 present, e.g. flickr8k_test.json beside the others, else --eval_split; the output says which).
 --eval_image_encoder (or --image_encoder) trains another image encoder than the set was made with
@@ -37,7 +39,7 @@ from data.model_inputs import inputs_for
 from data.transforms import renormalize
 from evaluation import coresets
 from evaluation.metrics import format_table
-from evaluation.protocol import judge, pair_batches, untrained_warning
+from evaluation.protocol import judge, lr_label, pair_batches, untrained_warning
 from evaluation.training import batch_note
 from experts.files import check_buffer_matches, expected_metadata, locate_buffer, read_metadata
 from networks import build_model, check_image_size, image_norm
@@ -405,6 +407,10 @@ def main(argv=None) -> int:
         inputs = inputs_for(settings.data, settings.model, data, model, device, settings.runtime.progress, need_train=settings.target.full and model.has_trunk)
     lr = settings.judging.lr_eval or (payload["syn_lr_img"] if settings.target.distilled else DEFAULT_REAL_LR)
     lrs = settings.judging.lr_grid or [lr]
+    # A set's learned step sizes: the image side trains at one, the text head at the other (LoRS and RepBlend
+    # evaluate theirs so); --lr_eval and --lr_grid give one rate for both (the protocol's choice).
+    learned = settings.target.distilled and settings.judging.lr_eval is None and not settings.judging.lr_grid
+    lr_txt = payload["syn_lr_txt"] if learned else None
 
     if payload is not None:
         pairs = set_inputs(settings, payload, set_path, model, device)
@@ -420,13 +426,14 @@ def main(argv=None) -> int:
     batch_note("--batch_train", settings.protocol.batch_train,
                len(payload["text_syn"]) if payload is not None else len(data.train.captions),
                "the set" if payload is not None else "the training split")
-    choice = f"lr chosen from {lrs} on {settings.data.eval_split}" if len(lrs) > 1 else f"lr {lrs[0]:.4g}"
+    choice = f"lr chosen from {lrs} on {settings.data.eval_split}" if len(lrs) > 1 else lr_label(lrs[0], lr_txt)
     transfer = f" (the set was made with {made_with})" if made_with and made_with != settings.model.image_encoder else ""
     print(f"evaluating {what} with {settings.protocol.num_eval} x {settings.model.image_encoder}{transfer}: {choice}; reporting on {report_split}"
           + (f" (no {settings.data.dataset} test split beside the others: the split used for choices)"
              if settings.judging.report_split == "auto" and report_split == settings.data.eval_split != "test" else ""))
     result = judge(settings.model, settings.protocol, make_loader, lrs, inputs, device, settings.protocol.num_eval, settings.runtime.seed, report_split, settings.judging.tune_models,
-                   settings.runtime.progress, similarity=payload.get("similarity") if payload is not None else None)
+                   settings.runtime.progress, similarity=payload.get("similarity") if payload is not None else None,
+                   lr_txt=lr_txt)
     summary = result["metrics"]
     seconds = time.time() - started
     runtime = settings.runtime
@@ -436,7 +443,7 @@ def main(argv=None) -> int:
              **{f"eval/{k}_std": v["std"] for k, v in summary.items()}})
     run.finish()
     print(format_table({f"{label} ({report_split})": summary}))
-    print(f"{settings.protocol.num_eval} models at lr {result['lr']:.4g}, {seconds:.0f}s")
+    print(f"{settings.protocol.num_eval} models at {lr_label(result['lr'], result['lr_txt'])}, {seconds:.0f}s")
     models = settings.protocol.num_eval + (settings.judging.tune_models * len(lrs) if len(lrs) > 1 else 0)
     warning = untrained_warning(result["untrained_models"], models)
     if warning:
@@ -445,11 +452,12 @@ def main(argv=None) -> int:
         config = settings.snapshot()
         config.update(set_file=str(set_path) if set_path else None, set_config=payload["config"] if payload else None,
                       set_size=len(payload["text_syn"]) if payload else len(data.train.captions),
-                      lr_used=result["lr"], image_encoder_of_set=made_with, text_identity=data.text_identity,
+                      lr_used=result["lr"], lr_txt_used=result["lr_txt"], image_encoder_of_set=made_with,
+                      text_identity=data.text_identity,
                       image_norm_used=image_norm(settings.model), device=str(device),
                       command=[Path(sys.argv[0]).name, *sys.argv[1:]] if argv is None else argv)
         atomic_write_json({"label": label, "image_encoder": settings.model.image_encoder, "metrics": summary, "split": report_split, "lr": result["lr"],
-                           "tuning": result["tuning"], "selection_split": settings.data.eval_split,
+                           "lr_txt": result["lr_txt"], "tuning": result["tuning"], "selection_split": settings.data.eval_split,
                            "selection_metrics": result["selection_metrics"], "config": config,
                            "untrained_models": result["untrained_models"], "warning": warning,
                            "seconds": round(seconds, 1)}, Path(settings.judging.out))

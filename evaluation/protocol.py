@@ -4,6 +4,9 @@ The protocol, used by distill.py during distillation and by evaluate.py afterwar
 (each from its own seed) train for `epoch_eval_train` epochs with SGD (momentum 0.9, weight decay
 5e-4, one learning rate for the image side and the text head, ×0.1 half way through), batch
 `batch_train`, then retrieval is measured; every metric is reported as mean ± std over the models.
+A distilled set judged at its own learned step sizes trains the image side at the one and the text head
+at the other (`lr_txt`), as LoRS and RepBlend evaluate theirs; a learning rate given or chosen from a grid
+is one rate for both.
 
 Choices are made on the selection split (`--eval_split`, val by default), never on the split the
 final numbers are reported on: with a learning-rate grid, `tune_models` models per grid value
@@ -57,19 +60,25 @@ def _pairs_loader(images, texts, batch_size: int, seed: int, dsa_strategy: str |
                       generator=generator, drop_last=drop_last, collate_fn=collate)
 
 
+def lr_label(lr: float, lr_txt: float | None = None) -> str:
+    """`lr 0.1`, or `lr 0.1 (text head 0.05)` when the text head trains at another rate."""
+    return f"lr {lr:.4g}" + (f" (text head {lr_txt:.4g})" if lr_txt is not None and lr_txt != lr else "")
+
+
 def train_fresh_model(settings: ModelSettings, protocol: ProtocolSettings, loader, lr: float, text_dim: int,
                       device: torch.device, seed: int, similarity: torch.Tensor | None = None,
-                      epochs: int | None = None):
+                      epochs: int | None = None, lr_txt: float | None = None):
     """A fresh model (built from `settings`) trained on `loader` batches with the evaluation protocol, with
     the model's loss, against `similarity[idx, idx]` when the set has a learned similarity; returns the model
-    and why it did not train (evaluation.training.TrainingWatch), or None when it did.
+    and why it did not train (evaluation.training.TrainingWatch), or None when it did. The image side trains
+    at `lr`, the text head at `lr_txt` (default: `lr`).
 
     The model's initialisation and dropout come from its own seed; the caller's global random streams are
     left as they were (an evaluation during distillation must not change what is learned next)."""
     with global_streams_kept():
         seed_everything(eval_model_seed(seed))
         model = build_model(settings, text_dim).to(device)
-        optimizers = sgd_pair(model, lr, lr, EVAL_MOMENTUM, EVAL_WEIGHT_DECAY)
+        optimizers = sgd_pair(model, lr, lr if lr_txt is None else lr_txt, EVAL_MOMENTUM, EVAL_WEIGHT_DECAY)
         epochs = protocol.epoch_eval_train if epochs is None else epochs
         start, watch = trainable_snapshot(model), TrainingWatch()
         for epoch in range(epochs):
@@ -83,21 +92,23 @@ def train_fresh_model(settings: ModelSettings, protocol: ProtocolSettings, loade
 def evaluate_models(settings: ModelSettings, protocol: ProtocolSettings, make_loader: Callable[[int], object], lr: float, inputs: ModelInputs, device: torch.device,
                     num_eval: int, seed: int, progress: bool = True, similarity: torch.Tensor | None = None,
                     splits: tuple[str, ...] | None = None, group: ProcessGroupInfo | None = None,
-                    untrained: list[dict] | None = None) -> dict[str, dict]:
+                    untrained: list[dict] | None = None, lr_txt: float | None = None) -> dict[str, dict]:
     """Per split (default: the selection split), mean, std and per-run values of every retrieval metric over
-    `num_eval` freshly trained models; model `k` is seeded with `seed + k` and trains on `make_loader(seed + k)`.
-    Each model that did not train is appended to `untrained` as {"lr", "seed", "problem"}.
+    `num_eval` freshly trained models (image side at `lr`, text head at `lr_txt`, default `lr`); model `k` is
+    seeded with `seed + k` and trains on `make_loader(seed + k)`.
+    Each model that did not train is appended to `untrained` as {"lr", "lr_txt", "seed", "problem"}.
     Under torchrun (`group`), the models are shared out over the processes and their results gathered: the
     same numbers as one process training all of them (a collective: every process must call it)."""
     splits = splits or (inputs.data.eval_name,)
     group = group or ProcessGroupInfo()
     mine = {name: {} for name in splits}
     problems = {}
-    bar = tqdm(group.my_share(num_eval), desc=f"evaluation models (lr {lr:.3g})", unit="model", leave=False,
-               disable=not progress)
+    lr_txt = lr if lr_txt is None else lr_txt
+    bar = tqdm(group.my_share(num_eval), desc=f"evaluation models ({lr_label(lr, lr_txt)})", unit="model",
+               leave=False, disable=not progress)
     for run in bar:
         model, problem = train_fresh_model(settings, protocol, make_loader(seed + run), lr, inputs.data.text_dim,
-                                           device, seed + run, similarity)
+                                           device, seed + run, similarity, lr_txt=lr_txt)
         if problem:
             problems[run] = problem
         for name in splits:
@@ -108,20 +119,25 @@ def evaluate_models(settings: ModelSettings, protocol: ProtocolSettings, make_lo
     everyone = {name: {k: v for share in gather_objects(mine[name], group) for k, v in share.items()} for name in splits}
     problems = {k: v for share in gather_objects(problems, group) for k, v in share.items()}
     if untrained is not None:
-        untrained.extend({"lr": lr, "seed": seed + k, "problem": problems[k]} for k in sorted(problems))
+        untrained.extend({"lr": lr, "lr_txt": lr_txt, "seed": seed + k, "problem": problems[k]}
+                         for k in sorted(problems))
     return {name: summarize_runs([runs[k] for k in range(num_eval)]) for name, runs in everyone.items()}
 
 
 def judge(settings: ModelSettings, protocol: ProtocolSettings, make_loader: Callable[[int], object], lrs: list[float], inputs: ModelInputs, device: torch.device,
           num_eval: int, seed: int, report_split: str | None = None, tune_models: int = 1, progress: bool = True,
-          similarity: torch.Tensor | None = None) -> dict:
+          similarity: torch.Tensor | None = None, lr_txt: float | None = None) -> dict:
     """The protocol with its choices: the learning rate from `lrs` by `tune_models` models per value on the
     selection split (skipped for a single value), then `num_eval` models at that rate, reported on
-    `report_split` (default: the selection split) and on the selection split.
+    `report_split` (default: the selection split) and on the selection split. `lr_txt` (a set's learned text
+    step size, with its image step size the single value of `lrs`) trains the text head at another rate.
 
-    Returns {"metrics": report-split summary, "split": its name, "lr": the rate used, "tuning": {lr: selection
-    r_mean}, "selection_metrics": the final models on the selection split, "untrained_models": the models,
-    tuning ones included, that did not train ({"lr", "seed", "problem"})}."""
+    Returns {"metrics": report-split summary, "split": its name, "lr": the rate used (the image side's),
+    "lr_txt": the text head's, "tuning": {lr: selection r_mean}, "selection_metrics": the final models on the
+    selection split, "untrained_models": the models, tuning ones included, that did not train ({"lr", "lr_txt",
+    "seed", "problem"})}."""
+    if lr_txt is not None and len(lrs) > 1:
+        raise ValueError("a separate text-head rate goes with one image rate, not a grid to choose from")
     select = inputs.data.eval_name
     report = report_split or select
     tuning, untrained = {}, []
@@ -136,9 +152,10 @@ def judge(settings: ModelSettings, protocol: ProtocolSettings, make_loader: Call
         lr = max(lrs, key=lambda value: tuning[f"{value:g}"])
     else:
         lr = lrs[0]
+    lr_txt = lr if lr_txt is None else lr_txt
     summaries = evaluate_models(settings, protocol, make_loader, lr, inputs, device, num_eval, seed, progress, similarity,
-                                splits=tuple(dict.fromkeys((report, select))), untrained=untrained)
-    return {"metrics": summaries[report], "split": report, "lr": lr, "tuning": tuning,
+                                splits=tuple(dict.fromkeys((report, select))), untrained=untrained, lr_txt=lr_txt)
+    return {"metrics": summaries[report], "split": report, "lr": lr, "lr_txt": lr_txt, "tuning": tuning,
             "selection_metrics": summaries[select], "untrained_models": untrained}
 
 
@@ -148,7 +165,8 @@ def untrained_warning(untrained: list[dict], models: int) -> str | None:
         return None
     first = untrained[0]
     return (f"WARNING: {len(untrained)} of {models} evaluation models did not train, so their numbers are those of "
-            f"untrained models (first: lr {first['lr']:.4g}, seed {first['seed']}: {first['problem']})")
+            f"untrained models (first: {lr_label(first['lr'], first.get('lr_txt'))}, seed {first['seed']}: "
+            f"{first['problem']})")
 
 
 def pair_batches(protocol: ProtocolSettings, model, inputs: ModelInputs, device: torch.device, texts: torch.Tensor,
@@ -171,12 +189,13 @@ def pair_batches(protocol: ProtocolSettings, model, inputs: ModelInputs, device:
 def evaluate_pairs(settings: ModelSettings, protocol: ProtocolSettings, images: torch.Tensor, texts: torch.Tensor, lr: float, inputs: ModelInputs,
                    device: torch.device, num_eval: int, seed: int, progress: bool = True,
                    similarity: torch.Tensor | None = None, model=None, group: ProcessGroupInfo | None = None,
-                   untrained: list[dict] | None = None) -> dict:
-    """The protocol at one learning rate on a fixed set of (image tensor, text embedding) pairs, on the
-    selection split: a distilled set or a coreset, with its learned [N, N] target similarity if it has one
-    (models that did not train are appended to `untrained`, see evaluate_models)."""
+                   untrained: list[dict] | None = None, lr_txt: float | None = None) -> dict:
+    """The protocol at one learning rate (image side `lr`, text head `lr_txt`, default `lr`) on a fixed set of
+    (image tensor, text embedding) pairs, on the selection split: a distilled set or a coreset, with its learned
+    [N, N] target similarity if it has one (models that did not train are appended to `untrained`, see
+    evaluate_models)."""
     model = model if model is not None else build_model(settings, inputs.data.text_dim)
     similarity = None if similarity is None else similarity.detach().to(device)
     make_loader = pair_batches(protocol, model, inputs, device, texts, images)
     return evaluate_models(settings, protocol, make_loader, lr, inputs, device, num_eval, seed, progress,
-                           similarity, group=group, untrained=untrained)[inputs.data.eval_name]
+                           similarity, group=group, untrained=untrained, lr_txt=lr_txt)[inputs.data.eval_name]

@@ -16,8 +16,9 @@ class JudgingSettings(Settings):
     title = "evaluation choices"
 
     coreset_size: int | None = setting(None, "coreset size N (pairs)", aliases=("num_queries",), check=pair_count)
-    lr_eval: float | None = setting(None, "learning rate of the evaluation models (default: the set's learned step "
-                                          f"size; for coresets and --full, {DEFAULT_REAL_LR:g})",
+    lr_eval: float | None = setting(None, "learning rate of the evaluation models, image side and text head (default: "
+                                          "the set's learned step sizes, syn_lr_img for the image side and syn_lr_txt "
+                                          f"for the text head; for coresets and --full, {DEFAULT_REAL_LR:g})",
                                    check=positive_up_to(WEIGHT_LR_MAX))
     lr_grid: list[float] | None = setting(None, "choose the learning rate from these values on --eval_split (the same "
                                                 "budget for every set judged); without it the rate is --lr_eval or the "

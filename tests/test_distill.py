@@ -50,7 +50,7 @@ def test_reloaded_set_evaluates_to_the_same_metrics(run4, tiny_shapes, cache_dir
                         need_train=False)
     summary = evaluate_pairs(model_settings, protocol, payload["image_syn"], payload["text_syn"],
                              payload["syn_lr_img"], inputs, torch.device("cpu"), protocol.num_eval,
-                             seed=distill_eval_seed(config["seed"], 4), progress=False)
+                             seed=distill_eval_seed(config["seed"], 4), progress=False, lr_txt=payload["syn_lr_txt"])
     assert summary == payload["metrics"]
 
 

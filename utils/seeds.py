@@ -17,6 +17,10 @@ FORGETTING_SEED_OFFSET = 2_000_000_011
 CORESET_PROBE_OFFSET = 3_000_000_019
 # Both sit above every evaluation seed of a run, and differ from its expert seeds for experts below 40,000
 # (2_000_000_011 and 3_000_000_019 leave remainders 60,013 and 40,021 modulo EXPERT_STRIDE - 1).
+# distill.py's learned similarity (LoRS): the generator of its initial parameters (the low-rank factor L), apart
+# from the run's own generator, so that the run draws the same segments, minibatches and augmentations whatever
+# --sim_type
+SIMILARITY_INIT_OFFSET = 4_000_000_007
 
 
 def expert_seed(seed: int, number: int) -> int:
@@ -46,3 +50,9 @@ def forgetting_seed(seed: int) -> int:
 def coreset_probe_seed(seed: int) -> int:
     """The seed of the model that embeds the training pairs for a coreset (it was the plain --seed)."""
     return CORESET_PROBE_OFFSET + seed
+
+
+def similarity_init_seed(seed: int) -> int:
+    """The seed of the generator that draws distill.py's initial similarity parameters (they came from the run's
+    generator, which then drew other segments and minibatches than the same run without a similarity)."""
+    return SIMILARITY_INIT_OFFSET + seed
