@@ -3,8 +3,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from settings.base import (DATA_LR_MAX, WEIGHT_LR_MAX, Settings, a_path, at_least, non_negative, pair_count, positive,
-                           positive_up_to, setting)
+from settings.base import (DATA_LR_MAX, WEIGHT_LR_MAX, Settings, a_path, at_least, in_interval, non_negative, pair_count,
+                           positive, positive_up_to, setting)
 from settings.choices import MATCHING_MODES, PIX_INITS, SIM_TYPES, TXT_INITS
 from utils.cli import UserError
 
@@ -52,8 +52,8 @@ class DistillSettings(Settings):
                                     "sim_rank) L R^T; saved with the set and used by evaluate.py", choices=SIM_TYPES)
     sim_rank: int = setting(10, "rank r of the low-rank similarity", check=at_least(1))
     sim_alpha: float = setting(1.0, "scale alpha of the low-rank part", check=positive)
-    lr_sim: float = setting(10.0, "learning rate of the similarity (SGD momentum 0.5)",
-                            check=positive_up_to(DATA_LR_MAX))
+    lr_sim: float = setting(10.0, "learning rate of the similarity (SGD momentum 0.5); 0 keeps S at its start, the "
+                                  "identity (the soft-target loss alone)", check=in_interval(0, DATA_LR_MAX))
     blend_alpha: float = setting(0.0, "RepBlend: in every student step blend the minibatch's image and text "
                                       "representations with a shuffled copy, lambda ~ Beta(A, A) (0 = off)",
                                  check=non_negative)

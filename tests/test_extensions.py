@@ -34,7 +34,7 @@ def _set(folder, name="distilled_last.pt"):
 
 def test_lowrank_similarity_is_learned_saved_resumed_and_used_by_evaluate(run4, tiny_shapes, cache_dir, experts,
                                                                          tmp_path):
-    lors = ("--sim_type", "lowrank", "--sim_rank", "2", "--loss_type", "kl", "--lr_sim", "5")
+    lors = ("--sim_type", "lowrank", "--sim_rank", "2", "--loss_type", "kl", "--lr_sim", "500")  # kl: a mean over N² entries
     assert distill.main(distill_flags(tiny_shapes, cache_dir, experts, tmp_path / "lors", *FAST, *lors,
                                       "--Iteration", "4")) == 0
     learned = _set(tmp_path / "lors")

@@ -27,21 +27,9 @@ LEARNED = ("image_syn", "text_syn", "syn_lr_img", "syn_lr_txt")
 # an evaluation uses shows.
 RUN = ("--Iteration", "3", "--eval_it", "3", "--num_eval", "1", "--epoch_eval_train", "1", "--draw", "False",
        "--student_lr_img", "0.1", "--student_lr_txt", "0.05", "--loss_type", "infonce")
-NEUTRAL_LORS = {"lowrank": ("--sim_type", "lowrank", "--sim_rank", "2"), "full": ("--sim_type", "full")}
+NEUTRAL_LORS = {"lowrank": ("--sim_type", "lowrank", "--sim_rank", "2", "--lr_sim", "0"),
+                "full": ("--sim_type", "full", "--lr_sim", "0")}
 FROZEN = ("--image_projection", "True", "--train_stages", "0", "--feature_views", "1")
-
-
-def neutral_similarity(monkeypatch) -> None:
-    """--lr_sim 0 (S stays the identity): the command line refuses a learning rate that is not positive, so the
-    parsed settings are changed after parsing."""
-    parse = distill.parse_args
-
-    def parse_with_frozen_similarity(argv=None):
-        settings = parse(argv)
-        settings.distill.lr_sim = 0.0
-        return settings
-
-    monkeypatch.setattr(distill, "parse_args", parse_with_frozen_similarity)
 
 
 def spy_on_evaluation_lrs(monkeypatch) -> list[tuple[float, float]]:
@@ -76,8 +64,7 @@ def spy_on_draws(monkeypatch) -> list:
 
 
 def saved(folder, name="distilled_last.pt") -> dict:
-    """A set as saved (not through load_distilled_set, which refuses the --lr_sim 0 of its config)."""
-    return torch.load(folder / name, weights_only=True)
+    return load_distilled_set(folder / name)
 
 
 def learned(folder, name="distilled_last.pt") -> dict:
@@ -103,7 +90,6 @@ def base_run(tiny_shapes, cache_dir, experts, tmp_path_factory):
 @pytest.mark.parametrize("sim_type", ["lowrank", "full"])
 def test_lors_with_the_identity_frozen_learns_exactly_the_base_set(base_run, sim_type, tiny_shapes, cache_dir,
                                                                    experts, tmp_path, monkeypatch):
-    neutral_similarity(monkeypatch)
     draws = spy_on_draws(monkeypatch)
     assert distill.main(distill_flags(tiny_shapes, cache_dir, experts, tmp_path, *RUN, *NEUTRAL_LORS[sim_type])) == 0
     assert len(draws) == 6 and draws == base_run[2]  # the same segments and minibatches as the base run
@@ -136,7 +122,6 @@ def test_repblend_with_blending_off_learns_exactly_the_base_set(frozen_experts, 
         return learned(folder)
 
     base = run(tmp_path / "base")
-    neutral_similarity(monkeypatch)
     repblend = run(tmp_path / "repblend", "--blend_alpha", "0", *NEUTRAL_LORS["lowrank"])
     assert not torch.equal(base["image_syn"], learned(tmp_path / "base", "distilled_000000.pt")["image_syn"])
     assert_bit_identical(repblend, base)
