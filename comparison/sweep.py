@@ -8,7 +8,10 @@ Reads the pipeline's TOML file (pipeline.py). A variant is a method of the confi
 sweep runs at `--size`, with that size's `[budgets.<N>]` flags). Every variant distills `--size` pairs for the
 same `--iterations` on the pipeline's experts (trained first if missing) with `--seed`, and is judged by
 distill.py's own evaluations every `eval_it` iterations on the selection split (`eval_split`, val: these are
-choices), with `num_eval` models trained at the learned step sizes. The table (sweep-<size>.md and .json in
+choices), with `num_eval` models trained at the learned step sizes; the best evaluated set is then judged with
+the [evaluate] protocol on the same split (its learning rate chosen from the grid by one model per rate, then one
+fresh model at that rate: its r_mean), since a set's learned step sizes can be poor learning rates for models
+trained on it. The table (sweep-<size>.md and .json in
 out_dir/sweep/, which keep the variants of earlier invocations at that size and seed) gives each variant's r_mean at every evaluated iteration, its best, and seconds per matching
 iteration (evaluations excluded). A variant whose run is complete is reused; an interrupted one resumes.
 """
@@ -19,7 +22,8 @@ import json
 from pathlib import Path
 
 from comparison.config import DistillRun, distill_settings, method_config, row_name
-from comparison.pipeline import distill_stage, experts_stage, load_config, output_folder
+from comparison.pipeline import as_flags, distill_stage, experts_stage, load_config, output_folder
+from comparison.programs import run_configuration
 from data.distilled_set import load_distilled_set
 from evaluation.metrics import markdown_table
 from settings.programs import Parser
@@ -72,16 +76,25 @@ def main(argv=None) -> int:
     runs = [variant_run(config, name, size, args.seed, args.iterations) for name in args.variants]  # all checked first
     out = output_folder(args.out_dir, config, args.config)
     expert_dir = experts_stage(config, out)
+    evaluate_flags = as_flags(config["common"]) + as_flags(config["evaluate"]) + ["--buffer_path", str(expert_dir)]
     results = {}
     for item in runs:
         if item.config["common"] != config["common"]:
             raise UserError(f"variant {item.method} changes [common]: its experts would differ from the pipeline's; "
                             f"sweep variants that share the experts")
-        final, _ = distill_stage(item.config, out / "sweep", expert_dir, item.seed, item.folder)
+        final, remade = distill_stage(item.config, out / "sweep", expert_dir, item.seed, item.folder)
         timing = read_json_if_present(final.parent / "timing.json") or {}
         points = curve(final.parent)
         best = max(points, key=points.get) if points else None
+        judged = final.parent / "protocol"  # the best set with the protocol's learning-rate grid, on the selection split
+        judged.mkdir(exist_ok=True)
+        if remade:
+            (judged / "best.json").unlink(missing_ok=True)
+        report = run_configuration("best", ["--distilled", str(final.parent / "distilled_best.pt"), "--num_eval", "1"],
+                                   evaluate_flags, judged)
         results[item.method] = {"curve": points, "best_iteration": best, "best_r_mean": points.get(best),
+                                "protocol_lr": report["lr"],
+                                "protocol_r_mean": report["selection_metrics"]["r_mean"]["mean"],
                                 "seconds_per_iteration": timing.get("seconds", float("nan")) /
                                 max(timing.get("iterations", 0), 1),
                                 "settings": item.config["distill"]}
@@ -94,11 +107,14 @@ def main(argv=None) -> int:
         r["curve"] = {int(i): v for i, v in r["curve"].items()}
     rows = [[name] + [f"{r['curve'][i]:.2f}" if i in r["curve"] else "" for i in iterations] +
             [f"{r['best_r_mean']:.2f} (it {r['best_iteration']})" if r["best_iteration"] is not None else "",
-             f"{r['seconds_per_iteration']:.2f}"] for name, r in results.items()]
+             f"{r['protocol_r_mean']:.2f} (lr {r['protocol_lr']:g})", f"{r['seconds_per_iteration']:.2f}"]
+            for name, r in results.items()]
     split = config["common"].get("eval_split", "val")
-    table = markdown_table(["variant"] + [f"it {i}" for i in iterations] + ["best", "s / iteration"], rows)
-    (folder / f"sweep-{size}.md").write_text(f"{size} pairs, seed {args.seed}, {args.iterations} iterations; r_mean on "
-                                     f"{split} (distill.py's evaluations).\n\n{table}\n")
+    table = markdown_table(["variant"] + [f"it {i}" for i in iterations] + ["best", "protocol at best", "s / iteration"], rows)
+    (folder / f"sweep-{size}.md").write_text(
+        f"{size} pairs, seed {args.seed}, {args.iterations} iterations; r_mean on {split}: distill.py's evaluations "
+        f"(learned step sizes) at each iteration, and the best iteration's set under the protocol (the grid's best "
+        f"learning rate, then one fresh model at it).\n\n{table}\n")
     (folder / f"sweep-{size}.json").write_text(json.dumps({"size": size, "seed": args.seed, "split": split,
                                                            "variants": results}, indent=1))
     print(table)

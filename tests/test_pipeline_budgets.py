@@ -148,5 +148,8 @@ def test_a_sweep_runs_each_variant_on_the_pipelines_experts_and_tables_its_val_c
         assert variant["best_r_mean"] == max(variant["curve"].values())
     assert "similarity" in load_distilled_set(out / "sweep" / "lors-6-it2" / "seed0" / "distilled_last.pt")
     lines = (out / "sweep" / "sweep-6.md").read_text().splitlines()
-    assert lines[2] == "| variant | it 0 | it 2 | best | s / iteration |"
+    assert lines[2] == "| variant | it 0 | it 2 | best | protocol at best | s / iteration |"
+    judged = json.loads((out / "sweep" / "lors-6-it2" / "seed0" / "protocol" / "best.json").read_text())
+    assert judged["config"]["distilled"].endswith("lors-6-it2/seed0/distilled_best.pt")
+    assert result["variants"]["lors"]["protocol_r_mean"] == judged["selection_metrics"]["r_mean"]["mean"]
     assert [line.split("|")[1].strip() for line in lines[4:]] == ["base", "lors"]
