@@ -41,7 +41,7 @@ from matching.guard import StepGuard, after_divergence
 from matching.meta_gradient import matching_gradients
 from matching.streams import SegmentStream, SegmentStreams, saved_streams, streams_entries
 from matching.synthetic import initial_synthetic_set
-from matching.trajectory import Students, contrastive_step_loss, draw_blends, draw_minibatches, frozen_features, pick_segment
+from matching.trajectory import Students, contrastive_step_loss, draw_blends, draw_minibatches, FrozenPass, pick_segment
 from networks import build_model, check_image_size, image_norm, text_encoder_identity
 from networks.similarity import TargetSimilarity
 from reparam_module import ReparamModule
@@ -203,8 +203,8 @@ class Distiller:
         features_given = self.students.frozen_encoder is not None
         if features_given:
             pixels = self.image_syn if augment is None else augment(self.image_syn, 0)
-            features = frozen_features(self.students.frozen_encoder, pixels, batches)
-            image_input = features.detach().requires_grad_(True)
+            trunk = FrozenPass(self.students.frozen_encoder, pixels, batches)
+            image_input = trunk.features.requires_grad_(True)
             augment = None
         else:
             image_input = self.image_syn
@@ -215,7 +215,7 @@ class Distiller:
                                     self.syn_lr_txt, segment)
         image_grad = result.learned_grads[0]
         if features_given:
-            (image_grad,) = torch.autograd.grad(features, self.image_syn, image_grad)
+            image_grad = trunk.pixel_gradient(self.image_syn, image_grad)
         return result, image_grad
 
     def _apply(self, image_term: torch.Tensor, text_term: torch.Tensor, gradients: list[torch.Tensor], start_epoch: int,

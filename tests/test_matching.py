@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.func import functional_call
 
-from matching.trajectory import Segment, Students, draw_minibatches, frozen_features, unrolled_matching_loss
+from matching.trajectory import FrozenPass, Segment, Students, draw_minibatches, unrolled_matching_loss
 from networks import ImageTextModel
 from networks.convnet import ConvNet
 from reparam_module import ReparamModule, flatten
@@ -245,13 +245,15 @@ def test_exact_lowmem_matches_unroll_with_a_learned_similarity_and_blending():
         _assert_rel_close(got, expected, 1e-6)
 
 
-@settings(max_examples=25, deadline=None, derandomize=True, database=None)
-@given(size=st.integers(2, 12), steps=st.integers(1, 4), batch=st.integers(1, 12), seed=st.integers(0, 2**31 - 1))
-def test_the_frozen_encoder_runs_on_the_images_the_minibatches_use_with_the_same_outputs_and_gradients(size, steps,
-                                                                                                    batch, seed):
-    """frozen_features equals the encoder on every image at the rows the steps read, zero elsewhere, and the gradient
-    it sends to the pixels is the whole encoder's gradient restricted to those rows (eval-mode BatchNorm: each
-    image's output is its own)."""
+@settings(max_examples=30, deadline=None, derandomize=True, database=None)
+@given(size=st.integers(2, 12), steps=st.integers(1, 4), batch=st.integers(1, 12), chunk=st.integers(1, 13),
+       augmented=st.booleans(), seed=st.integers(0, 2**31 - 1))
+def test_the_frozen_encoder_runs_on_the_images_the_minibatches_use_with_the_same_outputs_and_gradients(
+        size, steps, batch, chunk, augmented, seed):
+    """FrozenPass equals the encoder over every image at the rows the steps read, zero elsewhere, and the gradient
+    it sends to the learned pixels is the whole encoder's gradient restricted to those rows (eval-mode BatchNorm:
+    each image's output is its own), whether the used images go through in one pass or `chunk` at a time, and
+    whether the pixels are the learned tensor itself or a function of it (an augmentation)."""
     generator = torch.Generator().manual_seed(seed)
     encoder = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU(),
                                   torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten()).double()
@@ -262,13 +264,15 @@ def test_the_frozen_encoder_runs_on_the_images_the_minibatches_use_with_the_same
     batches = [torch.randperm(size, generator=generator)[:min(batch, size)] for _ in range(steps)]
     used = torch.zeros(size, dtype=torch.bool)
     used[torch.cat(batches)] = True
-    pixels = torch.randn(size, 3, 6, 6, generator=generator, dtype=torch.float64, requires_grad=True)
+    leaf = torch.randn(size, 3, 6, 6, generator=generator, dtype=torch.float64, requires_grad=True)
+    pixels = (leaf * 1.5 + 0.25).flip(-1) if augmented else leaf
     upstream = torch.randn(size, 4, generator=generator, dtype=torch.float64) * used[:, None]  # only read rows
-    features = frozen_features(encoder, pixels, batches)
-    (grad,) = torch.autograd.grad(features, pixels, upstream)
     whole = encoder(pixels)
-    (whole_grad,) = torch.autograd.grad(whole, pixels, upstream)
-    torch.testing.assert_close(features[used], whole[used], rtol=1e-12, atol=1e-12)
-    assert torch.equal(features[~used], torch.zeros_like(features[~used]))
+    (whole_grad,) = torch.autograd.grad(whole, leaf, upstream, retain_graph=True)
+    trunk = FrozenPass(encoder, pixels, batches, chunk)
+    grad = trunk.pixel_gradient(leaf, upstream)
+    assert not trunk.features.requires_grad
+    torch.testing.assert_close(trunk.features[used], whole[used].detach(), rtol=1e-12, atol=1e-12)
+    assert torch.equal(trunk.features[~used], torch.zeros_like(trunk.features[~used]))
     torch.testing.assert_close(grad, whole_grad, rtol=1e-12, atol=1e-12)
     assert torch.equal(grad[~used], torch.zeros_like(grad[~used]))
