@@ -13,7 +13,8 @@ the [evaluate] protocol on the same split (its learning rate chosen from the gri
 fresh model at that rate: its r_mean), since a set's learned step sizes can be poor learning rates for models
 trained on it. The table (sweep-<size>.md and .json in
 out_dir/sweep/, which keep the variants of earlier invocations at that size and seed) gives each variant's r_mean at every evaluated iteration, its best, and seconds per matching
-iteration (evaluations excluded). A variant whose run is complete is reused; an interrupted one resumes.
+iteration (evaluations excluded). A variant whose run is complete is reused; an interrupted one resumes; one that stops (e.g. diverges) is
+judged by the best set it saved and marked in the table.
 """
 from __future__ import annotations
 
@@ -82,7 +83,14 @@ def main(argv=None) -> int:
         if item.config["common"] != config["common"]:
             raise UserError(f"variant {item.method} changes [common]: its experts would differ from the pipeline's; "
                             f"sweep variants that share the experts")
-        final, remade = distill_stage(item.config, out / "sweep", expert_dir, item.seed, item.folder)
+        try:
+            final, remade = distill_stage(item.config, out / "sweep", expert_dir, item.seed, item.folder)
+            stopped = None
+        except UserError as err:  # e.g. diverged: the variant's result is what it saved before it stopped
+            final, remade, stopped = out / "sweep" / item.folder / "distilled_last.pt", True, str(err)
+            if not (final.parent / "distilled_best.pt").is_file():
+                raise
+            print(f"variant {item.method} stopped ({stopped}); judging the best set it saved", flush=True)
         timing = read_json_if_present(final.parent / "timing.json") or {}
         points = curve(final.parent)
         best = max(points, key=points.get) if points else None
@@ -97,7 +105,8 @@ def main(argv=None) -> int:
                                 "protocol_r_mean": report["selection_metrics"]["r_mean"]["mean"],
                                 "seconds_per_iteration": timing.get("seconds", float("nan")) /
                                 max(timing.get("iterations", 0), 1),
-                                "settings": item.config["distill"]}
+                                "settings": item.config["distill"], "stopped": stopped,
+                                "last_iteration": load_distilled_set(final)["iteration"]}
     folder = out / "sweep"
     earlier = read_json_if_present(folder / f"sweep-{size}.json") or {}
     if earlier.get("seed") == args.seed:  # variants of earlier invocations at this size and seed stay in the table
@@ -105,7 +114,8 @@ def main(argv=None) -> int:
     iterations = sorted({int(i) for r in results.values() for i in r["curve"]})
     for r in results.values():
         r["curve"] = {int(i): v for i, v in r["curve"].items()}
-    rows = [[name] + [f"{r['curve'][i]:.2f}" if i in r["curve"] else "" for i in iterations] +
+    rows = [[name + (f" (stopped at {r['last_iteration']})" if r.get("stopped") else "")] +
+            [f"{r['curve'][i]:.2f}" if i in r["curve"] else "" for i in iterations] +
             [f"{r['best_r_mean']:.2f} (it {r['best_iteration']})" if r["best_iteration"] is not None else "",
              f"{r['protocol_r_mean']:.2f} (lr {r['protocol_lr']:g})", f"{r['seconds_per_iteration']:.2f}"]
             for name, r in results.items()]

@@ -153,3 +153,22 @@ def test_a_sweep_runs_each_variant_on_the_pipelines_experts_and_tables_its_val_c
     assert judged["config"]["distilled"].endswith("lors-6-it2/seed0/distilled_best.pt")
     assert result["variants"]["lors"]["protocol_r_mean"] == judged["selection_metrics"]["r_mean"]["mean"]
     assert [line.split("|")[1].strip() for line in lines[4:]] == ["base", "lors"]
+
+
+def test_a_variant_that_stops_is_judged_by_the_best_set_it_saved_and_marked(budget_run, monkeypatch):
+    from comparison import sweep
+
+    config, out = budget_run
+    real = sweep.distill_stage
+
+    def diverging(settings, folder, expert_dir, seed, name):
+        final, _ = real(settings, folder, expert_dir, seed, name)  # a complete run, then as if it had stopped
+        raise UserError("distill.py failed (exit 2); the output above says why")
+
+    monkeypatch.setattr(programs, "launch", launch_in_process)
+    monkeypatch.setattr(sweep, "distill_stage", diverging)
+    assert sweep.main([str(config), "--variants", "base", "--size", "4", "--iterations", "2"]) == 0
+    variant = json.loads((out / "sweep" / "sweep-4.json").read_text())["variants"]["base"]
+    assert variant["stopped"].startswith("distill.py failed") and variant["last_iteration"] == 2
+    assert variant["protocol_r_mean"] is not None
+    assert "| base (stopped at 2) |" in (out / "sweep" / "sweep-4.md").read_text()
