@@ -170,16 +170,37 @@ def as_flags(section: dict) -> list[str]:
     return flags
 
 
-class Stage:
-    """One step whose outputs are reused while the flags it ran with are unchanged."""
+def flag_values(flags: list[str]) -> dict[str, tuple[str, ...]]:
+    """A program's flags as --flag -> its values, the last of a repeated flag winning (as the programs read them):
+    the order in which a config lists its keys does not change what a stage runs."""
+    values, current = {}, None
+    for token in flags:
+        if token.startswith("--"):
+            current = token
+            values[current] = ()
+        else:
+            values[current] = (*values.get(current, ()), token)
+    return values
 
-    def __init__(self, out: Path, name: str, flags: list[str], outputs: list[Path]):
+
+class Stage:
+    """One step whose outputs are reused while the flags it ran with are unchanged (in any order); `tail`: what else
+    it depends on (e.g. how many experts there are), recorded after the flags and compared as it is."""
+
+    def __init__(self, out: Path, name: str, flags: list[str], outputs: list[Path], tail: list[str] = ()):
         self.out = out
         self.stamp = out / "stamps" / f"{name}.json"
-        self.name, self.flags, self.outputs = name, flags, outputs
+        self.name, self.given, self.tail, self.outputs = name, flags, list(tail), outputs
+        self.flags = flags + self.tail
 
     def unchanged(self) -> bool:
-        return self.stamp.is_file() and json.loads(self.stamp.read_text()) == self.flags
+        if not is_stamp(self.stamp):
+            return False
+        stored = json.loads(self.stamp.read_text())
+        if not all(isinstance(token, str) for token in stored):
+            return False
+        cut = len(stored) - len(self.tail)
+        return cut >= 0 and stored[cut:] == self.tail and flag_values(stored[:cut]) == flag_values(self.given)
 
     def invalidate(self) -> None:
         if not owned_by_pipeline(self.out):  # output_folder claims every folder before a stage runs in it
@@ -236,7 +257,7 @@ def distill_stage(config: dict, out: Path, expert_dir: Path, seed: int | None = 
         settings["seed"] = seed
     flags = as_flags(config["common"]) + as_flags(settings)
     save_dir = out / name
-    stage = Stage(out, name.replace("/", "_"), flags + [str(len(expert_files(expert_dir)))], [save_dir])
+    stage = Stage(out, name.replace("/", "_"), flags, [save_dir], tail=[str(len(expert_files(expert_dir)))])
     final = save_dir / "distilled_last.pt"
     iterations = int(settings.get("Iteration", 50000))
     if stage.unchanged() and final.is_file() and load_distilled_set(final)["iteration"] == iterations:
@@ -308,7 +329,7 @@ def run_stages(args, config: dict, out: Path) -> int:
     results = out / "results"
     evaluate_flags = as_flags(config["common"]) + as_flags(config["evaluate"]) + ["--buffer_path", str(expert_dir)]
     rows_part = {key: value for key, value in compare.items() if key not in ("budgets", "methods")}
-    Stage(out, "evaluate", evaluate_flags + [json.dumps(rows_part, sort_keys=True)], [results]).begin()
+    Stage(out, "evaluate", evaluate_flags, [results], tail=[json.dumps(rows_part, sort_keys=True)]).begin()
     (results / "coresets").mkdir(parents=True, exist_ok=True)
     banner("evaluation: random ladder, coresets, full data")
     ladder, others = {}, {}

@@ -75,15 +75,29 @@ def test_the_table_has_sets_as_rows_and_sizes_as_column_groups(budget_run):
         assert image.size == (750, 500)
 
 
-def test_a_rerun_reuses_every_run(budget_run, capsys):
+def test_a_rerun_reuses_every_run_also_with_the_configs_keys_in_another_order(budget_run, capsys):
     config, out = budget_run
     before = (out / "distill" / "lors-6" / "seed0" / "distilled_last.pt").stat().st_mtime_ns
+    text = config.read_text()
+    for key in ("lr_img = 10\n", "text_encoder = \"minilm\"\n", "batch_train = 4\n"):  # [distill], [common], [evaluate]
+        start = text.index(key)
+        end = text.index("[", start)  # the next section
+        text = text[:start] + text[start + len(key):end] + key + text[end:]
+    assert text != config.read_text()
+    config.write_text(text)
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(programs, "launch", launch_in_process)
         assert pipeline.main([str(config)]) == 0
     text = capsys.readouterr().out
     assert text.count("distillation: reusing") == 3 and "distill.py" not in text and "buffer.py" not in text
     assert (out / "distill" / "lors-6" / "seed0" / "distilled_last.pt").stat().st_mtime_ns == before
+
+
+def test_stage_flags_compare_as_the_programs_read_them():
+    assert pipeline.flag_values(["--a", "1", "--b", "x", "y"]) == pipeline.flag_values(["--b", "x", "y", "--a", "1"])
+    assert pipeline.flag_values(["--a", "1", "--a", "2"]) == {"--a": ("2",)}  # the last one wins
+    assert pipeline.flag_values(["--a", "1", "--a", "2"]) != pipeline.flag_values(["--a", "2", "--a", "1"])
+    assert pipeline.flag_values(["--b", "x", "y"]) != pipeline.flag_values(["--b", "y", "x"])
 
 
 @pytest.mark.parametrize("change, message", [
