@@ -1,0 +1,57 @@
+"""Seconds per matching iteration of distill.py at several set sizes (and methods) on a pipeline config's experts.
+
+    python -m bench.bench_set_sizes configs/flickr8k_table.toml --data ../shared/data/flickr8k 100:base 500:base
+
+Each SIZE:METHOD runs distill.py for --iterations iterations with the config's settings for that method and size
+(comparison/config.py), evaluations cut to one model of one epoch (timing.json excludes them anyway), one after
+the other in this process, and prints seconds per iteration. The pipeline's experts must exist (pipeline.py
+trains them).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from comparison.config import load_config, method_config
+from comparison.pipeline import as_flags, distill_settings, expert_folder
+from settings.programs import Parser
+from utils.cli import UserError, run_cli
+
+
+def main(argv=None) -> int:
+    parser = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                    prog="python -m bench.bench_set_sizes")
+    parser.add_argument("config")
+    parser.add_argument("runs", nargs="+", help="SIZE:METHOD, e.g. 500:base")
+    parser.add_argument("--data", default=None)
+    parser.add_argument("--iterations", type=int, default=6)
+    args = parser.parse_args(argv)
+    config = load_config(args.config, args.data)
+    experts = expert_folder(Path(config.get("out_dir", "outputs/pipeline")) / "buffers")
+    with tempfile.TemporaryDirectory() as scratch:
+        for run in args.runs:
+            size, _, method = run.partition(":")
+            if not size.isdigit() or not method:
+                raise UserError(f"{run!r} is not SIZE:METHOD")
+            merged = method_config(config, method, int(size))
+            settings, _ = distill_settings(merged)
+            settings.update({"Iteration": args.iterations, "eval_it": args.iterations, "num_eval": 1,
+                             "epoch_eval_train": 1, "seed": 0})
+            save = Path(scratch) / run.replace(":", "-")
+            began = time.time()
+            subprocess.run([sys.executable, "-m", "distill", *as_flags(merged["common"]), *as_flags(settings),
+                            "--buffer_path", str(experts), "--save_dir", str(save), "--draw", "False", "--progress",
+                            "False"], check=True, stdout=subprocess.DEVNULL)
+            timing = json.loads((save / "timing.json").read_text())
+            print(f"{method} {size}: {timing['seconds'] / timing['iterations']:.2f} s/iteration "
+                  f"({timing['iterations']} iterations), wall {time.time() - began:.0f}s", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)
