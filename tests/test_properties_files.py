@@ -17,7 +17,7 @@ from conftest import PIPELINE_CONFIG
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from comparison import pipeline
+from comparison import config as pipeline_config, pipeline
 from data.annotations import read_split
 from data.distilled_set import load_distilled_set, resume_state_problem, save_distilled_set
 from data.feature_cache import _load_quietly
@@ -341,4 +341,4 @@ def test_a_damaged_pipeline_config_is_one_line_naming_it_or_valid(data, tmp_path
     except UserError as err:
         assert_one_line_naming(err, path)
         return
-    assert all(isinstance(config[section], dict) for section in pipeline.SECTIONS)
+    assert all(isinstance(config[section], dict) for section in pipeline_config.SECTIONS)

@@ -33,7 +33,7 @@ BAD = [
     ("distill", ["--lr_img", "1e12"], f"--lr_img {DATA_LR_BEYOND}"),
     ("distill", ["--lr_txt=-inf"], f"--lr_txt {DATA_LR_BEYOND}"),
     ("distill", ["--lr_lr", "1e12"], f"--lr_lr {LR_BEYOND}"),
-    ("distill", ["--lr_sim", "inf"], f"--lr_sim {DATA_LR_BEYOND}"),
+    ("distill", ["--lr_sim", "inf"], "--lr_sim must be from 0 to 1e+06, got inf"),  # 0 is allowed: S held fixed
     ("distill", ["--student_lr_img", "0"], f"--student_lr_img {LR_BEYOND}"),
     ("distill", ["--lr_teacher_txt", "1e3"], f"--student_lr_txt {LR_BEYOND}"),
     ("evaluate", ["--lr_eval", "nan"], f"--lr_eval {LR_BEYOND}"),
