@@ -10,7 +10,6 @@ trains them).
 from __future__ import annotations
 
 import argparse
-import json
 import subprocess
 import sys
 import tempfile
@@ -18,7 +17,7 @@ import time
 from pathlib import Path
 
 from comparison.config import load_config, method_config
-from comparison.pipeline import as_flags, distill_settings, expert_folder
+from comparison.pipeline import as_flags, distill_settings, expert_folder, seconds_per_iteration
 from settings.programs import Parser
 from utils.cli import UserError, run_cli
 
@@ -47,9 +46,8 @@ def main(argv=None) -> int:
             subprocess.run([sys.executable, "-m", "distill", *as_flags(merged["common"]), *as_flags(settings),
                             "--buffer_path", str(experts), "--save_dir", str(save), "--draw", "False", "--progress",
                             "False"], check=True, stdout=subprocess.DEVNULL)
-            timing = json.loads((save / "timing.json").read_text())
-            print(f"{method} {size}: {timing['seconds'] / timing['iterations']:.2f} s/iteration "
-                  f"({timing['iterations']} iterations), wall {time.time() - began:.0f}s", flush=True)
+            print(f"{method} {size}: {seconds_per_iteration(save / 'distilled_last.pt'):.2f} s/iteration "
+                  f"({args.iterations} iterations), wall {time.time() - began:.0f}s", flush=True)
     return 0
 
 

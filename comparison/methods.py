@@ -37,10 +37,10 @@ from comparison.pipeline import (
     experts_stage,
     load_config,
     output_folder,
+    seconds_per_iteration,
 )
 from settings.programs import Parser
 from utils.cli import UserError
-from utils.io import read_json_if_present
 from evaluation.metrics import markdown_table, table_cells
 
 def parse_args(argv=None):
@@ -64,12 +64,6 @@ def method_experts(config: dict, name: str, out: Path) -> tuple[dict, Path]:
     settings = method_config(config, name)
     own_experts = settings["common"] != config["common"]  # other trainable parts or encoder: other experts
     return settings, experts_stage(settings, out / "methods" / name if own_experts else out)
-
-
-def seconds_per_iteration(distilled: Path) -> float:
-    """Seconds per matching iteration of the run that wrote `distilled` (its timing.json, evaluations excluded)."""
-    timing = read_json_if_present(Path(distilled).parent / "timing.json") or {}
-    return timing.get("seconds", float("nan")) / max(timing.get("iterations", 0), 1)
 
 
 def time_method(config: dict, name: str, out: Path, iterations: int) -> float:

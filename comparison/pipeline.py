@@ -66,6 +66,7 @@ from evaluation.worth import plot_worth, worth_n
 from experts.files import expert_files, read_expert_metrics
 from settings.programs import Parser
 from utils.cli import UserError
+from utils.io import read_json_if_present
 from utils.paths import ensure_output_dir, refuse_outputs_over_inputs
 
 NOT_METRICS = ("epoch", "train_loss", "train_acc", "steps", "gradient_steps")  # buffer.py's epoch keys besides metrics
@@ -272,6 +273,13 @@ def distill_stage(config: dict, out: Path, expert_dir: Path, seed: int | None = 
     return final, True
 
 
+def seconds_per_iteration(distilled: Path, missing: float = float("nan")) -> float:
+    """Seconds per matching iteration of the distill.py run that wrote `distilled` (its timing.json, evaluations
+    excluded); `missing` when it has none."""
+    timing = read_json_if_present(Path(distilled).parent / "timing.json") or {}
+    return timing["seconds"] / max(timing.get("iterations", 0), 1) if "seconds" in timing else missing
+
+
 def epochs_for(config: dict, size: int | str) -> list[str]:
     epochs = {str(k): v for k, v in config["compare"].get("epochs_per_size", {}).items()}
     return ["--epoch_eval_train", str(epochs[str(size)])] if str(size) in epochs else []
@@ -363,8 +371,6 @@ def run_stages(args, config: dict, out: Path) -> int:
     reports.update(ladder)
     reports[full_label] = full_report
     write_outputs(out, first_set, reports, ladder, full_report, times, config, run_seconds)
-    if budgets_of(config) is not None:
-        write_budget_table(out, reports, config)
     return 0
 
 
@@ -424,6 +430,9 @@ def write_outputs(out: Path, distilled: Path, reports: dict[str, dict], ladder: 
     if len(points) >= 2:
         plot = plot_worth(points, marked, out / "worth_n.png", title=f"r_mean on {split} against random real pairs",
                           full=full_report["metrics"]["r_mean"])
+    if budgets_of(config) is not None:
+        budgets_plot = write_budget_table(out, reports, worth, points, full_report["metrics"]["r_mean"], split, config)
+        print(f"wrote {out / 'table.md'}, {budgets_plot}")
     if distilled.is_file():
         tag = f"{load_distilled_set(distilled)['iteration']:06d}"
         for name in (f"synthetic_images_plain_{tag}.png", f"synthetic_images_clipped_{tag}.png",
@@ -439,44 +448,35 @@ def write_outputs(out: Path, distilled: Path, reports: dict[str, dict], ladder: 
     print(f"wrote {out / 'results.md'}, {out / 'results.json'}" + (f", {plot}" if plot else ""))
 
 
-def budget_rows(reports: dict[str, dict], config: dict) -> dict[str, dict[int, dict]]:
-    """The table's rows by set size: each method's distilled sets (pooled over seeds), the coresets of each size
-    ("random" from the ladder), from the row labels the pipeline gives them."""
-    sizes, rows = set_sizes(config), {}
+def budget_labels(reports: dict[str, dict], config: dict) -> dict[str, dict[int, str]]:
+    """The table's rows by set size, as report labels: each method's distilled sets (pooled over seeds when there
+    are several), and the coresets of each size ("random" from the ladder)."""
+    sizes, labels = set_sizes(config), {}
+    compare = config["compare"]
+    kinds = ["random", *compare.get("coreset_methods", []), *(["centroids"] if compare.get("centroids") else [])]
     names = [(method, row_name(method, size), size) for method in method_names(config) for size in sizes]
-    names += [(kind, f"{kind}-{size}", size) for kind in ["random", *config["compare"].get("coreset_methods", []),
-                                                          *(["centroids"] if config["compare"].get("centroids") else [])]
-              for size in sizes]
+    names += [(kind, f"{kind}-{size}", size) for kind in kinds for size in sizes]
     for name, prefix, size in names:
         found = [label for label in reports if label == prefix or label.startswith(prefix + " (")]
-        pooled_label = next((label for label in found if "seeds)" in label), found[0] if found else None)
-        if pooled_label is not None:
-            rows.setdefault("distilled" if name == BASE else name, {})[size] = reports[pooled_label]["metrics"]
-    return rows
+        chosen = next((label for label in found if "seeds)" in label), found[0] if found else None)
+        if chosen is not None:
+            labels.setdefault("distilled" if name == BASE else name, {})[size] = chosen
+    return labels
 
 
-def write_budget_table(out: Path, reports: dict[str, dict], config: dict) -> None:
-    """table.md (the paper's layout, then r_mean with worth-N per size) and budgets.png (r_mean against pairs)."""
-    sizes, rows = set_sizes(config), budget_rows(reports, config)
-    ladder = {label: r for label, r in reports.items() if label.startswith("random-")}
-    full_label = next(label for label in reports if label.startswith("full data"))
-    worth = worth_column(reports, ladder, reports[full_label])
-    by_name = {}
-    for name, by_size in rows.items():
-        for size in by_size:
-            label = next((label for label in reports if reports[label]["metrics"] is by_size[size]), None)
-            if label is not None and worth.get(label):
-                by_name.setdefault(name, {})[size] = worth[label]["text"]
-    split = next((r.get("split") for r in reports.values() if r.get("split")), "?")
-    full = reports[full_label]["metrics"]["r_mean"]
+def write_budget_table(out: Path, reports: dict[str, dict], worth: dict[str, dict | None], points: dict[int, dict],
+                       full: dict, split: str, config: dict) -> Path:
+    """table.md (the papers' layout, then r_mean with worth-N per size) and budgets.png (r_mean against pairs)."""
+    sizes, labels = set_sizes(config), budget_labels(reports, config)
+    rows = {name: {size: reports[label]["metrics"] for size, label in by_size.items()} for name, by_size in labels.items()}
+    worth_text = {name: {size: worth[label]["text"] for size, label in by_size.items() if worth.get(label)}
+                  for name, by_size in labels.items()}
     text = (f"Reported on the {split} split (choices on {config['common'].get('eval_split', 'val')}); mean ± std over "
             f"the evaluation models (distilled rows: pooled over the seeds). Full data: {cell(full)}.\n\n"
             f"{paper_table(rows, sizes)}\n\nr_mean, and what each set is worth in random real pairs:\n\n"
-            f"{r_mean_table(rows, sizes, by_name)}\n")
+            f"{r_mean_table(rows, sizes, worth_text)}\n")
     (out / "table.md").write_text(text)
-    plot = plot_budgets(rows, out / "budgets.png", ladder_points(ladder, reports[full_label]), full,
-                        title=f"r_mean on {split} against the set size")
-    print(f"wrote {out / 'table.md'}, {plot}")
+    return plot_budgets(rows, out / "budgets.png", points, full, title=f"r_mean on {split} against the set size")
 
 
 def margin(ours: dict, other: dict) -> str:

@@ -22,8 +22,9 @@ import argparse
 import json
 from pathlib import Path
 
-from comparison.config import DistillRun, distill_settings, method_config, row_name
-from comparison.pipeline import as_flags, distill_stage, experts_stage, load_config, output_folder
+from comparison.config import DistillRun, distill_settings, method_config, row_name, set_sizes
+from comparison.pipeline import (as_flags, distill_stage, experts_stage, load_config, output_folder,
+                                 seconds_per_iteration)
 from comparison.programs import run_configuration
 from data.distilled_set import load_distilled_set
 from evaluation.metrics import markdown_table
@@ -72,8 +73,7 @@ def curve(save_dir: Path) -> dict[int, float]:
 def main(argv=None) -> int:
     args = parse_args(argv)
     config = load_config(args.config, args.data)
-    size = args.size if args.size is not None else \
-        ([int(b) for b in config["compare"].get("budgets", [])] or [int(config["distill"].get("num_pairs", 100))])[0]
+    size = args.size if args.size is not None else set_sizes(config)[0]
     runs = [variant_run(config, name, size, args.seed, args.iterations) for name in args.variants]  # all checked first
     out = output_folder(args.out_dir, config, args.config)
     expert_dir = experts_stage(config, out)
@@ -91,7 +91,6 @@ def main(argv=None) -> int:
             if not (final.parent / "distilled_best.pt").is_file():
                 raise
             print(f"variant {item.method} stopped ({stopped}); judging the best set it saved", flush=True)
-        timing = read_json_if_present(final.parent / "timing.json") or {}
         points = curve(final.parent)
         best = max(points, key=points.get) if points else None
         judged = final.parent / "protocol"  # the best set with the protocol's learning-rate grid, on the selection split
@@ -103,8 +102,7 @@ def main(argv=None) -> int:
         results[item.method] = {"curve": points, "best_iteration": best, "best_r_mean": points.get(best),
                                 "protocol_lr": report["lr"],
                                 "protocol_r_mean": report["selection_metrics"]["r_mean"]["mean"],
-                                "seconds_per_iteration": timing.get("seconds", float("nan")) /
-                                max(timing.get("iterations", 0), 1),
+                                "seconds_per_iteration": seconds_per_iteration(final),
                                 "settings": item.config["distill"], "stopped": stopped,
                                 "last_iteration": load_distilled_set(final)["iteration"]}
     folder = out / "sweep"
