@@ -14,7 +14,9 @@ Exactly one of:
 0.9, weight decay 5e-4, lr x0.1 half way); the table shows mean ± std over them. --lr_eval LR trains both
 the image side and the text head at LR (coresets and --full: at 0.1 by default). With --lr_grid one
 learning rate for both is chosen first on --eval_split (val: the split for choices) by --tune_models models per
-value; the reported numbers are on --report_split (auto: the test split when its annotation file is
+value; --epoch_scales 0.5 1 2 chooses the number of epochs jointly (multiples of --epoch_eval_train), and
+--widen_grid K scores up to K more cells one step past the grid's edge where the best sits on one (the JSON's
+"at_edge" says where it still does). The reported numbers are on --report_split (auto: the test split when its annotation file is
 present, e.g. flickr8k_test.json beside the others, else --eval_split; the output says which).
 --eval_image_encoder (or --image_encoder) trains another image encoder than the set was made with
 (cross-architecture transfer); the label, the printed lines and the JSON name the encoder used. Another
@@ -38,6 +40,7 @@ from data.feature_cache import trunk_key
 from data.model_inputs import inputs_for
 from data.transforms import renormalize
 from evaluation import coresets
+from evaluation.grid import scaled_epochs
 from evaluation.metrics import format_table
 from evaluation.protocol import judge, lr_label, pair_batches, untrained_warning
 from evaluation.training import batch_note
@@ -426,14 +429,21 @@ def main(argv=None) -> int:
     batch_note("--batch_train", settings.protocol.batch_train,
                len(payload["text_syn"]) if payload is not None else len(data.train.captions),
                "the set" if payload is not None else "the training split")
-    choice = f"lr chosen from {lrs} on {settings.data.eval_split}" if len(lrs) > 1 else lr_label(lrs[0], lr_txt)
+    judging = settings.judging
+    epochs = scaled_epochs(settings.protocol.epoch_eval_train, judging.epoch_scales)
+    choice = " and ".join(([f"lr chosen from {lrs}"] if len(lrs) > 1 else [lr_label(lrs[0], lr_txt)]) +
+                          ([f"epochs from {epochs}"] if len(epochs) > 1 else []))
+    choice += f" on {settings.data.eval_split}" if len(lrs) * len(epochs) > 1 else f", {epochs[0]} epochs"
+    choice += f" (widened by up to {judging.widen_grid} cells past an edge)" if judging.widen_grid and \
+        len(lrs) * len(epochs) > 1 else ""
     transfer = f" (the set was made with {made_with})" if made_with and made_with != settings.model.image_encoder else ""
     print(f"evaluating {what} with {settings.protocol.num_eval} x {settings.model.image_encoder}{transfer}: {choice}; reporting on {report_split}"
           + (f" (no {settings.data.dataset} test split beside the others: the split used for choices)"
              if settings.judging.report_split == "auto" and report_split == settings.data.eval_split != "test" else ""))
-    result = judge(settings.model, settings.protocol, make_loader, lrs, inputs, device, settings.protocol.num_eval, settings.runtime.seed, report_split, settings.judging.tune_models,
-                   settings.runtime.progress, similarity=payload.get("similarity") if payload is not None else None,
-                   lr_txt=lr_txt)
+    result = judge(settings.model, settings.protocol, make_loader, lrs, inputs, device, settings.protocol.num_eval,
+                   settings.runtime.seed, report_split, judging.tune_models, settings.runtime.progress,
+                   similarity=payload.get("similarity") if payload is not None else None, lr_txt=lr_txt,
+                   epochs=epochs, widen=judging.widen_grid)
     summary = result["metrics"]
     seconds = time.time() - started
     runtime = settings.runtime
@@ -443,8 +453,13 @@ def main(argv=None) -> int:
              **{f"eval/{k}_std": v["std"] for k, v in summary.items()}})
     run.finish()
     print(format_table({f"{label} ({report_split})": summary}))
-    print(f"{settings.protocol.num_eval} models at {lr_label(result['lr'], result['lr_txt'])}, {seconds:.0f}s")
-    models = settings.protocol.num_eval + (settings.judging.tune_models * len(lrs) if len(lrs) > 1 else 0)
+    print(f"{settings.protocol.num_eval} models at {lr_label(result['lr'], result['lr_txt'])}, {result['epochs']} "
+          f"epochs, {seconds:.0f}s")
+    if result["at_edge"]:
+        print(f"note: the choice sits at the grid's edge in {' and '.join(result['at_edge'])}" +
+              (f" after {result['widened']} more cells (--widen_grid {judging.widen_grid})" if judging.widen_grid
+               else " (--widen_grid K would try up to K values past it)"))
+    models = settings.protocol.num_eval + judging.tune_models * len(result["tuning"])
     warning = untrained_warning(result["untrained_models"], models)
     if warning:
         print(warning)
@@ -452,12 +467,14 @@ def main(argv=None) -> int:
         config = settings.snapshot()
         config.update(set_file=str(set_path) if set_path else None, set_config=payload["config"] if payload else None,
                       set_size=len(payload["text_syn"]) if payload else len(data.train.captions),
-                      lr_used=result["lr"], lr_txt_used=result["lr_txt"], image_encoder_of_set=made_with,
+                      lr_used=result["lr"], lr_txt_used=result["lr_txt"], epochs_used=result["epochs"], image_encoder_of_set=made_with,
                       text_identity=data.text_identity,
                       image_norm_used=image_norm(settings.model), device=str(device),
                       command=[Path(sys.argv[0]).name, *sys.argv[1:]] if argv is None else argv)
         atomic_write_json({"label": label, "image_encoder": settings.model.image_encoder, "metrics": summary, "split": report_split, "lr": result["lr"],
-                           "lr_txt": result["lr_txt"], "tuning": result["tuning"], "selection_split": settings.data.eval_split,
+                           "lr_txt": result["lr_txt"], "epochs": result["epochs"], "tuning": result["tuning"],
+                           "widened": result["widened"], "at_edge": result["at_edge"],
+                           "selection_split": settings.data.eval_split,
                            "selection_metrics": result["selection_metrics"], "config": config,
                            "untrained_models": result["untrained_models"], "warning": warning,
                            "seconds": round(seconds, 1)}, Path(settings.judging.out))

@@ -6,7 +6,8 @@
 The TOML file holds every setting: `[common]` flags go to every program (data set, encoders, image
 size, how much of the encoder trains, ...), `[buffer]` to buffer.py, `[distill]` to distill.py
 (`seeds = [0, 1]`: one distillation per seed), `[evaluate]` to every evaluate.py call (the protocol:
-models, epochs, batch, the learning-rate grid tuned on the selection split), and `[compare]` says
+models, epochs, batch, the grid of learning rates and `epoch_scales` tuned on the selection split and
+`widen_grid`, how far it may be widened past an edge), and `[compare]` says
 which rows to build:
 
 - `ladder`: sizes N of random real coresets (e.g. [100, 200, 500, 1000, 2000, 5000]); with the
@@ -15,14 +16,15 @@ which rows to build:
   the same r_mean (evaluation/worth.py);
 - `coreset_methods` at `coreset_sizes` (default: the distilled size), and `centroids = true` for the
   k-means feature-centroid set (frozen trunk only);
-- `epochs_per_size = {5000 = 10, all = 4}`: `--epoch_eval_train` of rows of that many pairs (CPU budgets);
+- `epochs_per_size = {5000 = 10, all = 4}`: `--epoch_eval_train` of rows of that many pairs (CPU budgets;
+  with `epoch_scales` the grid's epochs are multiples of it);
 - `budgets = [100, 200, 500, 1000]` and `methods = ["base", "lors", "repblend"]`: distil every size with every
   method (comparison/config.py: per-size `[budgets.<N>]` flags, per-method `[methods.<name>]` tables), then also
   write table.md in the papers' layout (sets as rows, sizes as column groups, r_mean with worth-N per size) and
   budgets.png (r_mean against the set size, log axis).
 
 Choices are made on the selection split (`--eval_split`, val): the distillation's best iteration and every
-row's learning rate; the table is on the report split (test when its annotation file is present).
+row's learning rate and epochs; the table is on the report split (test when its annotation file is present).
 Each stage records the flags it ran with; re-running reuses every stage whose flags are unchanged and
 redoes a changed stage and everything after it. --fresh starts over. The pipeline takes only a new or
 empty `out_dir` (or one it made before, which holds its marker file .vl-distill-pipeline), never one holding
@@ -309,8 +311,16 @@ def pooled(reports: list[dict]) -> dict:
     """One summary over the evaluation models of several reports (e.g. distillation seeds)."""
     runs = [dict(zip(r["metrics"], values)) for r in reports
             for values in zip(*(m["runs"] for m in r["metrics"].values()))]
-    return {"metrics": summarize_runs(runs), "split": reports[0].get("split"),
-            "lr": [r.get("lr") for r in reports], "parts": len(reports)}
+    return {"metrics": summarize_runs(runs), "split": reports[0].get("split"), "lr": [r.get("lr") for r in reports],
+            "epochs": [r.get("epochs") for r in reports], "parts": len(reports),
+            "at_edge": sorted({dim for r in reports for dim in r.get("at_edge") or []})}
+
+
+def choice_text(report: dict, key: str, spec: str) -> str:
+    """A report's chosen learning rate or epochs for the table: one value, or one per pooled part."""
+    value = report.get(key)
+    values = value if isinstance(value, list) else [value]
+    return ", ".join(format(v, spec) for v in values if v is not None)
 
 
 def main(argv=None) -> int:
@@ -411,18 +421,21 @@ def write_outputs(out: Path, distilled: Path, reports: dict[str, dict], ladder: 
     summaries = {label: r["metrics"] for label, r in reports.items()}
     worth = worth_column(reports, ladder, full_report)
     header, cells = table_cells(summaries)
-    rows = [row + ["" if worth[label] is None else worth[label]["text"],
-                   ", ".join(f"{lr:.3g}" for lr in (r["lr"] if isinstance(r.get("lr"), list) else [r["lr"]]))
-                   if r.get("lr") is not None else ""]
+    rows = [row + ["" if worth[label] is None else worth[label]["text"], choice_text(r, "lr", ".3g"),
+                   choice_text(r, "epochs", "d")]
             for row, (label, r) in zip(cells, reports.items())]
     split = next((r.get("split") for r in reports.values() if r.get("split")), "?")
-    table = markdown_table(header + ["worth-N", "lr"], rows)
+    table = markdown_table(header + ["worth-N", "lr", "epochs"], rows)
+    edges = {label: r["at_edge"] for label, r in reports.items() if r.get("at_edge")}
+    edge_note = ("\n\nChoices still at an edge of the grid after widening: " +
+                 "; ".join(f"{label} ({', '.join(dims)})" for label, dims in edges.items()) + ".") if edges else ""
     (out / "results.md").write_text(f"Reported on the {split} split; choices on "
-                                    f"{config['common'].get('eval_split', 'val')}.\n\n{table}\n")
+                                    f"{config['common'].get('eval_split', 'val')}.\n\n{table}{edge_note}\n")
     points = ladder_points(ladder, full_report)
     (out / "results.json").write_text(json.dumps(
         {"split": split, "rows": summaries, "worth_n": worth, "ladder": {str(k): v for k, v in points.items()},
-         "choices": {label: {"lr": r.get("lr"), "tuning": r.get("tuning")} for label, r in reports.items()},
+         "choices": {label: {key: r.get(key) for key in ("lr", "epochs", "tuning", "widened", "at_edge")}
+                     for label, r in reports.items()},
          "stage_seconds": times, "distillation_seconds": run_seconds or {}}, indent=1))
     marked = {label: r["metrics"]["r_mean"] for label, r in reports.items() if worth.get(label) is not None
               and "(seed" not in label}

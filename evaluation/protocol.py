@@ -9,10 +9,11 @@ at the other (`lr_txt`), as LoRS and RepBlend evaluate theirs; a learning rate g
 is one rate for both.
 
 Choices are made on the selection split (`--eval_split`, val by default), never on the split the
-final numbers are reported on: with a learning-rate grid, `tune_models` models per grid value
-train and are scored on the selection split, the best value wins, and `num_eval` fresh models
-(other seeds) train with it and are tested on the report split (test when it exists). Every set
-judged this way gets the same grid: the same tuning budget.
+final numbers are reported on: with a grid of learning rates (and of epochs: multiples of the set's
+number of epochs), `tune_models` models per cell train and are scored on the selection split, the
+grid is widened past its edge where the best cell sits on one (evaluation/grid.py), the best cell
+wins, and `num_eval` fresh models (other seeds) train with it and are tested on the report split
+(test when it exists). Every set judged this way gets the same grid and the same widening rule.
 
 With a frozen trunk (networks/split.py) the models train over trunk outputs: a set's pixels go
 through the trunk once, the training split's outputs come from the cache (data/model_inputs.py).
@@ -28,6 +29,7 @@ from tqdm import tqdm
 from data.feature_cache import FeatureBatches
 from data.model_inputs import ModelInputs, trunk_outputs_of
 from networks import build_model
+from settings.base import WEIGHT_LR_MAX
 from settings.model import ModelSettings
 from settings.protocol import ProtocolSettings
 from utils.device import seed_everything
@@ -35,6 +37,7 @@ from utils.distributed import ProcessGroupInfo, gather_objects
 from utils.rng import global_streams_kept
 from utils.seeds import TUNING_SEED_OFFSET, eval_model_seed
 from utils.dsa import dsa_augment
+from evaluation import grid
 from evaluation.metrics import summarize_runs
 from evaluation.training import (TrainingWatch, evaluate_retrieval, scale_learning_rates, sgd_pair, train_one_epoch,
                                  trainable_snapshot)
@@ -80,7 +83,7 @@ def train_fresh_model(settings: ModelSettings, protocol: ProtocolSettings, loade
         model = build_model(settings, text_dim).to(device)
         optimizers = sgd_pair(model, lr, lr if lr_txt is None else lr_txt, EVAL_MOMENTUM, EVAL_WEIGHT_DECAY)
         epochs = protocol.epoch_eval_train if epochs is None else epochs
-        start, watch = trainable_snapshot(model), TrainingWatch()
+        start, watch = trainable_snapshot(model), TrainingWatch(every_step=False)
         for epoch in range(epochs):
             if epoch == epochs // 2:
                 scale_learning_rates(optimizers, 0.1)
@@ -92,9 +95,11 @@ def train_fresh_model(settings: ModelSettings, protocol: ProtocolSettings, loade
 def evaluate_models(settings: ModelSettings, protocol: ProtocolSettings, make_loader: Callable[[int], object], lr: float, inputs: ModelInputs, device: torch.device,
                     num_eval: int, seed: int, progress: bool = True, similarity: torch.Tensor | None = None,
                     splits: tuple[str, ...] | None = None, group: ProcessGroupInfo | None = None,
-                    untrained: list[dict] | None = None, lr_txt: float | None = None) -> dict[str, dict]:
+                    untrained: list[dict] | None = None, lr_txt: float | None = None,
+                    epochs: int | None = None) -> dict[str, dict]:
     """Per split (default: the selection split), mean, std and per-run values of every retrieval metric over
-    `num_eval` freshly trained models (image side at `lr`, text head at `lr_txt`, default `lr`); model `k` is
+    `num_eval` freshly trained models (image side at `lr`, text head at `lr_txt`, default `lr`, for `epochs`
+    epochs, default the protocol's); model `k` is
     seeded with `seed + k` and trains on `make_loader(seed + k)`.
     Each model that did not train is appended to `untrained` as {"lr", "lr_txt", "seed", "problem"}.
     Under torchrun (`group`), the models are shared out over the processes and their results gathered: the
@@ -108,7 +113,7 @@ def evaluate_models(settings: ModelSettings, protocol: ProtocolSettings, make_lo
                leave=False, disable=not progress)
     for run in bar:
         model, problem = train_fresh_model(settings, protocol, make_loader(seed + run), lr, inputs.data.text_dim,
-                                           device, seed + run, similarity, lr_txt=lr_txt)
+                                           device, seed + run, similarity, epochs=epochs, lr_txt=lr_txt)
         if problem:
             problems[run] = problem
         for name in splits:
@@ -119,43 +124,54 @@ def evaluate_models(settings: ModelSettings, protocol: ProtocolSettings, make_lo
     everyone = {name: {k: v for share in gather_objects(mine[name], group) for k, v in share.items()} for name in splits}
     problems = {k: v for share in gather_objects(problems, group) for k, v in share.items()}
     if untrained is not None:
-        untrained.extend({"lr": lr, "lr_txt": lr_txt, "seed": seed + k, "problem": problems[k]}
+        untrained.extend({"lr": lr, "lr_txt": lr_txt, "epochs": epochs or protocol.epoch_eval_train, "seed": seed + k,
+                          "problem": problems[k]}
                          for k in sorted(problems))
     return {name: summarize_runs([runs[k] for k in range(num_eval)]) for name, runs in everyone.items()}
 
 
 def judge(settings: ModelSettings, protocol: ProtocolSettings, make_loader: Callable[[int], object], lrs: list[float], inputs: ModelInputs, device: torch.device,
           num_eval: int, seed: int, report_split: str | None = None, tune_models: int = 1, progress: bool = True,
-          similarity: torch.Tensor | None = None, lr_txt: float | None = None) -> dict:
-    """The protocol with its choices: the learning rate from `lrs` by `tune_models` models per value on the
-    selection split (skipped for a single value), then `num_eval` models at that rate, reported on
-    `report_split` (default: the selection split) and on the selection split. `lr_txt` (a set's learned text
-    step size, with its image step size the single value of `lrs`) trains the text head at another rate.
+          similarity: torch.Tensor | None = None, lr_txt: float | None = None, epochs: list[int] | None = None,
+          widen: int = 0) -> dict:
+    """The protocol with its choices: the learning rate from `lrs` and the number of epochs from `epochs`
+    (default: the protocol's) by `tune_models` models per cell on the selection split, the grid widened past its
+    edges by up to `widen` cells (evaluation/grid.py; no tuning for a single cell), then `num_eval` models with
+    that choice, reported on `report_split` (default: the selection split) and on the selection split. `lr_txt`
+    (a set's learned text step size, with its image step size the single value of `lrs`) trains the text head at
+    another rate.
 
     Returns {"metrics": report-split summary, "split": its name, "lr": the rate used (the image side's),
-    "lr_txt": the text head's, "tuning": {lr: selection r_mean}, "selection_metrics": the final models on the
-    selection split, "untrained_models": the models, tuning ones included, that did not train ({"lr", "lr_txt",
-    "seed", "problem"})}."""
+    "lr_txt": the text head's, "epochs": the epochs used, "tuning": [{"lr", "epochs", "r_mean"} per cell scored],
+    "widened", "at_edge" (evaluation.grid.GridChoice), "selection_metrics": the final models on the selection
+    split, "untrained_models": the models, tuning ones included, that did not train ({"lr", "lr_txt", "seed",
+    "problem"})}."""
     if lr_txt is not None and len(lrs) > 1:
         raise ValueError("a separate text-head rate goes with one image rate, not a grid to choose from")
     select = inputs.data.eval_name
     report = report_split or select
-    tuning, untrained = {}, []
-    if len(lrs) > 1:
-        for lr in lrs:
-            summary = evaluate_models(settings, protocol, make_loader, lr, inputs, device, tune_models, seed + TUNING_SEED_OFFSET,
-                                      progress, similarity, untrained=untrained)[select]
-            tuning[f"{lr:g}"] = summary["r_mean"]["mean"]
-            if progress:
-                tqdm.write(f"  lr {lr:g}: r_mean on {select} {summary['r_mean']['mean']:.2f} ({tune_models} model"
-                           f"{'s' if tune_models > 1 else ''})")
-        lr = max(lrs, key=lambda value: tuning[f"{value:g}"])
+    epochs = epochs or [protocol.epoch_eval_train]
+    untrained = []
+
+    def score(lr: float, cell_epochs: int) -> float:
+        summary = evaluate_models(settings, protocol, make_loader, lr, inputs, device, tune_models,
+                                  seed + TUNING_SEED_OFFSET, progress, similarity, untrained=untrained, lr_txt=lr_txt,
+                                  epochs=cell_epochs)[select]
+        if progress:
+            tqdm.write(f"  {lr_label(lr, lr_txt)}, {cell_epochs} epochs: r_mean on {select} "
+                       f"{summary['r_mean']['mean']:.2f} ({tune_models} model{'s' if tune_models > 1 else ''})")
+        return summary["r_mean"]["mean"]
+
+    if len(set(lrs)) * len(set(epochs)) > 1:
+        choice = grid.search(lrs, epochs, score, widen, lr_max=WEIGHT_LR_MAX)
     else:
-        lr = lrs[0]
-    lr_txt = lr if lr_txt is None else lr_txt
-    summaries = evaluate_models(settings, protocol, make_loader, lr, inputs, device, num_eval, seed, progress, similarity,
-                                splits=tuple(dict.fromkeys((report, select))), untrained=untrained, lr_txt=lr_txt)
-    return {"metrics": summaries[report], "split": report, "lr": lr, "lr_txt": lr_txt, "tuning": tuning,
+        choice = grid.GridChoice(lrs[0], epochs[0])
+    lr_txt = choice.lr if lr_txt is None else lr_txt
+    summaries = evaluate_models(settings, protocol, make_loader, choice.lr, inputs, device, num_eval, seed, progress,
+                                similarity, splits=tuple(dict.fromkeys((report, select))), untrained=untrained,
+                                lr_txt=lr_txt, epochs=choice.epochs)
+    return {"metrics": summaries[report], "split": report, "lr": choice.lr, "lr_txt": lr_txt, "epochs": choice.epochs,
+            "tuning": choice.cells, "widened": choice.widened, "at_edge": choice.at_edge,
             "selection_metrics": summaries[select], "untrained_models": untrained}
 
 

@@ -24,7 +24,13 @@ class JudgingSettings(Settings):
                                                 "budget for every set judged); without it the rate is --lr_eval or the "
                                                 "default above", check=each(positive_up_to(WEIGHT_LR_MAX)),
                                           metavar="LR")
-    tune_models: int = setting(1, "models per --lr_grid value", check=at_least(1))
+    epoch_scales: list[float] | None = setting(None, "choose the number of epochs too, from these multiples of "
+                                                     "--epoch_eval_train (rounded, at least 1), jointly with the "
+                                                     "learning rate on --eval_split", check=each(positive_up_to(100.0)),
+                                               metavar="SCALE")
+    widen_grid: int = setting(0, "where the best (learning rate, epochs) sits at an edge of the grid, score up to "
+                                 "this many more cells, one step past that edge each", check=at_least(0, 100))
+    tune_models: int = setting(1, "models per grid cell (--lr_grid value × --epoch_scales value)", check=at_least(1))
     report_split: str = setting("auto", "split the final numbers are reported on: auto = test when its annotation "
                                         "file exists, else --eval_split", choices=("auto", "val", "test"))
     eval_image_encoder: str | None = setting(None, "train this image encoder instead of the one the set was made "

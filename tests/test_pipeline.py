@@ -51,6 +51,8 @@ num_eval = 2
 epoch_eval_train = 1
 batch_train = 4
 lr_grid = [0.03, 0.1]
+epoch_scales = [1, 2]
+widen_grid = 1
 [compare]
 ladder = [6, 12, 24]
 coreset_methods = ["kmeans"]
@@ -99,8 +101,8 @@ def test_table_has_every_row_metric_worth_and_choice(toy_run):
     _, out = toy_run
     text = (out / "results.md").read_text()
     assert text.startswith("Reported on the test split; choices on val.")
-    lines = text.splitlines()[2:]
-    assert lines[0] == "| set | IR@1 | IR@5 | IR@10 | TR@1 | TR@5 | TR@10 | r_mean | worth-N | lr |"
+    lines = [line for line in text.splitlines()[2:] if line.startswith("|")]
+    assert lines[0] == "| set | IR@1 | IR@5 | IR@10 | TR@1 | TR@5 | TR@10 | r_mean | worth-N | lr | epochs |"
     labels = [line.split("|")[1].strip() for line in lines[2:]]
     assert labels == ROWS
     for line in lines[2:]:
@@ -114,12 +116,21 @@ def test_table_has_every_row_metric_worth_and_choice(toy_run):
     epochs = {label: json.loads((out / "results" / f"{label}.json").read_text())["config"]["epoch_eval_train"]
               for label in ("distilled-6 (seed 0)", "random-6", "random-12", "full")}
     assert epochs == {"distilled-6 (seed 0)": 1, "random-6": 1, "random-12": 2, "full": 1}
-    # every row chose its learning rate from the same grid on val, and says what it chose
+    # every row chose its learning rate and epochs from the same grid on val (epochs: 1x and 2x its own), widened
+    # by at most one cell, and says what it chose
     for label in ("distilled-6 (seed 0)", "kmeans-6", "random-12", "full"):
         report = json.loads((out / "results" / f"{label}.json").read_text())
-        assert set(report["tuning"]) == {"0.03", "0.1"} and report["lr"] in (0.03, 0.1)
-        assert report["lr"] == max((0.03, 0.1), key=lambda lr: report["tuning"][f"{lr:g}"])
+        own = report["config"]["epoch_eval_train"]
+        cells = [(c["lr"], c["epochs"]) for c in report["tuning"]]
+        assert cells[:4] == [(0.03, own), (0.1, own), (0.03, 2 * own), (0.1, 2 * own)] and len(cells) <= 5
+        best = max(report["tuning"], key=lambda c: c["r_mean"])
+        assert (report["lr"], report["epochs"]) == (best["lr"], best["epochs"])
         assert report["split"] == "test" and report["selection_split"] == "val"
+        assert results["choices"][label if label != "full" else "full data"]["epochs"] == report["epochs"]
+        row = next(line for line in lines[2:] if line.split("|")[1].strip() == (label if label != "full" else
+                                                                                  "full data"))
+        assert row.rstrip("| ").endswith(f"| {report['lr']:.3g} | {report['epochs']}")
+        assert (f"{label if label != 'full' else 'full data'} (" in text.split("\n\n")[-1]) == bool(report["at_edge"])
     # worth-N: the ladder's random rows and full data (200 pairs) against each other set
     assert set(results["ladder"]) == {"6", "12", "24", "200"}
     worth = results["worth_n"]

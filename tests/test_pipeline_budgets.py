@@ -21,7 +21,8 @@ def programs_in_process(monkeypatch):
 def budget_config(text: str) -> str:
     """The toy pipeline config distilling 4 and 6 pairs (one seed), LoRS at 6 pairs only."""
     for old, new in (("seeds = [0, 1]", "seeds = [0]"), ("num_pairs = 6\n", ""),
-                     ("ladder = [6, 12, 24]", "ladder = [4, 6, 12]"), ("lr_grid = [0.03, 0.1]\n", "")):
+                     ("ladder = [6, 12, 24]", "ladder = [4, 6, 12]"), ("lr_grid = [0.03, 0.1]\n", ""),
+                     ("epoch_scales = [1, 2]\nwiden_grid = 1\n", "")):
         assert old in text
         text = text.replace(old, new)
     text = text.replace('coreset_methods = ["kmeans"]', 'coreset_methods = ["kmeans"]\nbudgets = [4, 6]\n'
@@ -81,7 +82,7 @@ def test_a_rerun_reuses_every_run_also_with_the_configs_keys_in_another_order(bu
     text = config.read_text()
     for key in ("lr_img = 10\n", "text_encoder = \"minilm\"\n", "batch_train = 4\n"):  # [distill], [common], [evaluate]
         start = text.index(key)
-        end = text.index("[", start)  # the next section
+        end = text.index("\n[", start) + 1  # the next section
         text = text[:start] + text[start + len(key):end] + key + text[end:]
     assert text != config.read_text()
     config.write_text(text)

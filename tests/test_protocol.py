@@ -38,21 +38,48 @@ def test_numbers_are_reported_on_test_when_its_file_is_there_else_on_val(dataset
 def test_the_learning_rate_is_chosen_on_val_from_the_grid(tiny_shapes, cache_dir, tmp_path):
     base = tiny_flags(tiny_shapes, cache_dir, *QUICK, "--coreset", "random", "--num_queries", "8",
                       "--coreset_file", str(tmp_path / "random.pt"))
-    report = evaluate_json([*base, "--lr_grid", "0.01", "0.3", "--tune_models", "2"], tmp_path / "grid.json")
-    assert set(report["tuning"]) == {"0.01", "0.3"} and report["lr"] == max((0.01, 0.3), key=lambda v: report[
-        "tuning"][f"{v:g}"])
+    report = evaluate_json([*base, "--lr_grid", "0.3", "0.01", "--tune_models", "2"], tmp_path / "grid.json")
+    tuning = {cell["lr"]: cell["r_mean"] for cell in report["tuning"]}
+    assert [(c["lr"], c["epochs"]) for c in report["tuning"]] == [(0.01, 2), (0.3, 2)]
+    assert report["lr"] == max((0.01, 0.3), key=tuning.get) and report["epochs"] == 2 and report["widened"] == 0
+    assert report["at_edge"] == ["lr"]  # two values: the choice is at one end, and nothing widened it
     same_set = ["--distilled", str(tmp_path / "random.pt"), "--num_workers", "0", "--progress", "False",
                 "--wandb_mode", "disabled"]
     for lr in (0.01, 0.3):  # each tuning value is 2 models from the tuning seeds, scored on val
         single = evaluate_json([*same_set, "--lr_eval", str(lr), "--seed", str(TUNING_SEED_OFFSET), "--num_eval", "2"],
                                tmp_path / f"{lr}.json")
-        assert report["tuning"][f"{lr:g}"] == single["selection_metrics"]["r_mean"]["mean"]
+        assert tuning[lr] == single["selection_metrics"]["r_mean"]["mean"]
     chosen = evaluate_json([*same_set, "--lr_eval", str(report["lr"])], tmp_path / "chosen.json")
     assert chosen["metrics"] == report["metrics"]  # the reported models: the usual seeds at the chosen rate
     with pytest.raises(UserError, match="give one of them"):
         evaluate.main([*base, "--lr_grid", "0.1", "--lr_eval", "0.1"])
     with pytest.raises(UserError, match="must be positive"):
         evaluate.main([*base, "--lr_grid", "0.1", "-1"])
+
+
+def test_epochs_are_chosen_with_the_rate_and_the_grid_widens_past_its_edge(tiny_shapes, cache_dir, tmp_path):
+    base = tiny_flags(tiny_shapes, cache_dir, "--num_eval", "2", "--epoch_eval_train", "2", "--coreset", "random",
+                      "--num_queries", "8", "--coreset_file", str(tmp_path / "random.pt"))
+    report = evaluate_json([*base, "--lr_grid", "0.01", "0.1", "--epoch_scales", "0.5", "1", "--widen_grid", "3"],
+                           tmp_path / "grid.json")
+    cells = [(c["lr"], c["epochs"]) for c in report["tuning"]]
+    assert cells[:4] == [(0.01, 1), (0.1, 1), (0.01, 2), (0.1, 2)] and report["widened"] == len(cells) - 4 <= 3
+    assert report["widened"] >= 1  # on this tiny set the grid's largest rate wins, so 0.1 * 0.1 / 0.01 = 1 is tried
+    best = max(report["tuning"], key=lambda c: c["r_mean"])
+    assert (report["lr"], report["epochs"]) == (best["lr"], best["epochs"])
+    same_set = ["--distilled", str(tmp_path / "random.pt"), "--num_workers", "0", "--progress", "False",
+                "--wandb_mode", "disabled"]
+    for cell in report["tuning"]:  # every cell, widened ones included: one model from the tuning seed, scored on val
+        single = evaluate_json([*same_set, "--lr_eval", str(cell["lr"]), "--epoch_eval_train", str(cell["epochs"]),
+                                "--seed", str(TUNING_SEED_OFFSET), "--num_eval", "1"], tmp_path / "cell.json")
+        assert cell["r_mean"] == single["selection_metrics"]["r_mean"]["mean"]
+    chosen = evaluate_json([*same_set, "--lr_eval", str(report["lr"]), "--epoch_eval_train", str(report["epochs"]),
+                            "--num_eval", "2"], tmp_path / "chosen.json")
+    assert chosen["metrics"] == report["metrics"] and report["config"]["epochs_used"] == report["epochs"]
+    with pytest.raises(UserError, match="epoch_scales"):
+        evaluate.main([*base, "--epoch_scales", "0"])
+    with pytest.raises(UserError, match="widen_grid"):
+        evaluate.main([*base, "--widen_grid", "-1"])
 
 
 @pytest.fixture(scope="module")

@@ -170,12 +170,12 @@ class Tiny(torch.nn.Module):
         return self.image_part(images), self.text_projection(texts)
 
 
-def watched_epoch(lr: float, weight_decay: float = 0.0):
+def watched_epoch(lr: float, weight_decay: float = 0.0, every_step: bool = True):
     torch.manual_seed(0)
     model = Tiny()
     optimizers = sgd_pair(model, lr, lr, weight_decay=weight_decay)
     batches = [(torch.randn(3, 4), torch.randn(3, 4), torch.arange(3)) for _ in range(2)]
-    start, watch = trainable_snapshot(model), TrainingWatch()
+    start, watch = trainable_snapshot(model), TrainingWatch(every_step=every_step)
     train_one_epoch(model, batches, optimizers, torch.device("cpu"), progress=False, watch=watch)
     return watch, watch.problem(start, trainable_snapshot(model)), start, trainable_snapshot(model)
 
@@ -191,6 +191,24 @@ def test_a_loss_that_does_not_depend_on_the_weights_is_reported_even_when_weight
     assert not all(torch.equal(a, b) for a, b in zip(start, end))  # the decay moved them ...
     assert (watch.steps, watch.gradient_steps) == (2, 0)  # ... no loss did
     assert problem.startswith("none of its 2 optimiser steps had a non-zero gradient")
+
+
+def test_the_watch_that_stops_at_the_first_gradient_gives_the_same_verdicts(monkeypatch):
+    # the evaluation models' watch (every_step=False) stops reading gradients after the first step that had one
+    for lr in (0.1, 1e-45):
+        full, quick = watched_epoch(lr), watched_epoch(lr, every_step=False)
+        assert full[1] == quick[1] and (quick[0].steps, quick[0].gradient_steps) == (2, 1)
+    calls = []
+
+    def zero_first(*args, **kwargs):  # the first step's loss does not depend on the weights, the second's does
+        calls.append(1)
+        return (constant_loss if len(calls) == 1 else original)(*args, **kwargs)
+    original = training.contrastive_loss
+    monkeypatch.setattr(training, "contrastive_loss", zero_first)
+    watch, problem, _, _ = watched_epoch(0.1, every_step=False)
+    assert (watch.steps, watch.gradient_steps, problem) == (2, 1, None)
+    monkeypatch.setattr(training, "contrastive_loss", constant_loss)
+    assert watched_epoch(0.1, weight_decay=0.5, every_step=False)[1] == watched_epoch(0.1, weight_decay=0.5)[1]
 
 
 def test_steps_too_small_to_change_a_weight_are_reported():
@@ -244,7 +262,9 @@ def test_evaluation_models_that_did_not_train_are_a_warning_printed_and_in_the_r
     monkeypatch.setattr(training, "contrastive_loss", constant_loss)
     report = evaluate_coreset(tiny_shapes, cache_dir, tmp_path, "--lr_grid", "0.1", "0.01")
     problem = "none of its 2 optimiser steps had a non-zero gradient"  # 6 pairs in batches of 3, 1 epoch
-    assert [(m["lr"], m["seed"]) for m in report["untrained_models"]] == [(0.1, 500_000), (0.01, 500_000), (0.1, 0)]
+    # the grid's cells in increasing rate; every score ties, so the first cell's rate is the choice
+    assert [(m["lr"], m["seed"], m["epochs"]) for m in report["untrained_models"]] == [(0.01, 500_000, 1),
+                                                                                         (0.1, 500_000, 1), (0.01, 0, 1)]
     assert all(m["problem"].startswith(problem) for m in report["untrained_models"])
     assert report["warning"].startswith("WARNING: 3 of 3 evaluation models did not train")
     assert report["warning"] in capsys.readouterr().out
