@@ -23,7 +23,7 @@ import json
 from pathlib import Path
 
 from comparison.config import DistillRun, distill_settings, method_config, row_name, set_sizes
-from comparison.pipeline import (as_flags, distill_stage, experts_stage, load_config, output_folder,
+from comparison.pipeline import (Stage, as_flags, distill_stage, experts_stage, load_config, output_folder,
                                  seconds_per_iteration)
 from comparison.programs import run_configuration
 from data.distilled_set import load_distilled_set
@@ -93,10 +93,14 @@ def main(argv=None) -> int:
             print(f"variant {item.method} stopped ({stopped}); judging the best set it saved", flush=True)
         points = curve(final.parent)
         best = max(points, key=points.get) if points else None
-        judged = final.parent / "protocol"  # the best set with the protocol's learning-rate grid, on the selection split
-        judged.mkdir(exist_ok=True)
+        # the best set under the protocol ([evaluate]: its grid, on the selection split), judged again whenever the
+        # set or the protocol's flags change
+        judged = final.parent / "protocol"
+        stage = Stage(out / "sweep", f"protocol_{item.folder.replace('/', '_')}", evaluate_flags, [judged])
         if remade:
-            (judged / "best.json").unlink(missing_ok=True)
+            stage.invalidate()
+        stage.begin()
+        judged.mkdir(exist_ok=True)
         report = run_configuration("best", ["--distilled", str(final.parent / "distilled_best.pt"), "--num_eval", "1"],
                                    evaluate_flags, judged)
         results[item.method] = {"curve": points, "best_iteration": best, "best_r_mean": points.get(best),

@@ -168,6 +168,18 @@ def test_a_sweep_runs_each_variant_on_the_pipelines_experts_and_tables_its_val_c
     assert judged["config"]["distilled"].endswith("lors-6-it2/seed0/distilled_best.pt")
     assert result["variants"]["lors"]["protocol_r_mean"] == judged["selection_metrics"]["r_mean"]["mean"]
     assert [line.split("|")[1].strip() for line in lines[4:]] == ["base", "lors"]
+    # the judgement is reused while the protocol is unchanged and made again when it changes
+    best = out / "sweep" / "lors-6-it2" / "seed0" / "protocol" / "best.json"
+    stamp = best.stat().st_mtime_ns
+    changed = config.with_name("changed.toml")
+    changed.write_text(config.read_text().replace("batch_train = 4\n", "batch_train = 4\ntune_models = 2\n", 1))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(programs, "launch", launch_in_process)
+        assert sweep.main([str(config), "--variants", "lors", "--size", "6", "--iterations", "2"]) == 0
+        assert best.stat().st_mtime_ns == stamp
+        assert sweep.main([str(changed), "--variants", "lors", "--size", "6", "--iterations", "2"]) == 0
+        assert best.stat().st_mtime_ns != stamp and json.loads(best.read_text())["config"]["tune_models"] == 2
+        assert sweep.main([str(config), "--variants", "lors", "--size", "6", "--iterations", "2"]) == 0  # back again
 
 
 def test_a_variant_that_stops_is_judged_by_the_best_set_it_saved_and_marked(budget_run, monkeypatch):
