@@ -487,9 +487,26 @@ def write_budget_table(out: Path, reports: dict[str, dict], worth: dict[str, dic
     text = (f"Reported on the {split} split (choices on {config['common'].get('eval_split', 'val')}); mean ± std over "
             f"the evaluation models (distilled rows: pooled over the seeds). Full data: {cell(full)}.\n\n"
             f"{paper_table(rows, sizes)}\n\nr_mean, and what each set is worth in random real pairs:\n\n"
-            f"{r_mean_table(rows, sizes, worth_text)}\n")
+            f"{r_mean_table(rows, sizes, worth_text)}\n\nWhat each set cost on this machine:\n\n"
+            f"{cost_table(out, reports, config)}\n")
     (out / "table.md").write_text(text)
     return plot_budgets(rows, out / "budgets.png", points, full, title=f"r_mean on {split} against the set size")
+
+
+def cost_table(out: Path, reports: dict[str, dict], config: dict) -> str:
+    """Markdown: per distillation (method, size, seed) its matching seconds per iteration and minutes (timing.json,
+    the evaluations during distillation excluded) and the minutes its row's evaluation took (the report's wall
+    time), as measured when each ran (a run shared with other work on the machine is slower)."""
+    lines = []
+    for item in distill_runs(config):
+        final = out / "distill" / item.folder / "distilled_last.pt"
+        timing = read_json_if_present(final.parent / "timing.json") or {}
+        judged = reports.get(item.label, {}).get("wall_seconds")
+        lines.append([item.label, str(timing.get("iterations", "")),
+                      f"{seconds_per_iteration(final):.2f}" if timing else "",
+                      f"{timing['seconds'] / 60:.1f}" if timing else "", f"{judged / 60:.1f}" if judged else ""])
+    return markdown_table(["distillation", "iterations", "s / iteration", "matching, min", "row's evaluation, min"],
+                          lines)
 
 
 def margin(ours: dict, other: dict) -> str:

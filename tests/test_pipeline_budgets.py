@@ -72,6 +72,15 @@ def test_the_table_has_sets_as_rows_and_sizes_as_column_groups(budget_run):
     assert table["distilled"][13] == f"{summary['mean']:.2f} ± {summary['std']:.2f}"
     assert table["lors"][:7] == ["–"] * 7 and table["lors"][13] != "–"  # LoRS ran at 6 pairs only
     assert table["random"][6] == f"{rows['random-4']['r_mean']['mean']:.2f} ± {rows['random-4']['r_mean']['std']:.2f}"
+    # what each distillation cost: its own timing.json, and its row's evaluation time
+    cost = text.split("What each set cost on this machine:")[1]
+    costs = {line.split("|")[1].strip(): [c.strip() for c in line.strip("|").split("|")[1:]]
+             for line in cost.splitlines()[4:] if line.startswith("|")}
+    assert list(costs) == ["distilled-4 (seed 0)", "distilled-6 (seed 0)", "lors-6 (seed 0)"]
+    timing = json.loads((out / "distill" / "lors-6" / "seed0" / "timing.json").read_text())
+    judged = json.loads((out / "results" / "lors-6 (seed 0).json").read_text())["wall_seconds"]
+    assert costs["lors-6 (seed 0)"] == ["2", f"{timing['seconds'] / 2:.2f}", f"{timing['seconds'] / 60:.1f}",
+                                        f"{judged / 60:.1f}"]
     with Image.open(out / "budgets.png") as image:
         assert image.size == (750, 500)
 
