@@ -9,8 +9,8 @@ sweep runs at `--size`, with that size's `[budgets.<N>]` flags). Every variant d
 same `--iterations` on the pipeline's experts (trained first if missing) with `--seed`, and is judged by
 distill.py's own evaluations every `eval_it` iterations on the selection split (`eval_split`, val: these are
 choices), with `num_eval` models trained at the learned step sizes; the best evaluated set is then judged with
-the [evaluate] protocol on the same split (its learning rate chosen from the grid by one model per rate, then one
-fresh model at that rate: its r_mean), since a set's learned step sizes can be poor learning rates for models
+the [evaluate] protocol on the same split (its learning rate, and epochs with `epoch_scales`, chosen from the grid
+by one model per cell, then one fresh model with them: its r_mean; judged again when [evaluate] changes), since a set's learned step sizes can be poor learning rates for models
 trained on it. The table (sweep-<size>.md and .json in
 out_dir/sweep/, which keep the variants of earlier invocations at that size and seed) gives each variant's r_mean at every evaluated iteration, its best, and seconds per matching
 iteration (evaluations excluded). A variant whose run is complete is reused; an interrupted one resumes; one that stops (e.g. diverges) is
@@ -104,7 +104,7 @@ def main(argv=None) -> int:
         report = run_configuration("best", ["--distilled", str(final.parent / "distilled_best.pt"), "--num_eval", "1"],
                                    evaluate_flags, judged)
         results[item.method] = {"curve": points, "best_iteration": best, "best_r_mean": points.get(best),
-                                "protocol_lr": report["lr"],
+                                "protocol_lr": report["lr"], "protocol_epochs": report.get("epochs"),
                                 "protocol_r_mean": report["selection_metrics"]["r_mean"]["mean"],
                                 "seconds_per_iteration": seconds_per_iteration(final),
                                 "settings": item.config["distill"], "stopped": stopped,
@@ -119,14 +119,16 @@ def main(argv=None) -> int:
     rows = [[name + (f" (stopped at {r['last_iteration']})" if r.get("stopped") else "")] +
             [f"{r['curve'][i]:.2f}" if i in r["curve"] else "" for i in iterations] +
             [f"{r['best_r_mean']:.2f} (it {r['best_iteration']})" if r["best_iteration"] is not None else "",
-             f"{r['protocol_r_mean']:.2f} (lr {r['protocol_lr']:g})", f"{r['seconds_per_iteration']:.2f}"]
+             f"{r['protocol_r_mean']:.2f} (lr {r['protocol_lr']:g}"
+             + (f", {r['protocol_epochs']} epochs)" if r.get("protocol_epochs") else ")"),
+             f"{r['seconds_per_iteration']:.2f}"]
             for name, r in results.items()]
     split = config["common"].get("eval_split", "val")
     table = markdown_table(["variant"] + [f"it {i}" for i in iterations] + ["best", "protocol at best", "s / iteration"], rows)
     (folder / f"sweep-{size}.md").write_text(
         f"{size} pairs, seed {args.seed}, {args.iterations} iterations; r_mean on {split}: distill.py's evaluations "
         f"(learned step sizes) at each iteration, and the best iteration's set under the protocol (the grid's best "
-        f"learning rate, then one fresh model at it).\n\n{table}\n")
+        f"learning rate and epochs, then one fresh model with them).\n\n{table}\n")
     (folder / f"sweep-{size}.json").write_text(json.dumps({"size": size, "seed": args.seed, "split": split,
                                                            "variants": results}, indent=1))
     print(table)

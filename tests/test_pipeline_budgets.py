@@ -176,6 +176,8 @@ def test_a_sweep_runs_each_variant_on_the_pipelines_experts_and_tables_its_val_c
     judged = json.loads((out / "sweep" / "lors-6-it2" / "seed0" / "protocol" / "best.json").read_text())
     assert judged["config"]["distilled"].endswith("lors-6-it2/seed0/distilled_best.pt")
     assert result["variants"]["lors"]["protocol_r_mean"] == judged["selection_metrics"]["r_mean"]["mean"]
+    assert (f"| {judged['selection_metrics']['r_mean']['mean']:.2f} (lr {judged['lr']:g}, {judged['epochs']} epochs) |"
+            in lines[5])
     assert [line.split("|")[1].strip() for line in lines[4:]] == ["base", "lors"]
     # the judgement is reused while the protocol is unchanged and made again when it changes
     best = out / "sweep" / "lors-6-it2" / "seed0" / "protocol" / "best.json"
