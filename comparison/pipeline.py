@@ -68,7 +68,7 @@ from evaluation.worth import plot_worth, worth_n
 from experts.files import expert_files, read_expert_metrics
 from settings.programs import Parser
 from utils.cli import UserError
-from utils.io import read_json_if_present
+from utils.io import atomic_write_json, read_json_if_present
 from utils.paths import ensure_output_dir, refuse_outputs_over_inputs
 
 NOT_METRICS = ("epoch", "train_loss", "train_acc", "steps", "gradient_steps")  # buffer.py's epoch keys besides metrics
@@ -253,8 +253,10 @@ def expert_folder(buffers: Path) -> Path:
 
 
 def distill_stage(config: dict, out: Path, expert_dir: Path, seed: int | None = None,
-                  name: str = "distill") -> tuple[Path, bool]:
-    """The last distilled set of one distillation run, and whether it was (re)made in this invocation."""
+                  name: str = "distill", retry_stopped: bool = True) -> tuple[Path, bool]:
+    """The last distilled set of one distillation run, and whether it was (re)made in this invocation. A run that
+    stopped with an error (e.g. diverged) leaves stopped.json in its folder; with `retry_stopped=False` an unchanged
+    run that stopped before raises the same error again instead of resuming into it."""
     settings, _ = distill_settings(config)
     if seed is not None:
         settings["seed"] = seed
@@ -266,12 +268,22 @@ def distill_stage(config: dict, out: Path, expert_dir: Path, seed: int | None = 
     if stage.unchanged() and final.is_file() and load_distilled_set(final)["iteration"] == iterations:
         banner(f"distillation: reusing {final}")
         return final, False
+    stopped = save_dir / "stopped.json"
+    if not retry_stopped and stage.unchanged() and stopped.is_file():
+        raise UserError(f"{json.loads(stopped.read_text())['error']} (not run again: its settings are unchanged "
+                        f"since it stopped; delete {stopped} to try again)")
     stage.begin()
+    stopped.unlink(missing_ok=True)
     resume = ["--resume", str(final)] if final.is_file() else []
     size = settings.get("num_pairs")
     banner("distillation" + (f" of {size} pairs" if size is not None else "") + (f" (seed {seed})" if seed is not None else "")
            + (f": resuming {final}" if resume else ""))
-    run("distill.py", flags + ["--buffer_path", str(expert_dir), "--save_dir", str(save_dir), *resume])
+    try:
+        run("distill.py", flags + ["--buffer_path", str(expert_dir), "--save_dir", str(save_dir), *resume])
+    except UserError as err:
+        if save_dir.is_dir():
+            atomic_write_json({"error": str(err)}, stopped)
+        raise
     return final, True
 
 

@@ -14,7 +14,7 @@ by one model per cell, then one fresh model with them: its r_mean; judged again 
 trained on it. The table (sweep-<size>.md and .json in
 out_dir/sweep/, which keep the variants of earlier invocations at that size and seed) gives each variant's r_mean at every evaluated iteration, its best, and seconds per matching
 iteration (evaluations excluded). A variant whose run is complete is reused; an interrupted one resumes; one that stops (e.g. diverges) is
-judged by the best set it saved and marked in the table.
+judged by the best set it saved and marked in the table, and is not run again while its settings are unchanged.
 """
 from __future__ import annotations
 
@@ -84,7 +84,8 @@ def main(argv=None) -> int:
             raise UserError(f"variant {item.method} changes [common]: its experts would differ from the pipeline's; "
                             f"sweep variants that share the experts")
         try:
-            final, remade = distill_stage(item.config, out / "sweep", expert_dir, item.seed, item.folder)
+            final, remade = distill_stage(item.config, out / "sweep", expert_dir, item.seed, item.folder,
+                                          retry_stopped=False)
             stopped = None
         except UserError as err:  # e.g. diverged: the variant's result is what it saved before it stopped
             final, remade, stopped = out / "sweep" / item.folder / "distilled_last.pt", True, str(err)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -199,7 +200,7 @@ def test_a_variant_that_stops_is_judged_by_the_best_set_it_saved_and_marked(budg
     config, out = budget_run
     real = sweep.distill_stage
 
-    def diverging(settings, folder, expert_dir, seed, name):
+    def diverging(settings, folder, expert_dir, seed, name, retry_stopped):
         final, _ = real(settings, folder, expert_dir, seed, name)  # a complete run, then as if it had stopped
         raise UserError("distill.py failed (exit 2); the output above says why")
 
@@ -210,3 +211,29 @@ def test_a_variant_that_stops_is_judged_by_the_best_set_it_saved_and_marked(budg
     assert variant["stopped"].startswith("distill.py failed") and variant["last_iteration"] == 2
     assert variant["protocol_r_mean"] is not None
     assert "| base (stopped at 2) |" in (out / "sweep" / "sweep-4.md").read_text()
+
+
+def test_a_run_that_stopped_is_not_run_again_by_the_sweep_while_its_settings_are_unchanged(budget_run, monkeypatch):
+    config_path, out = budget_run
+    config = pipeline.load_config(str(config_path), None)
+    monkeypatch.setattr(programs, "launch", launch_in_process)
+    expert_dir = pipeline.experts_stage(config, out)
+    calls = []
+
+    def diverging(program, flags):
+        calls.append(program)
+        Path(flags[flags.index("--save_dir") + 1]).mkdir(parents=True, exist_ok=True)  # as distill.py does first
+        raise UserError("distill.py failed (exit 2): diverged at iteration 3")
+
+    monkeypatch.setattr(pipeline, "run", diverging)
+    folder = out / "sweep" / "stops" / "seed0"
+    # the second call raises the stored error and says how to retry, without running; the third retries
+    for retry, runs, stored in ((False, 1, False), (False, 1, True), (True, 2, False)):
+        with pytest.raises(UserError, match="diverged at iteration 3") as raised:
+            pipeline.distill_stage(config, out / "sweep", expert_dir, 0, "stops/seed0", retry_stopped=retry)
+        assert len(calls) == runs and json.loads((folder / "stopped.json").read_text())["error"].endswith("3")
+        assert str(raised.value).endswith(f"delete {folder / 'stopped.json'} to try again)") == stored
+    config["distill"]["lr_img"] = 7.0  # other settings: a new run
+    with pytest.raises(UserError):
+        pipeline.distill_stage(config, out / "sweep", expert_dir, 0, "stops/seed0", retry_stopped=False)
+    assert len(calls) == 3
