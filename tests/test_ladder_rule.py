@@ -1,11 +1,11 @@
-"""bench/ladder_rule.py: each rule's choice read off the same tuning cells, and worth-N under each."""
+"""comparison/ladder_rule.py (python -m bench.ladder_rule): each rule's choice read off the same tuning cells, and worth-N under each."""
 from __future__ import annotations
 
 import json
 
 import pytest
 
-from bench import ladder_rule
+from comparison import ladder_rule
 from utils.cli import UserError
 
 
