@@ -63,23 +63,13 @@ def search(lrs: list[float], epochs: list[int], score: Callable[[float, int], fl
     widened = 0
     while True:
         best_lr, best_e = max(scores, key=scores.get)
-        rate_line = sorted({lr for lr, _ in scores})
-        epoch_line = sorted({e for _, e in scores})
-        step = None
-        if len(lrs) > 1:
-            value = _beyond(rate_line, best_lr, False, lr_max)
-            step = None if value is None else (value, best_e)
-        if step is None and len(epochs) > 1:
-            value = _beyond(epoch_line, best_e, True, float("inf"))
-            step = None if value is None else (best_lr, int(value))
-        if step is None or widened >= widen:
+        next_lr = _beyond(sorted({lr for lr, _ in scores}), best_lr, False, lr_max) if len(lrs) > 1 else None
+        next_e = _beyond(sorted({e for _, e in scores}), best_e, True, float("inf")) if len(epochs) > 1 else None
+        if widened >= widen or (next_lr is None and next_e is None):
             break
+        step = (next_lr, best_e) if next_lr is not None else (best_lr, int(next_e))
         scores[step] = score(*step)
         widened += 1
-    at_edge = []
-    if len(lrs) > 1 and _beyond(rate_line, best_lr, False, lr_max) is not None:
-        at_edge.append("lr")
-    if len(epochs) > 1 and _beyond(epoch_line, best_e, True, float("inf")) is not None:
-        at_edge.append("epochs")
+    at_edge = [name for name, value in (("lr", next_lr), ("epochs", next_e)) if value is not None]
     cells = [{"lr": lr, "epochs": e, "r_mean": value} for (lr, e), value in scores.items()]
     return GridChoice(best_lr, best_e, cells, widened, at_edge)
