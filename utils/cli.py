@@ -1,11 +1,13 @@
 """Command-line plumbing shared by the three scripts.
 
-`UserError` is the one exception type that means "the user asked for something that cannot work";
-`run_cli`, the one boundary every program goes through, turns it into a single ``error: ...`` line and
-exit status 2 instead of a traceback. It does the same for the errors that can only come from what the user
-gave, where no code nearer the input named it first: a path the system refuses (OSError naming a file), a
-NUL byte in a path, a file that is not UTF-8 text, JSON nested too deeply. Anything else is a bug in
-vl-distill: its traceback is printed and followed by a line that says so (exit status 1).
+`UserError` (utils/errors.py) is the one exception type that means "the user asked for something that cannot
+work"; `run_cli`, the one boundary every program goes through, turns it into a single ``error: ...`` line and
+exit status 2 instead of a traceback. Its kind `SettingError`, raised by the library with a settings field name
+and no flag in its message, becomes ``error: --FIELD: MESSAGE``: flags are worded here, at the command line.
+`run_cli` also gives one line for the errors that can only come from what the user gave, where no code nearer
+the input named it first: a path the system refuses (OSError naming a file), a NUL byte in a path, a file that
+is not UTF-8 text, JSON nested too deeply. Anything else is a bug in vl-distill: its traceback is printed and
+followed by a line that says so (exit status 1).
 """
 from __future__ import annotations
 
@@ -19,9 +21,7 @@ import traceback
 from pathlib import Path
 from typing import Callable
 
-
-class UserError(Exception):
-    """A problem with the user's input (flags, files, data) that deserves a one-line message."""
+from utils.errors import SettingError, UserError  # (UserError is imported from here by most of the project)
 
 
 def str2bool(value) -> bool:
@@ -42,13 +42,31 @@ def add_bool_flag(parser, name: str, default: bool, help: str) -> None:
                         metavar="True|False", help=help)
 
 
+def flag(field: str) -> str:
+    """The command-line flag of a settings field: `--` and the field's name (settings/base.py gives every field
+    that flag; aliases are other spellings of it)."""
+    return f"--{field}"
+
+
+def flag_message(err: SettingError) -> str:
+    """A SettingError as the programs word it: the flag, then the message (and the flags of `see_also`)."""
+    related = f" (see also {', '.join(flag(name) for name in err.see_also)})" if err.see_also else ""
+    return f"{flag(err.field)}: {err.message}{related}"
+
+
+_RAISED_AS = ("UserError:", "utils.cli.UserError:", "utils.errors.UserError:", "SettingError:",
+              "utils.errors.SettingError:")
+
+
 def user_message(err: BaseException) -> str:
-    """The one-line message of a UserError, also when a DataLoader worker re-raised it with its traceback."""
-    lines = [line for line in str(err).splitlines() if line.strip()]
-    if len(lines) > 1 and "Traceback" in str(err):
+    """The one-line message of a UserError (a SettingError's naming its flag), also when a DataLoader worker
+    re-raised it with its traceback."""
+    text = flag_message(err) if isinstance(err, SettingError) else str(err)
+    lines = [line for line in text.splitlines() if line.strip()]
+    if len(lines) > 1 and "Traceback" in text:
         last = lines[-1]
-        return last.split(": ", 1)[1] if last.startswith(("UserError:", "utils.cli.UserError:")) else last
-    return str(err).replace("\r", "\\r").replace("\n", "\\n")  # one line, also when a path given holds a line break
+        return last.split(": ", 1)[1] if last.startswith(_RAISED_AS) else last
+    return text.replace("\r", "\\r").replace("\n", "\\n")  # one line, also when a path given holds a line break
 
 
 def _terminate(signum, frame):
@@ -146,8 +164,9 @@ def _ignore(signum, frame) -> None:
 
 
 def run_cli(main: Callable[[], int | None]) -> None:
-    """Run a script's `main`, reporting `UserError` and the input errors of `input_error_message` as one line
-    on stderr with exit status 2, and any other exception as a bug (traceback, then a line saying so; status 1).
+    """Run a script's `main`, reporting `UserError` (a `SettingError` as ``--FIELD: message``) and the input
+    errors of `input_error_message` as one line on stderr with exit status 2, and any other exception as a bug
+    (traceback, then a line saying so; status 1).
     SIGTERM (sent by torchrun to the other processes when one fails, and by SLURM before it ends a job) stops
     the program as Ctrl-C does: what it was doing is saved first."""
     if threading.current_thread() is threading.main_thread():
@@ -156,7 +175,7 @@ def run_cli(main: Callable[[], int | None]) -> None:
         sys.excepthook = sys.__excepthook__
     try:
         status = main()
-    except UserError as err:
+    except UserError as err:  # a SettingError among them: user_message puts its flag first
         print(f"error: {user_message(err)}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
