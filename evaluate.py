@@ -111,7 +111,7 @@ def check_settings(settings: EvaluateSettings) -> None:
     if not coreset and size is not None:
         raise UserError("--coreset_size only applies to --coreset (a distilled set has its own size)")
     if settings.judging.eval_image_encoder:  # the encoder that trains
-        check_image_size(settings.judging.eval_image_encoder, settings.model.image_size, "--eval_image_encoder")
+        check_image_size(settings.judging.eval_image_encoder, settings.model.image_size, "eval_image_encoder")
     else:
         check_image_size(settings.model.image_encoder, settings.model.image_size)
 

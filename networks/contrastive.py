@@ -9,7 +9,7 @@ from networks.projection import ProjectionHead
 from networks.split import split_encoder
 from settings.base import MIN_PAIRS
 from settings.choices import LOSS_TYPES
-from utils.cli import UserError
+from utils.errors import SettingError, UserError
 
 TEMPERATURE = 0.07
 
@@ -87,7 +87,7 @@ def soft_target_loss(logits: torch.Tensor, targets: torch.Tensor, loss_type: str
         return F.binary_cross_entropy_with_logits(logits, targets)
     if loss_type == "mse":
         return F.mse_loss(torch.sigmoid(logits), targets)
-    raise ValueError(f"unknown loss type {loss_type!r}; choose from {', '.join(LOSS_TYPES)}")
+    raise SettingError("loss_type", loss_type, f"unknown loss type {loss_type!r}; choose from {', '.join(LOSS_TYPES)}")
 
 
 def contrastive_loss(image_features: torch.Tensor, text_features: torch.Tensor, targets: torch.Tensor | None = None,
@@ -137,7 +137,8 @@ class ImageTextModel(nn.Module):
         if train_stages == "auto":
             train_stages = 0 if image_projection else None
         if train_stages == 0 and not image_projection:
-            raise ValueError("a frozen image encoder (train_stages 0) needs an image projection head to train")
+            raise SettingError("train_stages", 0, "a frozen image encoder (0 stages train) needs an image projection "
+                                                  "head to train", see_also=("image_projection",))
         self.image_encoder = image_encoder
         self.image_dim = image_encoder.num_features
         self.train_stages = train_stages

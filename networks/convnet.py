@@ -4,6 +4,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from utils.errors import SettingError
+
 
 class ConvNet(nn.Module):
     """`depth` blocks of conv3x3 -> instance norm -> ReLU -> 2x2 average pooling, then flatten.
@@ -17,7 +19,8 @@ class ConvNet(nn.Module):
     def __init__(self, image_size: int, channels: int = 3, width: int = 128, depth: int = 3):
         super().__init__()
         if image_size % (2 ** depth):
-            raise ValueError(f"convnet needs --image_size divisible by {2 ** depth}, got {image_size}")
+            raise SettingError("image_size", image_size, f"the ConvNet of depth {depth} needs an image size "
+                                                         f"divisible by {2 ** depth}, got {image_size}")
         layers: list[nn.Module] = []
         in_ch = channels
         for _ in range(depth):

@@ -8,7 +8,7 @@ from networks.normalization import NORMALIZATIONS
 from settings.choices import IMAGE_ENCODERS, IMAGE_NORMS, check_registry
 from networks.convnet import ConvNet
 from networks.pretrained import load_local_weights, load_encoder_weights, packaged_lite0_state_dict
-from utils.cli import UserError
+from utils.errors import SettingError
 
 # --image_encoder name -> timm model name (None: the project's own ConvNet; the narrower variants
 # make CPU-sized experiments affordable).
@@ -35,12 +35,15 @@ PACKAGED_WEIGHTS = {"efficientnet_lite0": packaged_lite0_state_dict}
 SIZE_MULTIPLE = {**{name: 2 ** 3 for name in CONVNET_WIDTHS}, "vit": 16}
 
 
-def check_image_size(name: str, image_size: int, flag: str = "--image_encoder") -> None:
-    """Refuse an --image_size that encoder `name` cannot take (the programs call this before any work)."""
+def check_image_size(name: str, image_size: int, field: str = "image_size") -> None:
+    """Refuse an image size that encoder `name` cannot take (the programs call this before any work). The error
+    is the setting `field`'s: the image size, or the setting that chose the encoder for a size already fixed
+    (evaluate.py's eval_image_encoder, for a set's images)."""
     multiple = SIZE_MULTIPLE.get(name, 1)
     if image_size % multiple:
-        raise UserError(f"{flag} {name} needs --image_size divisible by {multiple}, got {image_size} (e.g. "
-                        f"{max(multiple, image_size // multiple * multiple)})")
+        raise SettingError(field, image_size if field == "image_size" else name,
+                           f"image encoder {name} needs an image size divisible by {multiple}, got {image_size} "
+                           f"(e.g. {max(multiple, image_size // multiple * multiple)})")
 
 
 def _build(name: str, image_size: int) -> nn.Module:
@@ -67,18 +70,19 @@ def create_image_encoder(name: str, image_size: int, pretrained: bool = False,
     installed package ships; anything that would need a download is a clear error instead.
     """
     if name not in TIMM_NAMES:
-        raise UserError(f"unknown --image_encoder {name!r}; choose one of {', '.join(IMAGE_ENCODERS)}")
+        raise SettingError("image_encoder", name,
+                           f"unknown image encoder {name!r}; choose one of {', '.join(IMAGE_ENCODERS)}")
     model = _build(name, image_size)
     if weights:
         load_local_weights(model, weights)
     elif pretrained:
         if name not in PACKAGED_WEIGHTS:
-            raise UserError(
-                f"no offline pretrained weights for --image_encoder {name}: pass a local checkpoint "
-                f"with --image_weights PATH (e.g. timm's {TIMM_NAMES[name] or name} weights saved "
-                f"with torch.save(model.state_dict(), PATH)), or train from scratch with "
-                f"--image_pretrained False")
-        load_encoder_weights(model, PACKAGED_WEIGHTS[name](), f"the packaged {name} weights")
+            raise SettingError(
+                "image_weights", weights,
+                f"image encoder {name} has no pretrained weights offline: give a local checkpoint (e.g. timm's "
+                f"{TIMM_NAMES[name] or name} weights saved with torch.save(model.state_dict(), PATH)), or train "
+                f"from scratch without pretrained weights", see_also=("image_pretrained",))
+        load_encoder_weights(model, PACKAGED_WEIGHTS[name](), f"the packaged {name} weights", "image_pretrained")
     return model
 
 
@@ -95,10 +99,11 @@ def pretrained_normalization(name: str) -> str:
 
 
 def resolve_image_norm(choice: str, name: str, pretrained: bool) -> str:
-    """`--image_norm`: a named normalisation, or `auto` = what the encoder's pretrained weights expect when
+    """The image_norm setting: a named normalisation, or `auto` = what the encoder's pretrained weights expect when
     it starts from them, the reference's CLIP statistics for an encoder trained from scratch."""
     if choice != "auto":
         if choice not in NORMALIZATIONS:
-            raise UserError(f"unknown --image_norm {choice!r}; choose one of {', '.join(IMAGE_NORMS)}")
+            raise SettingError("image_norm", choice,
+                               f"unknown normalisation {choice!r}; choose one of {', '.join(IMAGE_NORMS)}")
         return choice
     return pretrained_normalization(name) if pretrained else "clip"

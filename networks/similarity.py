@@ -17,6 +17,7 @@ from collections.abc import Sequence
 
 import torch
 from settings.choices import SIM_TYPES
+from utils.errors import SettingError
 
 
 
@@ -25,9 +26,10 @@ class TargetSimilarity:
 
     def __init__(self, sim_type: str, size: int, rank: int = 10, alpha: float = 1.0):
         if sim_type not in SIM_TYPES:
-            raise ValueError(f"unknown similarity type {sim_type!r}; choose from {', '.join(SIM_TYPES)}")
+            raise SettingError("sim_type", sim_type,
+                               f"unknown similarity type {sim_type!r}; choose from {', '.join(SIM_TYPES)}")
         if sim_type == "lowrank" and rank < 1:
-            raise ValueError(f"the low-rank similarity needs a rank of at least 1, got {rank}")
+            raise SettingError("sim_rank", rank, f"the low-rank similarity needs a rank of at least 1, got {rank}")
         self.sim_type, self.size, self.rank, self.alpha = sim_type, size, rank, alpha
 
     def initial_params(self, generator: torch.Generator, device: torch.device,

@@ -1,4 +1,4 @@
-"""Splitting an image encoder into a frozen trunk and a trainable top (`--train_stages`).
+"""Splitting an image encoder into a frozen trunk and a trainable top (the train_stages setting).
 
 An encoder is seen as a chain `stem -> stage 1 -> ... -> stage S -> neck`, whose composition is the
 encoder's own forward pass (the neck is what follows the last stage: a final convolution, pooling,
@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from networks.convnet import ConvNet
-from utils.cli import UserError
+from utils.errors import SettingError
 
 
 class PoolHead(nn.Module):
@@ -76,11 +76,13 @@ def split_encoder(encoder: nn.Module, train_stages: int | None, name: str = "thi
         return encoder, nn.Identity()
     chain = encoder_chain(encoder)
     if chain is None:
-        raise UserError(f"--train_stages {train_stages}: {name} cannot be split into stages; use --train_stages "
-                        f"all (everything trains) or 0 (frozen, with --image_projection)")
+        raise SettingError("train_stages", train_stages,
+                           f"{name} cannot be split into stages, so {train_stages} cannot train: give all "
+                           f"(everything trains) or 0 (frozen, with an image projection head)",
+                           see_also=("image_projection",))
     stem, stages, neck = chain
     if not 0 < train_stages <= len(stages):
-        raise UserError(f"--train_stages {train_stages}: {name} has {len(stages)} stages (use 0 .. {len(stages)} "
-                        f"or all)")
+        raise SettingError("train_stages", train_stages, f"{name} has {len(stages)} stages, not {train_stages}: "
+                                                         f"give 0 to {len(stages)} or all")
     cut = len(stages) - train_stages
     return nn.Sequential(stem, *stages[:cut]), nn.Sequential(*stages[cut:], neck)

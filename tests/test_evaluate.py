@@ -10,7 +10,7 @@ from conftest import tiny_flags
 
 import evaluate
 from data.distilled_set import load_distilled_set, save_distilled_set
-from utils.cli import UserError
+from utils.cli import UserError, user_message
 
 METRICS = {"img_r1", "img_r5", "img_r10", "txt_r1", "txt_r5", "txt_r10", "img_r_mean", "txt_r_mean", "r_mean"}
 QUICK = ("--num_eval", "2", "--epoch_eval_train", "2", "--batch_train", "4")
@@ -172,12 +172,13 @@ def test_bad_inputs_get_clear_messages(tiny_shapes, cache_dir, experts, tmp_path
             "--max_train_images", "10")
     with pytest.raises(UserError, match="images are 16x16 px but --image_size is 32"):
         evaluate.main(["--distilled", str(run4 / "distilled_last.pt"), "--image_size", "32"])
-    with pytest.raises(UserError, match="--eval_image_encoder vit needs --image_size divisible by 16, got 12"):
+    with pytest.raises(UserError, match="image encoder vit needs an image size divisible by 16, got 12") as caught:
         payload = load_distilled_set(run4 / "distilled_last.pt")
         save_distilled_set(tmp_path / "small.pt", payload["image_syn"][:, :, :12, :12], payload["text_syn"], 0.1, 0.1,
                            0, {**payload["config"], "image_size": 12})
         evaluate.main(["--distilled", str(tmp_path / "small.pt"), "--eval_image_encoder", "vit",
                        "--image_pretrained", "False"])
+    assert user_message(caught.value).startswith("--eval_image_encoder: image encoder vit needs an image size")
     with pytest.raises(UserError, match="invalid choice: 'resnet_9000'"):
         evaluate.main(["--distilled", str(run4 / "distilled_last.pt"), "--eval_image_encoder", "resnet_9000"])
     with pytest.raises(UserError, match="exactly one of"):

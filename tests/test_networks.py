@@ -11,6 +11,7 @@ from networks import ImageTextModel, ProjectionHead, contrastive_loss, create_im
 from networks.pretrained import lite0_key_to_timm
 from networks.text_encoders import FrozenTextEncoder
 from utils.cli import UserError
+from utils.errors import SettingError
 
 
 @pytest.mark.parametrize("name,size,dim", [("convnet", 32, 128 * 4 * 4), ("convnet", 16, 128 * 2 * 2), ("convnet_w32", 32, 32 * 4 * 4),
@@ -75,10 +76,12 @@ def test_packaged_efficientnet_weights_map_onto_every_timm_tensor():
 
 
 def test_pretrained_without_offline_weights_names_image_weights():
-    with pytest.raises(UserError, match="--image_weights"):
+    with pytest.raises(SettingError, match="has no pretrained weights offline") as caught:
         create_image_encoder("nfnet", 32, pretrained=True)
-    with pytest.raises(UserError, match="unknown --image_encoder"):
+    assert caught.value.field == "image_weights" and caught.value.see_also == ("image_pretrained",)
+    with pytest.raises(SettingError, match="unknown image encoder 'alexnet'") as caught:
         create_image_encoder("alexnet", 32)
+    assert (caught.value.field, caught.value.value) == ("image_encoder", "alexnet")
 
 
 def test_image_weights_loads_a_local_checkpoint(tmp_path):
@@ -87,11 +90,13 @@ def test_image_weights_loads_a_local_checkpoint(tmp_path):
     loaded = create_image_encoder("resnet18", 32, weights=str(tmp_path / "w.pt"))
     assert all(torch.equal(a, b) for a, b in zip(source.state_dict().values(), loaded.state_dict().values()))
     torch.save(create_image_encoder("convnet", 32).state_dict(), tmp_path / "other.pt")
-    with pytest.raises(UserError, match="do not fit this image encoder"):
+    with pytest.raises(SettingError, match="do not fit this image encoder") as caught:
         create_image_encoder("resnet18", 32, weights=str(tmp_path / "other.pt"))
+    assert caught.value.field == "image_weights"
     (tmp_path / "bad.pt").write_bytes(b"garbage")
-    with pytest.raises(UserError, match="bad.pt is not a tensor file"):
+    with pytest.raises(SettingError, match="bad.pt is not a tensor file") as caught:
         create_image_encoder("resnet18", 32, weights=str(tmp_path / "bad.pt"))
+    assert caught.value.field == "image_weights"
 
 
 def test_minilm_embedding_is_the_cls_state_of_the_packaged_bert():
@@ -109,5 +114,6 @@ def test_minilm_embedding_is_the_cls_state_of_the_packaged_bert():
 
 
 def test_bert_that_is_not_on_disk_is_a_clear_offline_error(tmp_path):
-    with pytest.raises(UserError, match=r"cannot load text model .* offline.*--text_model"):
+    with pytest.raises(SettingError, match=r"cannot load text model .* offline.*give DIR here") as caught:
         FrozenTextEncoder("bert", str(tmp_path / "no-such-model"), torch.device("cpu"))
+    assert caught.value.field == "text_model" and caught.value.value == str(tmp_path / "no-such-model")

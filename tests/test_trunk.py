@@ -53,11 +53,13 @@ def test_convnet_splits_by_conv_block_and_other_encoders_are_refused():
         trunk, top = split_encoder(encoder, k)
         torch.testing.assert_close(top(trunk(x)), encoder(x))
     assert split_encoder(encoder, 1)[0](x).shape == (3, 4, 4, 4)  # two blocks of 2x2 pooling
-    with pytest.raises(UserError, match="has 3 stages"):
+    with pytest.raises(UserError, match="has 3 stages") as caught:
         split_encoder(encoder, 4)
+    assert (caught.value.field, caught.value.value) == ("train_stages", 4)
     vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0, img_size=32)
-    with pytest.raises(UserError, match="cannot be split into stages"):
+    with pytest.raises(UserError, match="cannot be split into stages") as caught:
         split_encoder(vit, 1)
+    assert (caught.value.field, caught.value.value) == ("train_stages", 1)
     trunk, top = split_encoder(vit, 0)  # frozen whole: allowed for any encoder
     assert trunk is vit and isinstance(top, torch.nn.Identity)
 
