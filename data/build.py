@@ -18,6 +18,7 @@ from settings.choices import DATASETS
 from settings.data import DataSettings, default_cache_dir
 from settings.model import ModelSettings
 from utils.cli import UserError
+from utils.errors import SettingError
 
 __all__ = ["DATASETS", "default_cache_dir", "RetrievalData", "EvalSplit", "load_retrieval_data", "has_split",
            "dataset_roots", "train_loader", "eval_image_loader"]
@@ -73,7 +74,8 @@ class RetrievalData:
 def dataset_roots(settings: DataSettings, progress: bool = True) -> tuple[Path, Path]:
     """(image_root, ann_root); the embedded `shapes` data set is generated in the cache on first use."""
     if settings.dataset not in DATASETS:
-        raise UserError(f"unknown --dataset {settings.dataset!r}; choose one of {', '.join(DATASETS)}")
+        raise SettingError("dataset", settings.dataset,
+                           f"unknown data set {settings.dataset!r}; choose one of {', '.join(DATASETS)}")
     image_root = settings.image_root
     if image_root is None and settings.dataset == "shapes":
         from data.shapes import ensure_shapes
@@ -83,8 +85,9 @@ def dataset_roots(settings: DataSettings, progress: bool = True) -> tuple[Path, 
         except ValueError as err:
             raise UserError(str(err)) from None
     if image_root is None:
-        raise UserError(f"--dataset {settings.dataset} needs --image_root (the folder the annotation "
-                        f"'image' paths are relative to) and --ann_root (the folder of the annotation JSON files)")
+        raise SettingError("image_root", None, f"data set {settings.dataset} needs the folder the annotation 'image' "
+                                               f"paths are relative to (and the folder of the annotation JSON files, "
+                                               f"when not its annotations/)", see_also=("ann_root",))
     ann_root = settings.ann_root or Path(image_root) / "annotations"
     return Path(image_root), Path(ann_root)
 

@@ -30,7 +30,8 @@ from tqdm import tqdm
 from data.annotations import CaptionedImages
 from data.datasets import load_rgb
 from data.transforms import test_transform, train_transform
-from utils.cli import UserError, os_error_reason
+from utils.cli import os_error_reason
+from utils.errors import SettingError
 from utils.io import MAX_ABS_VALUE, atomic_torch_save, load_cache, tensor_problem
 
 FORMAT = "vl-distill/trunk-features"
@@ -112,8 +113,8 @@ def cached_trunk_outputs(trunk: nn.Module, trunk_key: dict, split: CaptionedImag
             try:
                 atomic_torch_save(payload, path)
             except OSError as err:
-                raise UserError(f"the trunk-feature cache {path} cannot be written: {os_error_reason(err)}; give "
-                                f"--cache_dir a folder that can be written") from None
+                raise SettingError("cache_dir", str(path), f"the trunk-feature cache {path} cannot be written: "
+                                   f"{os_error_reason(err)}; choose a cache folder that can be written") from None
         per_view.append(payload["features"])
     return torch.stack(per_view)
 

@@ -11,7 +11,8 @@ from typing import Callable
 
 import torch
 
-from utils.cli import UserError, os_error_reason
+from utils.cli import os_error_reason
+from utils.errors import SettingError
 from utils.io import MAX_ABS_VALUE, atomic_torch_save, load_cache, tensor_problem
 
 
@@ -52,9 +53,9 @@ def cached_text_embeddings(captions: list[str], path: Path, make_encoder: Callab
     return embeddings
 
 
-def _unwritable(path: Path, err: OSError) -> UserError:
-    return UserError(f"the text-embedding cache {path} cannot be written: {os_error_reason(err)}; give --cache_dir a "
-                     f"folder that can be written")
+def _unwritable(path: Path, err: OSError) -> SettingError:
+    return SettingError("cache_dir", str(path), f"the text-embedding cache {path} cannot be written: "
+                                                f"{os_error_reason(err)}; choose a cache folder that can be written")
 
 
 def _usable_cache(path: Path, count: int) -> torch.Tensor | None:

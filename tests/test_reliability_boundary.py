@@ -156,8 +156,9 @@ def test_a_cache_folder_under_a_regular_file_names_the_file(tmp_path):
     (tmp_path / "notes.txt").write_text("")
     path = tmp_path / "notes.txt" / "cache" / "text_embeddings" / "x.pt"
     with pytest.raises(UserError, match=rf"text-embedding cache {path} cannot be written: {tmp_path / 'notes.txt'} "
-                                        r"is a regular file.*--cache_dir"):
+                                        r"is a regular file.*cache folder") as caught:
         cached_text_embeddings(["a cat"], path, CountingEncoder, progress=False)
+    assert caught.value.field == "cache_dir"
 
 
 def test_a_cache_dir_under_a_regular_file_stops_buffer_py_with_one_line(tiny_shapes, tmp_path, capsys):
@@ -165,7 +166,8 @@ def test_a_cache_dir_under_a_regular_file_stops_buffer_py_with_one_line(tiny_sha
 
     (tmp_path / "notes.txt").write_text("")
     flags = tiny_flags(tiny_shapes, tmp_path / "notes.txt" / "cache", "--buffer_path", str(tmp_path / "b"))
-    assert f"{tmp_path / 'notes.txt'}" in one_line_error(lambda: buffer.main(flags), capsys)
+    line = one_line_error(lambda: buffer.main(flags), capsys)
+    assert f"{tmp_path / 'notes.txt'}" in line and line.startswith("error: --cache_dir: ")
 
 
 DAMAGE = {

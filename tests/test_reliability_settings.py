@@ -17,6 +17,7 @@ from settings import programs
 from settings.base import INT64_MAX, _base_type
 from settings.runtime import MAX_SEED
 from utils.cli import UserError, user_message
+from utils.errors import SettingError
 from utils.device import pick_device, seed_everything
 from utils.seeds import EVAL_MODEL_OFFSET, TUNING_SEED_OFFSET, distill_eval_seed, eval_model_seed, expert_seed
 
@@ -110,10 +111,12 @@ def test_a_missing_gpu_is_named_with_the_devices_there_are(no_work, tmp_path):
     with pytest.raises(UserError, match=r"--device names a CUDA GPU that is not there \(\d+ visible; the devices "
                                         r"here are cpu.*\), got 'cuda:7'"):
         distill.main(tiny_flags(tmp_path, tmp_path, "--device", "cuda:7"))
-    with pytest.raises(UserError, match="--device cuda:7 names a CUDA GPU that is not there"):
+    with pytest.raises(SettingError, match="cuda:7 names a CUDA GPU that is not there") as caught:
         pick_device("cuda:7")
-    with pytest.raises(UserError, match="--device tpu is not a device name"):
+    assert (caught.value.field, caught.value.value) == ("device", "cuda:7")
+    with pytest.raises(SettingError, match="tpu is not a device name") as caught:
         pick_device("tpu")
+    assert user_message(caught.value).startswith("--device: tpu is not a device name")
     assert pick_device("cpu") == torch.device("cpu") and pick_device(None).type in ("cpu", "cuda")
 
 

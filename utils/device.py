@@ -7,7 +7,7 @@ import random
 import numpy as np
 import torch
 
-from utils.cli import UserError
+from utils.errors import SettingError
 
 
 def available_devices() -> list[str]:
@@ -40,12 +40,12 @@ def device_problem(requested: str | None) -> str | None:
 
 
 def pick_device(requested: str | None = None) -> torch.device:
-    """`--device` if given (a clear error when this machine has no such device), else this process's CUDA
+    """The device `requested` (the device setting) if given (a clear error when this machine has no such device), else this process's CUDA
     device when CUDA is available, else the CPU."""
     if requested:
         problem = device_problem(requested)
         if problem:
-            raise UserError(f"--device {requested} {problem}")
+            raise SettingError("device", requested, f"{requested} {problem}")
         device = torch.device(requested)
     elif torch.cuda.is_available():
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from utils.cli import UserError, os_error_reason
+from utils.errors import SettingError
 from utils.paths import disk_full_message
 
 # A temporary file whose writer cannot be asked (another machine, or an older name without a
@@ -188,13 +189,15 @@ def safe_torch_load(path, what: str = "file", mmap: bool = False):
 
 def load_cache(path, what: str):
     """The payload of the cache file `path` (`what` names it), or None when there is none or it cannot be loaded
-    (then the caller computes it again; a note says why). A path the system refuses is an error."""
+    (then the caller computes it again; a note says why). A path the system refuses is an error of the cache_dir
+    setting, under which every cache lies."""
     path = Path(path)
     try:
         if not path.is_file():
             return None
     except OSError as err:
-        raise UserError(f"the {what} {path} cannot be read: {os_error_reason(err)}; check --cache_dir") from None
+        raise SettingError("cache_dir", str(path), f"the {what} {path} cannot be read: {os_error_reason(err)}; "
+                                                   f"choose a cache folder that can be read") from None
     try:
         return safe_torch_load(path, what)
     except UserError as err:
