@@ -1,6 +1,8 @@
 """Shared fixtures: a tiny generated data set in the Karpathy layout and a shared embedding cache."""
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import shutil
 from pathlib import Path
@@ -8,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from data.shapes import ensure_shapes
+from utils.cli import run_cli
 
 os.environ.setdefault("WANDB_MODE", "disabled")
 
@@ -126,3 +129,26 @@ num_eval = 2
 [compare]
 ladder = [6, 12]
 """
+
+
+# ---- a program run up to its first work, through the programs' boundary --------------------------------------
+
+class ReachedWork(BaseException):
+    """The program accepted its settings and started loading the data (not an Exception: no handler takes it)."""
+
+
+def run_program(main, argv: list[str]) -> str | None:
+    """None when the program accepted `argv` (reached its first work), else the one error line it printed
+    through `run_cli` (exit status 2); anything else (a traceback, another status) fails the test."""
+    stderr = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(stderr):
+            run_cli(lambda: main(argv))
+    except ReachedWork:
+        return None
+    except SystemExit as stop:
+        lines = stderr.getvalue().splitlines()
+        assert stop.code == 2 and len(lines) == 1 and lines[0].startswith("error: "), \
+            f"exit status {stop.code}, not one error line: {stderr.getvalue()!r}"
+        return lines[0]
+    raise AssertionError(f"{argv[-1]!r}: returned without reaching its work")

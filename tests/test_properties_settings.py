@@ -9,17 +9,15 @@ by a sentinel); the end-to-end examples at the bottom run `main` on tiny data wi
 check but could only fail later."""
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
-import io
 import json
 import math
 import re
 from pathlib import Path
 
 import pytest
-from conftest import PIPELINE_CONFIG, tiny_flags
+from conftest import PIPELINE_CONFIG, ReachedWork, run_program, tiny_flags
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -33,7 +31,7 @@ from networks import build_model, trainable_parameters
 from networks.text_encoders import text_encoder_identity
 from settings import programs
 from settings.base import _base_type
-from utils.cli import UserError, run_cli
+from utils.cli import UserError
 
 pytestmark = pytest.mark.props
 
@@ -78,10 +76,6 @@ def cli_values(f: dataclasses.Field) -> st.SearchStrategy[str]:
 
 
 # ---- running a program up to its first work ------------------------------------------------------------------
-
-
-class ReachedWork(BaseException):
-    """The program accepted its settings and started loading the data (not an Exception: no handler takes it)."""
 
 
 @pytest.fixture(scope="module")
@@ -139,23 +133,6 @@ def up_to_work(monkeypatch, sandbox):
         monkeypatch.setattr(module, "load_retrieval_data", reached)
     monkeypatch.setattr(cycler, "load_expert_pair", cached_expert_pair)
     monkeypatch.chdir(sandbox)
-
-
-def run_program(main, argv: list[str]) -> str | None:
-    """None when the program accepted `argv` (reached its first work), else the one error line it printed
-    through `run_cli` (exit status 2); anything else (a traceback, another status) fails the test."""
-    stderr = io.StringIO()
-    try:
-        with contextlib.redirect_stderr(stderr):
-            run_cli(lambda: main(argv))
-    except ReachedWork:
-        return None
-    except SystemExit as stop:
-        lines = stderr.getvalue().splitlines()
-        assert stop.code == 2 and len(lines) == 1 and lines[0].startswith("error: "), \
-            f"exit status {stop.code}, not one error line: {stderr.getvalue()!r}"
-        return lines[0]
-    raise AssertionError(f"{argv[-1]!r}: returned without reaching its work")
 
 
 def names_the_input(message: str, names: list[str], value) -> bool:

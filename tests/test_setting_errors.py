@@ -14,7 +14,7 @@ from unittest import mock
 
 import pytest
 import torch
-from conftest import tiny_flags
+from conftest import ReachedWork, run_program, tiny_flags
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -156,31 +156,12 @@ def test_a_setting_error_survives_pickling_and_worker_tracebacks():
 
 # ---- the programs: one line naming the flag, before any work ---------------------------------------------------
 
-class ReachedWork(BaseException):
-    """The program accepted its settings and started loading the data (no `except Exception` takes it)."""
-
-
 @pytest.fixture()
 def up_to_work(monkeypatch):
     def reached(*args, **kwargs):
         raise ReachedWork
     for module in (buffer, distill, evaluate):
         monkeypatch.setattr(module, "load_retrieval_data", reached)
-
-
-def run_program(main, argv: list[str]) -> str | None:
-    """None when `main` reached its work, else the one line run_cli printed (status 2, no traceback)."""
-    stderr = io.StringIO()
-    try:
-        with contextlib.redirect_stderr(stderr):
-            run_cli(lambda: main(argv))
-    except ReachedWork:
-        return None
-    except SystemExit as stop:
-        text = stderr.getvalue()
-        assert stop.code == 2 and "Traceback" not in text and text.count("\n") == 1, (stop.code, text)
-        return text.rstrip("\n")
-    raise AssertionError("returned without reaching its work")
 
 
 PROGRAM_CASES = [
