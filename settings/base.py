@@ -27,12 +27,21 @@ from utils.cli import UserError, str2bool
 Check = Callable[[Any], str | None]  # returns what is wrong with a value, or None
 
 
+@dataclasses.dataclass(frozen=True)
+class Computed:
+    """A default worked out each time a settings object is made or a command line parsed (from the clock, the
+    environment), not once when the module is imported: `setting(Computed(function), ...)`."""
+    make: Callable[[], Any]
+
+
 def setting(default: Any, help: str, *, aliases: Iterable[str] = (), choices: Iterable | None = None,
             check: Check | None = None, parse: Callable[[str], Any] | None = None, metavar: str | None = None):
-    """A field of a settings class: its default, help text, accepted other flag names (`aliases`, e.g. the
-    reference implementation's), allowed values and a check run by `validate`."""
+    """A field of a settings class: its default (a value, or `Computed`), help text, accepted other flag names
+    (`aliases`, e.g. the reference implementation's), allowed values and a check run by `validate`."""
     metadata = {"help": help, "aliases": tuple(aliases), "choices": None if choices is None else tuple(choices),
                 "check": check, "parse": parse, "metavar": metavar}
+    if isinstance(default, Computed):
+        return dataclasses.field(default_factory=default.make, metadata=metadata)
     if isinstance(default, (list, dict)):
         return dataclasses.field(default_factory=lambda: type(default)(default), metadata=metadata)
     return dataclasses.field(default=default, metadata=metadata)

@@ -5,12 +5,13 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from settings.base import Settings, a_path, at_least, setting
+from settings.base import Computed, Settings, a_path, at_least, setting
 from settings.choices import DATASETS, SPLITS
 
 
 def default_cache_dir() -> str:
-    """Where generated data and caches live: $VL_DISTILL_CACHE, else ~/.cache/vl-distill."""
+    """Where generated data and caches live: $VL_DISTILL_CACHE, else ~/.cache/vl-distill (looked up each time:
+    the default of every settings object made)."""
     return os.environ.get("VL_DISTILL_CACHE", str(Path.home() / ".cache" / "vl-distill"))
 
 
@@ -37,8 +38,9 @@ class DataSettings(Settings):
     max_train_images: int | None = setting(None, "train on the first K training images only (with all their "
                                                  "captions): CPU-sized runs", check=at_least(1))
     skip_bad_images: bool = setting(False, "leave out pairs whose image is missing, unreadable, truncated or too large (counted by kind) instead of stopping")
-    cache_dir: str = setting(default_cache_dir(), "where the generated shapes data set and the text-embedding and "
-                                                  "trunk-output caches live (env VL_DISTILL_CACHE)", check=a_path)
+    cache_dir: str = setting(Computed(default_cache_dir), "where the generated shapes data set and the "
+                                                          "text-embedding and trunk-output caches live (env "
+                                                          "VL_DISTILL_CACHE)", check=a_path)
     feature_views: int = setting(2, "with a frozen trunk (--train_stages K / --image_projection): augmented views "
                                     "cached per training image besides the plain one; training draws one view per "
                                     "pair and epoch (0 = the plain view only, no augmentation); each view is one "

@@ -5,7 +5,7 @@ import datetime
 import os
 from dataclasses import dataclass
 
-from settings.base import Settings, described, non_empty, setting
+from settings.base import Computed, Settings, described, non_empty, setting
 from settings.choices import WANDB_MODES
 from utils.cli import UserError
 from utils.device import device_problem
@@ -34,6 +34,14 @@ def name_problem(name) -> str | None:
     return None
 
 
+RUN_NAME_FORMAT = "%Y-%m-%d_%H-%M-%S"
+
+
+def default_run_name() -> str:
+    """The run name when none is given: the local date and time at which the settings are made."""
+    return datetime.datetime.now().strftime(RUN_NAME_FORMAT)
+
+
 check_name = described(name_problem, f"a file name: not empty, no / \\ or NUL, not . or .., at most {MAX_NAME_BYTES} "
                                     "bytes")
 
@@ -49,8 +57,8 @@ class RuntimeSettings(Settings):
                                            "account or network, sync later with `wandb sync`)", choices=WANDB_MODES)
     wandb_project: str = setting("vl-distill", "wandb project", check=non_empty)
     wandb_entity: str | None = setting(None, "wandb entity (team or user)")
-    name: str = setting(datetime.datetime.now().strftime("%Y-%m-%d_%H-%M-%S"), "run name (wandb, default output "
-                                                                               "folders): a file name, not a path",
+    name: str = setting(Computed(default_run_name), "run name (wandb, default output folders): a file name, not a "
+                                                     "path; default: the date and time the run starts",
                         check=check_name)
     progress: bool = setting(True, "show progress bars")
 

@@ -2,15 +2,37 @@
 from __future__ import annotations
 
 import dataclasses
+import datetime
+import types
+from pathlib import Path
 
 import pytest
 
 from settings import DataSettings, DistillSettings, ModelSettings, RuntimeSettings, programs
+from settings import runtime as runtime_settings
 from settings.programs import check_section
 from utils.cli import UserError
 
 
-def test_every_flag_default_is_its_field_default():
+class Clock:
+    """A stand-in for `datetime.datetime` whose `now()` is the time set by the test (`at`)."""
+
+    def __init__(self, at: datetime.datetime):
+        self.at = at
+
+    def now(self) -> datetime.datetime:
+        return self.at
+
+
+@pytest.fixture()
+def clock(monkeypatch) -> Clock:
+    """settings/runtime.py's clock, held where the test puts it."""
+    clock = Clock(datetime.datetime(2024, 5, 6, 7, 8, 9))
+    monkeypatch.setattr(runtime_settings, "datetime", types.SimpleNamespace(datetime=clock))
+    return clock
+
+
+def test_every_flag_default_is_its_field_default(clock):  # (the clock stands still: the run name is the time)
     for program in programs.PROGRAMS:
         parser = programs.build_parser(program, "")
         namespace = parser.parse_args([])
@@ -76,3 +98,26 @@ def test_wandb_mode_flag_wins_then_the_environment_then_offline(monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "sometimes")
     with pytest.raises(UserError, match="WANDB_MODE='sometimes'"):
         RuntimeSettings().logging_mode
+
+
+def test_the_default_run_name_is_the_time_each_settings_object_is_made(clock):
+    first = RuntimeSettings()
+    assert first.name == "2024-05-06_07-08-09"
+    clock.at += datetime.timedelta(minutes=1, seconds=2)
+    assert RuntimeSettings().name == "2024-05-06_07-09-11" and first.name == "2024-05-06_07-08-09"
+    assert RuntimeSettings(name="mine").name == "mine"
+    clock.at += datetime.timedelta(hours=1)  # and on a command line, the time it is parsed
+    assert programs.parse("distill", "", []).runtime.name == "2024-05-06_08-09-11"
+    assert programs.parse("distill", "", ["--name", "mine"]).runtime.name == "mine"
+
+
+def test_the_default_cache_dir_follows_the_environment_when_the_settings_are_made(monkeypatch, tmp_path):
+    monkeypatch.setenv("VL_DISTILL_CACHE", str(tmp_path / "first"))
+    assert DataSettings().cache_dir == str(tmp_path / "first")
+    monkeypatch.setenv("VL_DISTILL_CACHE", str(tmp_path / "second"))
+    assert DataSettings().cache_dir == str(tmp_path / "second")
+    assert programs.parse("buffer", "", []).data.cache_dir == str(tmp_path / "second")
+    assert programs.parse("buffer", "", ["--cache_dir", "mine"]).data.cache_dir == "mine"
+    monkeypatch.delenv("VL_DISTILL_CACHE")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert DataSettings().cache_dir == str(Path(tmp_path / "home" / ".cache" / "vl-distill"))
