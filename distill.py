@@ -32,7 +32,7 @@ from tqdm import tqdm
 from data.build import load_retrieval_data
 from data.distilled_set import learned_lr_problem, load_distilled_set, resume_state_problem, save_distilled_set, set_source
 from data.model_inputs import inputs_for
-from evaluation import coresets
+from evaluation import coreset_files
 from evaluation.protocol import evaluate_pairs, lr_label, untrained_warning
 from evaluation.training import batch_note
 from experts.cycler import ExpertCycler
@@ -105,16 +105,12 @@ def check_resume(payload: dict, settings: DistillRunSettings, text_identity: str
 
 def kmeans_start(settings: DistillRunSettings, data, model, directory, meta: dict,
                  device: torch.device) -> torch.Tensor:
-    """The k-means coreset of --num_pairs pairs (the same selection as evaluate.py --coreset kmeans)."""
-    if model.has_trunk:
-        outputs = inputs_for(settings.data, settings.model, data, model, device,
-                             settings.runtime.progress).train_outputs[0]
-        features = coresets.frozen_pair_features(outputs, data)
-    else:
-        probe = build_model(settings.model, data.text_dim).to(device)
-        features, _ = coresets.expert_pair_features(probe, directory, meta, data, settings.data, settings.model, device,
-                                                    progress=settings.runtime.progress)
-    chosen = coresets.select_kmeans(features, settings.distill.num_pairs, settings.runtime.seed)
+    """The k-means coreset of --num_pairs pairs: evaluate.py --coreset kmeans's selection (one function for both)."""
+    inputs = inputs_for(settings.data, settings.model, data, model, device, settings.runtime.progress,
+                        need_train=model.has_trunk)
+    chosen, _ = coreset_files.kmeans_coreset(settings.distill.num_pairs, settings.runtime.seed, settings.data,
+                                             settings.model, inputs, device, coreset_files.Expert(directory, meta),
+                                             progress=settings.runtime.progress)
     print(f"--pix_init kmeans: starting from the real pairs nearest to {settings.distill.num_pairs} k-means centroids")
     return chosen
 

@@ -26,12 +26,15 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 from tqdm import tqdm
 
+from data.build import has_split
 from data.feature_cache import FeatureBatches
 from data.model_inputs import ModelInputs, trunk_outputs_of
 from networks import build_model
 from settings.base import WEIGHT_LR_MAX
+from settings.data import DataSettings
 from settings.model import ModelSettings
 from settings.protocol import ProtocolSettings
+from utils.cli import UserError
 from utils.device import seed_everything
 from utils.distributed import ProcessGroupInfo, gather_objects
 from utils.rng import global_streams_kept
@@ -183,6 +186,16 @@ def untrained_warning(untrained: list[dict], models: int) -> str | None:
     return (f"WARNING: {len(untrained)} of {models} evaluation models did not train, so their numbers are those of "
             f"untrained models (first: {lr_label(first['lr'], first.get('lr_txt'))}, seed {first['seed']}: "
             f"{first['problem']})")
+
+
+def reported_split(data_settings: DataSettings, asked: str) -> str:
+    """The split the final numbers are reported on: `asked` (its annotation file must be there), or for `auto`
+    the test split when its annotation file is there, else the selection split (`--eval_split`)."""
+    if asked != "auto":
+        if asked != data_settings.eval_split and not has_split(data_settings, asked):
+            raise UserError(f"--report_split {asked}: its annotation file is not in the annotation folder")
+        return asked
+    return "test" if data_settings.eval_split != "test" and has_split(data_settings, "test") else data_settings.eval_split
 
 
 def pair_batches(protocol: ProtocolSettings, model, inputs: ModelInputs, device: torch.device, texts: torch.Tensor,

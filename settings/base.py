@@ -218,8 +218,9 @@ class Settings:
 
     @classmethod
     def add_arguments(cls, parser: argparse.ArgumentParser, defaults: Mapping[str, Any] | None = None,
-                      skip: Iterable[str] = (), title: str | None = None) -> None:
-        """One flag per field (program-specific `defaults` replace the field defaults)."""
+                      skip: Iterable[str] = (), title: str | None = None, given_only: bool = False) -> None:
+        """One flag per field (program-specific `defaults` replace the field defaults). With `given_only` no
+        flag has a default (argparse.SUPPRESS): the parsed namespace holds just what the command line gives."""
         defaults, skip = dict(defaults or {}), set(skip)
         group = parser.add_argument_group(title or cls.title)
         for f in cls.specs():
@@ -228,10 +229,8 @@ class Settings:
             kind, optional, many = _base_type(f.type)
             meta = f.metadata
             default = defaults.get(f.name, f.default if f.default is not dataclasses.MISSING else f.default_factory())
-            names = [f"--{f.name}", *(a if a.startswith("-") else f"--{a}" for a in meta["aliases"])]
-            allowed = getattr(meta["check"], "allowed", None)
-            help_text = meta["help"] + (f" (allowed: {allowed})" if allowed else "")
-            kwargs: dict[str, Any] = {"dest": f.name, "default": default, "help": help_text}
+            kwargs: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS if given_only else default,
+                                      "help": help_text(f)}
             if meta["choices"] is not None:
                 kwargs["choices"] = meta["choices"]
             if meta["metavar"]:
@@ -242,7 +241,7 @@ class Settings:
                 kwargs["type"] = meta["parse"] or kind
                 if many:
                     kwargs["nargs"] = "+"
-            group.add_argument(*names, **kwargs)
+            group.add_argument(*flag_names(f), **kwargs)
 
     @classmethod
     def from_namespace(cls, namespace: argparse.Namespace, **overrides):
@@ -290,6 +289,17 @@ class Settings:
 
     def to_dict(self) -> dict[str, Any]:
         return {name: getattr(self, name) for name in self.names()}
+
+
+def flag_names(f: dataclasses.Field) -> list[str]:
+    """The command-line flags of a field: `--name`, then its aliases."""
+    return [f"--{f.name}", *(a if a.startswith("-") else f"--{a}" for a in f.metadata["aliases"])]
+
+
+def help_text(f: dataclasses.Field) -> str:
+    """A field's --help text: its description and, where it has a check, what the check accepts."""
+    allowed = getattr(f.metadata["check"], "allowed", None)
+    return f.metadata["help"] + (f" (allowed: {allowed})" if allowed else "")
 
 
 def value_problem(f: dataclasses.Field, value) -> str | None:

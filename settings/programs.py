@@ -14,7 +14,7 @@ import typing
 from pathlib import Path
 from dataclasses import dataclass, fields
 
-from settings.base import Settings, coerce, flatten, value_problem
+from settings.base import Settings, coerce, flag_names, flatten, help_text, value_problem
 from settings.data import DataSettings
 from settings.distillation import DistillSettings
 from settings.experts import ExpertSettings
@@ -94,10 +94,12 @@ def group_classes(program: str) -> dict[str, type[Settings]]:
     """The program's settings groups by name, in the order its --help lists them."""
     return typing.get_type_hints(PROGRAMS[program])
 
-def build_parser(program: str, description: str, prog: str | None = None) -> Parser:
+def build_parser(program: str, description: str, prog: str | None = None, given_only: bool = False) -> Parser:
+    """The program's command line; with `given_only` its flags have no defaults, so that a parsed namespace
+    holds only the flags given (`Settings.add_arguments`)."""
     parser = Parser(description=description, formatter_class=HelpFormatter, prog=prog or f"{program}.py")
     for cls in group_classes(program).values():
-        cls.add_arguments(parser)
+        cls.add_arguments(parser, given_only=given_only)
     return parser
 
 
@@ -110,6 +112,24 @@ def from_namespace(program: str, namespace: argparse.Namespace) -> ProgramSettin
 def parse(program: str, description: str, argv=None) -> ProgramSettings:
     parser = build_parser(program, description)
     return from_namespace(program, parser.parse_args(sys.argv[1:] if argv is None else list(argv)))
+
+
+def parse_command_line(program: str, description: str, argv=None) -> tuple[argparse.Namespace, frozenset[str]]:
+    """The parsed command line (every flag, defaults included) before it becomes settings, and the fields it
+    sets itself: a program that also reads settings from a file lets the file fill in only the others."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    namespace = build_parser(program, description).parse_args(argv)
+    given = build_parser(program, description, given_only=True).parse_args(argv)
+    return namespace, frozenset(vars(given))
+
+
+def flag_help(program: str, flag: str) -> str:
+    """The --help text of one of the program's flags (`--name` or an alias)."""
+    for cls in group_classes(program).values():
+        for spec in cls.specs():
+            if flag in flag_names(spec):
+                return help_text(spec)
+    raise KeyError(f"{program}.py has no flag {flag}")
 
 
 def known_keys(program: str) -> dict[str, str]:

@@ -52,6 +52,27 @@ def test_reference_flag_names_are_aliases_of_the_names_that_say_what_they_mean()
     assert evaluate.judging.coreset_size == 5 and evaluate.coreset.forgetting_lr_txt == 2
 
 
+def test_the_command_line_says_which_settings_it_gives_itself():
+    namespace, given = programs.parse_command_line("evaluate", "", ["--full", "--num_queries", "5", "--dsa", "False",
+                                                                    "--lr_grid", "0.1", "0.3"])
+    assert given == {"full", "coreset_size", "dsa", "lr_grid"}  # aliases under the field's name, bare booleans too
+    assert namespace.coreset_size == 5 and namespace.dsa is False and namespace.lr_grid == [0.1, 0.3]
+    assert namespace.image_size == ModelSettings().image_size  # the rest keep their defaults
+    assert programs.parse_command_line("evaluate", "", [])[1] == frozenset()
+
+
+def test_a_flags_help_is_what_help_shows(monkeypatch):
+    monkeypatch.setenv("COLUMNS", "100000")  # one line per flag: nothing wrapped
+    for program in programs.PROGRAMS:
+        text = programs.build_parser(program, "").format_help()
+        for cls in programs.group_classes(program).values():
+            for f in dataclasses.fields(cls):
+                assert programs.flag_help(program, f"--{f.name}").replace("%%", "%") in text, (program, f.name)
+    assert programs.flag_help("evaluate", "--num_queries") == programs.flag_help("evaluate", "--coreset_size")
+    with pytest.raises(KeyError):
+        programs.flag_help("evaluate", "--no_such_flag")
+
+
 @pytest.mark.parametrize("flags,message", [
     (["--lr_img", "nan"], "--lr_img must be positive"),
     (["--lr_img", "inf"], "--lr_img must be positive"),
