@@ -36,7 +36,7 @@ from evaluation import coresets
 from evaluation.protocol import evaluate_pairs, lr_label, untrained_warning
 from evaluation.training import batch_note
 from experts.cycler import ExpertCycler
-from experts.files import check_buffer_matches, expected_metadata, locate_buffer, read_metadata
+from experts.files import check_buffer_matches, check_data_matches, expected_metadata, locate_buffer, read_metadata
 from matching.guard import StepGuard, after_divergence
 from matching.meta_gradient import matching_gradients
 from matching.streams import SegmentStream, SegmentStreams, saved_streams, streams_entries
@@ -481,11 +481,7 @@ def distill(settings: DistillRunSettings, device: torch.device, group: ProcessGr
 
     with distributed.main_process_first(group):  # rank 0 builds the caches, the others read them
         data = load_retrieval_data(settings.data, settings.model, device, progress=progress)
-    if meta.get("train_pairs") not in (None, len(data.train.captions)):
-        raise UserError(f"the experts in {directory} were trained on {meta['train_pairs']} pairs, this run's training "
-                        f"split has {len(data.train.captions)} (same --max_train_images as buffer.py?)")
-    if data.text_dim != meta["text_dim"]:
-        raise UserError(f"text embeddings have {data.text_dim} dimensions, the experts were trained on {meta['text_dim']}")
+    check_data_matches(meta, directory, len(data.train.captions), data.text_dim)
     config = run_config(settings, text_identity)
     student_model = build_model(settings.model, data.text_dim).to(device).train()
     students = Students(ReparamModule(student_model.image_part), ReparamModule(student_model.text_projection),
