@@ -18,6 +18,7 @@ from networks import build_model
 from utils.cli import UserError
 from evaluation.protocol import evaluate_pairs
 from experts.files import check_data_matches
+from matching import distiller
 
 
 def test_saves_sets_grids_and_captions_that_reload_safely(run4):
@@ -139,7 +140,7 @@ def test_resume_file_that_does_not_match_is_refused(run4, tiny_shapes, cache_dir
 
 def corrupt_call(monkeypatch, number: int, corrupt) -> None:
     """Make the `number`-th meta-gradient of a run (1-based) pass through `corrupt(result)`."""
-    real = distill.matching_gradients
+    real = distiller.matching_gradients
     calls = []
 
     def wrapped(*args, **kwargs):
@@ -149,7 +150,7 @@ def corrupt_call(monkeypatch, number: int, corrupt) -> None:
             corrupt(result)
         return result
 
-    monkeypatch.setattr(distill, "matching_gradients", wrapped)
+    monkeypatch.setattr(distiller, "matching_gradients", wrapped)
 
 
 def learned_state(path):

@@ -16,6 +16,8 @@ from conftest import distill_flags
 import distill
 from data.distilled_set import load_distilled_set, save_distilled_set
 from evaluation import protocol
+from matching import distiller
+from matching.distiller import Distiller
 from utils.cli import UserError
 from utils.device import seed_everything
 from utils.rng import global_streams_kept, global_streams_seeded
@@ -36,8 +38,8 @@ def assert_identical(a, b):
 # Where a Ctrl-C can land: at the start of a step, after the step drew its random numbers and took the next
 # expert, after the optimisers moved the set (before the check), inside an evaluation after a model trained
 # (its seeding done), inside a file write.
-INTERRUPT_POINTS = {"step": (distill.Distiller, "step"), "gradient": (distill, "matching_gradients"),
-                    "applied": (distill.Distiller, "state_problem"), "evaluate": (protocol, "evaluate_retrieval"),
+INTERRUPT_POINTS = {"step": (Distiller, "step"), "gradient": (distiller, "matching_gradients"),
+                    "applied": (Distiller, "state_problem"), "evaluate": (protocol, "evaluate_retrieval"),
                     "save": (distill, "save_distilled_set")}
 
 
@@ -142,7 +144,7 @@ def test_a_blow_up_keeps_the_state_before_it_and_nothing_non_finite_is_saved(tin
                                                                              tmp_path, monkeypatch):
     """Force the pixels to infinity in the third step: the step is refused, every file written is finite, and
     the run stopped by the guard keeps the set from before the step that broke it."""
-    original, calls = distill.Distiller.step, {"n": 0}
+    original, calls = Distiller.step, {"n": 0}
 
     def exploding(self, *args, **kwargs):
         calls["n"] += 1
@@ -151,7 +153,7 @@ def test_a_blow_up_keeps_the_state_before_it_and_nothing_non_finite_is_saved(tin
                 self.optimizers["img"].param_groups[0]["lr"] = float("inf")
         return original(self, *args, **kwargs)
 
-    monkeypatch.setattr(distill.Distiller, "step", exploding)
+    monkeypatch.setattr(Distiller, "step", exploding)
     with pytest.raises(UserError, match="diverged at iteration 3"):
         distill.main(six(tiny_shapes, cache_dir, experts, tmp_path, "--max_skips", "2"))
     for path in tmp_path.glob("*.pt"):
