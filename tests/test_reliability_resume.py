@@ -3,10 +3,12 @@ moves the distillation's random streams, the best and last files agree after any
 non-finite is ever written, and damaged resume files are refused with a clear message."""
 from __future__ import annotations
 
+import json
 import os
 import random
 import re
 import shutil
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -16,10 +18,15 @@ from conftest import distill_flags
 import distill
 from data.distilled_set import load_distilled_set, save_distilled_set
 from evaluation import protocol
-from matching import distiller
+from matching import distiller, run_writer
 from matching.distiller import Distiller
+from matching.resume import ResumePoint
+from matching.run_files import RunFiles
+from matching.run_writer import RunWriter
+from matching.timing import TIMING_NAME, RunTiming
 from utils.cli import UserError
 from utils.device import seed_everything
+from utils.distributed import ProcessGroupInfo
 from utils.rng import global_streams_kept, global_streams_seeded
 
 
@@ -40,7 +47,7 @@ def assert_identical(a, b):
 # (its seeding done), inside a file write.
 INTERRUPT_POINTS = {"step": (Distiller, "step"), "gradient": (distiller, "matching_gradients"),
                     "applied": (Distiller, "state_problem"), "evaluate": (protocol, "evaluate_retrieval"),
-                    "save": (distill, "save_distilled_set")}
+                    "save": (run_writer, "save_distilled_set")}
 
 
 def interrupt_at_call(monkeypatch, call: int, where: str = "step"):
@@ -122,17 +129,37 @@ def test_resume_after_an_evaluation_off_the_eval_it_grid(reference6, tiny_shapes
     assert a["metrics"] == b["metrics"]
 
 
+def test_the_writer_saves_the_timing_record_it_owns_beside_every_set(tiny_shapes, tmp_path):
+    """Saving a point needs nothing the loop defines later: the writer owns the timing record (distill()'s nested
+    save once read a `timing` variable assigned only further down), and writes it as it stands at each save."""
+    settings = distill.parse_args(distill_flags(tiny_shapes, tmp_path, tmp_path, tmp_path / "out"))
+    learner = Distiller(settings, torch.zeros(8, 3, 16, 16), torch.zeros(8, 384), torch.device("cpu"), None)
+    timing = RunTiming({"seconds": 1.5, "iterations": 3, "sync_seconds": 0.25})
+    files = RunFiles(tmp_path / "out")
+    writer = RunWriter(settings, files, distill.run_config(settings, "minilm"), learner, timing, run=None, inputs=None,
+                       data=None, model=None, group=ProcessGroupInfo(), device=torch.device("cpu"))
+    point = ResumePoint(3, learner.snapshot(), [{"rng": {}, "experts": {}}], learner.guard.state())
+    writer.save(files.last, point)
+    assert json.loads((files.dir / TIMING_NAME).read_text()) == {"seconds": 1.5, "iterations": 3, "sync_seconds": 0.25}
+    assert torch.load(files.last, weights_only=True)["iteration"] == 3
+    timing.record["iterations"] = 4
+    writer.save(files.at(4), replace(point, iteration=4))
+    assert json.loads((files.dir / TIMING_NAME).read_text())["iterations"] == 4
+    assert RunTiming.continued(str(files.last), main_process=True).record == timing.record
+    assert RunTiming.continued(str(files.last), main_process=False).record["iterations"] == 0
+
+
 def test_the_best_file_is_written_before_the_last_file(tiny_shapes, cache_dir, experts, tmp_path, monkeypatch):
     """A kill between two writes leaves a best file at least as new as every resumable file, never a stale one:
     the best file is written first, then the iteration's file, then the last file."""
     order = []
-    original = distill.save_distilled_set
+    original = run_writer.save_distilled_set
 
     def recording(path, *args, **kwargs):
         order.append(os.path.basename(path))
         return original(path, *args, **kwargs)
 
-    monkeypatch.setattr(distill, "save_distilled_set", recording)
+    monkeypatch.setattr(run_writer, "save_distilled_set", recording)
     assert distill.main(six(tiny_shapes, cache_dir, experts, tmp_path, "--Iteration", "2")) == 0
     assert order[:3] == ["distilled_best.pt", "distilled_000000.pt", "distilled_last.pt"]
     best, last = load_distilled_set(tmp_path / "distilled_best.pt"), load_distilled_set(tmp_path / "distilled_last.pt")
