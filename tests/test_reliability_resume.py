@@ -149,6 +149,29 @@ def test_the_writer_saves_the_timing_record_it_owns_beside_every_set(tiny_shapes
     assert RunTiming.continued(str(files.last), main_process=False).record["iterations"] == 0
 
 
+def test_a_ctrl_c_before_any_iteration_is_timed_saves_the_set_and_the_timing_record(tiny_shapes, cache_dir, experts,
+                                                                                   tmp_path, monkeypatch):
+    """Ctrl-C in the first evaluation of a run (iteration 0, nothing timed yet) writes a resumable start and the
+    zero timing record; a resumed run stopped in its first step keeps the record it continued."""
+    out, timing = tmp_path / "run", tmp_path / "run" / TIMING_NAME
+    flags = six(tiny_shapes, cache_dir, experts, out, "--Iteration", "2")
+    interrupt_at_call(monkeypatch, 1, "evaluate")
+    with pytest.raises(KeyboardInterrupt):
+        distill.main(flags)
+    monkeypatch.undo()
+    saved = load_distilled_set(out / "distilled_last.pt")
+    assert saved["iteration"] == 0 and not saved["metrics"] and saved["state"]["best_iteration"] == -1
+    assert json.loads(timing.read_text()) == {"seconds": 0.0, "iterations": 0, "sync_seconds": 0.0}
+    assert distill.main([*flags, "--resume", str(out / "distilled_last.pt")]) == 0
+    record = json.loads(timing.read_text())
+    assert record["iterations"] == 2 and record["seconds"] > 0
+    interrupt_at_call(monkeypatch, 1, "step")
+    with pytest.raises(KeyboardInterrupt):
+        distill.main([*flags, "--Iteration", "4", "--resume", str(out / "distilled_last.pt")])
+    assert load_distilled_set(out / "distilled_last.pt")["iteration"] == 2
+    assert json.loads(timing.read_text()) == record
+
+
 def test_the_best_file_is_written_before_the_last_file(tiny_shapes, cache_dir, experts, tmp_path, monkeypatch):
     """A kill between two writes leaves a best file at least as new as every resumable file, never a stale one:
     the best file is written first, then the iteration's file, then the last file."""
