@@ -16,13 +16,13 @@ evaluations draw from their own seeds). See docs/file-formats.md.
 `torchrun --nproc_per_node K` every process draws its own M and one all_reduce averages all K x M
 (matching/streams.py; README "Many GPUs and machines"). Rank 0 alone writes, prints and logs.
 """
+# (The docstring above is --help.) This file parses, builds and loops; the learned state, the resume point
+# and what a run writes live in matching/ (README "Architecture").
 from __future__ import annotations
 
-import copy
-import math
-import re
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
+from functools import partial
 from pathlib import Path
 
 import utils.cli  # noqa: F401 (first: a Ctrl-C while the libraries below load is one line, not a traceback)
@@ -30,41 +30,30 @@ import torch
 from tqdm import tqdm
 
 from data.build import load_retrieval_data
-from data.distilled_set import learned_lr_problem, load_distilled_set, resume_state_problem, save_distilled_set, set_source
 from data.model_inputs import inputs_for
 from evaluation import coreset_files
-from evaluation.protocol import evaluate_pairs, lr_label, untrained_warning
 from evaluation.training import batch_note
 from experts.cycler import ExpertCycler
-from experts.files import check_buffer_matches, expected_metadata, locate_buffer, read_metadata
-from matching.guard import StepGuard, after_divergence
-from matching.meta_gradient import matching_gradients
-from matching.streams import SegmentStream, SegmentStreams, saved_streams, streams_entries
+from experts.files import check_buffer_matches, check_data_matches, expected_metadata, locate_buffer, read_metadata
+from matching.distiller import Diverged, Distiller
+from matching.guard import after_divergence
+from matching.resume import ResumePoint, check_ranks_agree, load_resume, resume_point
+from matching.run_files import RunFiles, check_run_paths, save_dir_of
+from matching.run_writer import RunWriter
+from matching.streams import SegmentStream, SegmentStreams
 from matching.synthetic import initial_synthetic_set
-from matching.trajectory import Students, contrastive_step_loss, draw_blends, draw_minibatches, FrozenPass, pick_segment
+from matching.timing import RunTiming
+from matching.trajectory import Students
 from networks import build_model, check_image_size, image_norm, text_encoder_identity
-from networks.similarity import TargetSimilarity
 from reparam_module import ReparamModule
 from settings import programs
 from settings.programs import DistillRunSettings
 from utils.cli import UserError, run_cli
 from utils.device import pick_device, seed_everything
-from utils.dsa import dsa_augment
-from utils.io import atomic_write_json, read_json_if_present
-from utils.paths import ensure_output_dir, json_object_in, refuse_outputs_over_inputs
 from utils import distributed
-from utils.distributed import ProcessGroupInfo, sum_over_ranks
-from utils.rng import global_streams_seeded
-from utils.seeds import distill_eval_seed, segment_stream_seed, similarity_init_seed
-from evaluation.metrics import format_summary
-from utils.visualize import nearest_captions, save_image_grids, write_nearest_captions
+from utils.distributed import ProcessGroupInfo
+from utils.seeds import segment_stream_seed
 from utils.wandb_logging import start_run
-
-# Settings a resumed run must share with the run that wrote the file.
-RESUME_KEYS = ("dataset", "image_encoder", "text_encoder", "text_identity", "image_size", "num_pairs")
-RESUME_ALIASES = {"num_queries": "num_pairs"}  # files written before the settings were renamed
-# Seconds spent in matching iterations (evaluations excluded) and their count, kept across --resume.
-TIMING_NAME = "timing.json"
 
 
 def parse_args(argv=None) -> DistillRunSettings:
@@ -80,29 +69,6 @@ def run_config(settings: DistillRunSettings, text_identity: str) -> dict:
     return config
 
 
-def check_resume(payload: dict, settings: DistillRunSettings, text_identity: str, path) -> None:
-    config = {RESUME_ALIASES.get(k, k): v for k, v in payload["config"].items()}
-    source = config.get("source", "distilled")
-    if source != "distilled":  # a coreset or feature-centroid set: nothing was learned, so nothing to continue
-        raise UserError(f"--resume {path} is a {source} set written by evaluate.py, not a distill.py run: it holds "
-                        f"no run to continue; --resume takes a distilled_*.pt from a distill.py --save_dir")
-    expected = {**settings.snapshot(), "text_identity": text_identity}
-    problems = [f"{k}: file has {config.get(k)!r}, this run has {expected[k]!r}"
-                for k in RESUME_KEYS if config.get(k) != expected[k]]
-    if problems:
-        raise UserError(f"--resume {path} does not match this run ({'; '.join(problems)})")
-    if not payload.get("state") or "image_syn" not in payload:
-        raise UserError(f"--resume {path} holds no optimiser/RNG state or no pixels (not written by distill.py)")
-    problem = resume_state_problem(payload["state"])
-    if problem:
-        raise UserError(f"--resume {path} cannot be resumed: its state {problem}")
-    problem = learned_lr_problem(payload)
-    if problem:
-        raise UserError(f"--resume {path} cannot be resumed: it {problem}")
-    if payload["iteration"] > settings.distill.Iteration:
-        raise UserError(f"--resume {path} is at iteration {payload['iteration']}, beyond --Iteration {settings.distill.Iteration}")
-
-
 def kmeans_start(settings: DistillRunSettings, data, model, directory, meta: dict,
                  device: torch.device) -> torch.Tensor:
     """The k-means coreset of --num_pairs pairs: evaluate.py --coreset kmeans's selection (one function for both)."""
@@ -115,323 +81,9 @@ def kmeans_start(settings: DistillRunSettings, data, model, directory, meta: dic
     return chosen
 
 
-class Distiller:
-    """The learned state of a run (pixels, text embeddings, step sizes, a similarity's parameters) and
-    one trajectory-matching iteration on it."""
-
-    def __init__(self, settings: DistillRunSettings, images: torch.Tensor, texts: torch.Tensor, device: torch.device,
-                 students: Students, group: ProcessGroupInfo | None = None):
-        self.settings, self.device, self.students = settings, device, students
-        self.group = group or ProcessGroupInfo()
-        self.sync_seconds = 0.0  # time spent averaging the meta-gradients over the processes (torchrun)
-        self.image_syn = images.to(device).requires_grad_(True)
-        self.text_syn = texts.to(device).requires_grad_(True)
-        self.syn_lr_img = torch.tensor(float(settings.distill.student_lr_img), device=device, requires_grad=True)
-        self.syn_lr_txt = torch.tensor(float(settings.distill.student_lr_txt), device=device, requires_grad=True)
-        self.similarity = TargetSimilarity(settings.distill.sim_type, settings.distill.num_pairs,
-                                           settings.distill.sim_rank, settings.distill.sim_alpha) if settings.distill.sim_type != "none" else None
-        # The similarity's initial parameters (LoRS's random L) come from a generator of their own, not the run's:
-        # the run then draws the same segments, minibatches and augmentations whatever --sim_type, so a run with a
-        # similarity is paired with the same run without (and S = I held fixed learns exactly what the base method
-        # learns). A resumed run draws them again, then `restore` puts back the saved ones.
-        own = torch.Generator().manual_seed(similarity_init_seed(settings.runtime.seed))
-        self.sim_params = ([t.requires_grad_(True) for t in self.similarity.initial_params(own, device)]
-                           if self.similarity else [])
-        self.optimizers = {
-            "img": torch.optim.SGD([self.image_syn], lr=settings.distill.lr_img, momentum=0.5),
-            "txt": torch.optim.SGD([self.text_syn], lr=settings.distill.lr_txt, momentum=0.5),
-            "lr": torch.optim.SGD([self.syn_lr_img, self.syn_lr_txt], lr=settings.distill.lr_lr, momentum=0.5),
-        }
-        if self.sim_params:
-            self.optimizers["sim"] = torch.optim.SGD(self.sim_params, lr=settings.distill.lr_sim, momentum=0.5)
-        self.guard = StepGuard(settings.distill.skip_spikes, max_consecutive=settings.distill.max_skips)
-
-    def augment(self, seed_base: int):
-        if not self.settings.protocol.dsa:
-            return None
-        return lambda images, step: dsa_augment(images, self.settings.protocol.dsa_strategy, seed_base + step)
-
-    def similarity_matrix(self) -> torch.Tensor | None:
-        """The learned N x N target similarity (None: identity)."""
-        return None if self.similarity is None else self.similarity.submatrix(self.sim_params).detach()
-
-    def step(self, streams: list[SegmentStream], iteration: int, before: dict | None = None) -> dict:
-        """One matching iteration: the meta-gradients of one segment per stream, averaged over the streams and
-        (under torchrun) over the processes, applied, or skipped with the learned state as it was (`before`, a
-        `snapshot` of the state now, is what a refused step goes back to). Every process ends with the same
-        state: each applies the same averaged gradient."""
-        total, start_epochs = None, []
-        for stream in streams:
-            start_epoch, parts = self._segment_gradient(stream)
-            total = parts if total is None else [a + b for a, b in zip(total, parts)]
-            start_epochs.append(start_epoch)
-        began = time.perf_counter()
-        total = sum_over_ranks(total, self.group)
-        self.sync_seconds += time.perf_counter() - began
-        count = len(streams) * self.group.world_size
-        image_term, text_term, *gradients = [t / count for t in total]
-        return self._apply(image_term, text_term, gradients, start_epochs[0], iteration, before)
-
-    def _segment_gradient(self, stream: SegmentStream) -> tuple[int, list[torch.Tensor]]:
-        """The start epoch of the segment `stream` draws, and its matching loss's two terms and gradients (pixels,
-        texts, both step sizes, similarity). Every random number comes from the stream's generator: the global
-        streams (dropout in the students) are seeded from it for the step and put back after."""
-        settings, generator = self.settings, stream.generator
-        image_traj, text_traj = stream.experts.next()
-        segment = pick_segment(image_traj, text_traj, settings.distill.max_start_epoch, settings.distill.expert_epochs, generator, self.device)
-        batches = draw_minibatches(settings.distill.num_pairs, settings.distill.mini_batch_size, settings.distill.syn_steps, generator)
-        augment = self.augment(int(torch.randint(0, 2**31 - 1, (1,), generator=generator)))
-        blends = draw_blends(settings.distill.syn_steps, settings.distill.mini_batch_size, settings.distill.blend_alpha, generator) \
-            if settings.distill.blend_alpha > 0 else None
-        streams_seed = int(torch.randint(0, 2**63 - 1, (1,), generator=generator))
-        with global_streams_seeded(streams_seed, self.device):
-            result, image_grad = self._meta_gradient(segment, batches, augment, blends)
-        _, text_grad, *sim_grads = result.learned_grads
-        return segment.start_epoch, [result.image_term, result.text_term, image_grad, text_grad, result.lr_img_grad,
-                                     result.lr_txt_grad, *sim_grads]
-
-    def _meta_gradient(self, segment, batches, augment, blends):
-        """The matching loss's meta-gradient, with the pixels' part taken back through a frozen trunk."""
-        settings = self.settings
-        # A frozen trunk runs once per iteration on the synthetic images this iteration's minibatches hold (one
-        # augmentation draw when DSA is on); the student steps then see its outputs, and their gradient flows
-        # back through it at the end.
-        features_given = self.students.frozen_encoder is not None
-        if features_given:
-            pixels = self.image_syn if augment is None else augment(self.image_syn, 0)
-            trunk = FrozenPass(self.students.frozen_encoder, pixels, batches)
-            image_input = trunk.features.requires_grad_(True)
-            augment = None
-        else:
-            image_input = self.image_syn
-        step_loss = contrastive_step_loss(self.students, batches, augment, self.similarity, settings.model.loss_type, blends,
-                                          features_given)
-        result = matching_gradients(settings.distill.matching, self.students, step_loss, len(batches),
-                                    (image_input, self.text_syn, *self.sim_params), self.syn_lr_img,
-                                    self.syn_lr_txt, segment)
-        image_grad = result.learned_grads[0]
-        if features_given:
-            image_grad = trunk.pixel_gradient(self.image_syn, image_grad)
-        return result, image_grad
-
-    def _apply(self, image_term: torch.Tensor, text_term: torch.Tensor, gradients: list[torch.Tensor], start_epoch: int,
-               iteration: int, before: dict | None) -> dict:
-        """Apply the meta-gradient (pixels, texts, the two step sizes, the similarity's parameters) unless the
-        guard refuses it or the step leaves a broken state."""
-        terms = {"image": image_term.item(), "text": text_term.item()}
-        stats = {"Grand_Loss": terms["image"] + terms["text"], "img_param_loss": terms["image"],
-                 "txt_param_loss": terms["text"], "Start_Epoch": start_epoch}
-        bad = [f"{name} term {value}" for name, value in terms.items() if not math.isfinite(value)]
-        if bad:
-            return self._skip(iteration, "non-finite matching loss (" + ", ".join(bad) + ")", stats)
-        image_grad, text_grad, lr_img_grad, lr_txt_grad, *sim_grads = gradients
-        norms = {"pixels": image_grad.norm().item(), "texts": text_grad.norm().item(),
-                 "step sizes": torch.stack([lr_img_grad, lr_txt_grad]).norm().item()}
-        if sim_grads:
-            norms["similarity"] = math.sqrt(sum(g.pow(2).sum().item() for g in sim_grads))
-        problem = self.guard.gradient_problem(norms)
-        if problem:
-            return self._skip(iteration, problem, stats)
-        learned = (self.image_syn, self.text_syn, self.syn_lr_img, self.syn_lr_txt, *self.sim_params)
-        for tensor, gradient in zip(learned, gradients):
-            tensor.grad = gradient
-        before = before if before is not None else self.snapshot()
-        for optimizer in self.optimizers.values():
-            optimizer.step()
-        problem = self.state_problem()
-        if problem:
-            self.restore(before)  # the state before this step: the last good one
-            return self._skip(iteration, problem, stats)
-        self.guard.applied(norms)
-        return {**stats, "Synthetic_LR_Image": self.syn_lr_img.item(), "Synthetic_LR_Text": self.syn_lr_txt.item(),
-                "skipped": None}
-
-    def state_problem(self) -> str | None:
-        """What is wrong with the learned state after a step (None: nothing)."""
-        for name, lr in (("syn_lr_img", self.syn_lr_img), ("syn_lr_txt", self.syn_lr_txt)):
-            value = lr.item()
-            if not value > 0:  # also catches NaN
-                return f"step size not positive ({name} would become {value:.4g})"
-        momenta = [(f"{name} momentum", buffer) for name, optimizer in self.optimizers.items()
-                   for state in optimizer.state.values() for buffer in state.values() if torch.is_tensor(buffer)]
-        similarity = self.similarity_matrix()
-        for name, tensor in (("image_syn", self.image_syn), ("text_syn", self.text_syn),
-                             *((f"similarity {i}", t) for i, t in enumerate(self.sim_params)),
-                             *([("similarity matrix", similarity)] if similarity is not None else []), *momenta):
-            if not torch.isfinite(tensor).all():
-                return f"non-finite values ({name})"
-        return None
-
-    def _skip(self, iteration: int, reason: str, stats: dict) -> dict:
-        """Leave the learned state as it was, count the skip, and stop after too many in a row."""
-        self.guard.skip(reason)
-        if self.guard.exhausted:
-            raise Diverged(iteration, f"{self.guard.consecutive} steps in a row skipped, the last for {reason}")
-        return {**stats, "Synthetic_LR_Image": self.syn_lr_img.item(), "Synthetic_LR_Text": self.syn_lr_txt.item(),
-                "skipped": reason}
-
-    def state(self) -> dict:
-        return {name: opt.state_dict() for name, opt in self.optimizers.items()}
-
-    def snapshot(self) -> dict:
-        """The learned tensors, step sizes and optimiser states, copied to the CPU (the format `restore` takes;
-        a copy kept on the CPU costs no accelerator memory during the next step)."""
-        return copied_to_cpu({"image_syn": self.image_syn, "text_syn": self.text_syn,
-                              "syn_lr_img": self.syn_lr_img.item(), "syn_lr_txt": self.syn_lr_txt.item(),
-                              "sim_params": list(self.sim_params), "state": {"optimizers": self.state()}})
-
-    def restore(self, payload: dict) -> None:
-        """Put back a `snapshot` (or the learned state of a saved set); ValueError when it does not fit this run.
-        The optimisers keep this run's learning rates (a resumed run may lower them)."""
-        problem = self.fit_problem(payload)
-        if problem:
-            raise ValueError(problem)
-        with torch.no_grad():
-            self.image_syn.copy_(payload["image_syn"])
-            self.text_syn.copy_(payload["text_syn"])
-            self.syn_lr_img.fill_(payload["syn_lr_img"])
-            self.syn_lr_txt.fill_(payload["syn_lr_txt"])
-            for tensor, saved in zip(self.sim_params, payload.get("sim_params", [])):
-                tensor.copy_(saved)
-        for name, optimizer in self.optimizers.items():
-            rates = [group["lr"] for group in optimizer.param_groups]
-            optimizer.load_state_dict(copy.deepcopy(payload["state"]["optimizers"][name]))  # no buffer shared
-            for group, rate in zip(optimizer.param_groups, rates):
-                group["lr"] = rate
-
-    def fit_problem(self, payload: dict) -> str | None:
-        """Why a saved learned state does not fit this run's tensors and optimisers (None: it fits)."""
-        saved_sim = payload.get("sim_params", [])
-        if len(saved_sim) != len(self.sim_params):
-            return f"it holds {len(saved_sim)} similarity tensors, this run learns {len(self.sim_params)}"
-        pairs = [("image_syn", payload["image_syn"], self.image_syn), ("text_syn", payload["text_syn"], self.text_syn),
-                 *((f"sim_params[{i}]", saved, live) for i, (saved, live) in enumerate(zip(saved_sim, self.sim_params)))]
-        for name, saved, live in pairs:
-            if saved.shape != live.shape:
-                return f"{name} has shape {tuple(saved.shape)}, this run's is {tuple(live.shape)}"
-        states = payload["state"]["optimizers"]
-        if set(states) != set(self.optimizers):
-            return f"it has optimiser states {sorted(states)}, this run has {sorted(self.optimizers)}"
-        for name, optimizer in self.optimizers.items():
-            problem = optimizer_state_problem(optimizer, states[name])
-            if problem:
-                return f"optimiser state {name!r}: {problem}"
-        return None
-
-
-def copied_to_cpu(value):
-    """`value` with every tensor inside it (through dicts, lists and tuples) copied to the CPU, detached."""
-    if isinstance(value, torch.Tensor):
-        return value.detach().to("cpu", copy=True)
-    if isinstance(value, dict):
-        return {key: copied_to_cpu(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(copied_to_cpu(item) for item in value)
-    return copy.deepcopy(value)
-
-
-def optimizer_state_problem(optimizer: torch.optim.Optimizer, saved) -> str | None:
-    """Why `saved` (an SGD state_dict) cannot continue `optimizer` (None: it can)."""
-    if not (isinstance(saved, dict) and isinstance(saved.get("state"), dict)
-            and isinstance(saved.get("param_groups"), list) and all(isinstance(g, dict) for g in saved["param_groups"])):
-        return "not an optimiser state (state and param_groups)"
-    params = [p for group in optimizer.param_groups for p in group["params"]]
-    ids = [i for group in saved["param_groups"] for i in group.get("params", [])]
-    if len(saved["param_groups"]) != len(optimizer.param_groups) or len(ids) != len(params):
-        return f"{len(ids)} parameters in {len(saved['param_groups'])} groups, this run has {len(params)}"
-    by_id = dict(zip(ids, params))
-    for key, entry in saved["state"].items():
-        if key not in by_id or not isinstance(entry, dict):
-            return f"a state for parameter {key!r}, which this run does not have"
-        buffer, param = entry.get("momentum_buffer"), by_id[key]
-        if buffer is not None and not (isinstance(buffer, torch.Tensor) and buffer.is_floating_point()
-                                       and buffer.shape == param.shape):
-            found = tuple(buffer.shape) if isinstance(buffer, torch.Tensor) else type(buffer).__name__
-            return f"momentum of shape {found} for parameter {key!r} of shape {tuple(param.shape)}"
-    return None
-
-
-class Diverged(UserError):
-    """Distillation diverged: too many steps in a row were skipped as non-finite, spikes or leaving a step
-    size that is not positive."""
-
-    def __init__(self, iteration: int, detail: str):
-        super().__init__(f"distillation diverged at iteration {iteration} ({detail})")
-        self.iteration = iteration
-
-
-@dataclass
-class ResumePoint:
-    """Everything needed to go on from the start of `iteration` exactly as a run that never stopped: the
-    learned state (`Distiller.snapshot`, copied), the random streams, the expert position and the guard's
-    history as they were then, the best evaluation so far, and this iteration's evaluation once it ran.
-
-    A run keeps the point of the iteration it is in; whatever happens inside the iteration (a Ctrl-C in a
-    step, an evaluation or a write), that point is still whole, and it is what gets saved."""
-
-    iteration: int
-    learned: dict
-    streams: list[dict]  # every segment stream's state, slot 0 first (matching/streams.py)
-    guard: dict
-    best_r_mean: float = -1.0
-    best_iteration: int = -1  # -1: nothing evaluated yet
-    metrics: dict = field(default_factory=dict)
-
-    def state(self) -> dict:
-        """The `state` entry of the saved set (docs/file-formats.md)."""
-        return {"optimizers": self.learned["state"]["optimizers"], **streams_entries(self.streams),
-                "best_r_mean": self.best_r_mean, "best_iteration": self.best_iteration, "guard": self.guard}
-
-
-class RunFiles:
-    """Where a run writes: the distilled sets, grids, nearest captions. The folder is checked (and made) first."""
-
-    def __init__(self, save_dir: Path, create: bool = True):
-        self.dir = ensure_output_dir(save_dir, "--save_dir") if create else Path(save_dir)
-        self.last = self.dir / "distilled_last.pt"
-        self.best = self.dir / "distilled_best.pt"
-
-    def at(self, iteration: int) -> Path:
-        return self.dir / f"distilled_{iteration:06d}.pt"
-
-
-def save_dir_of(settings: DistillRunSettings) -> Path:
-    """Where the run writes: --save_dir, else runs/<dataset>/<name>."""
-    return Path(settings.distill.save_dir or Path("runs") / settings.data.dataset / settings.runtime.name)
-
-
-# The files distill.py writes into --save_dir that an earlier run may have left (they are replaced).
-OWN_SETS = re.compile(r"distilled_(best|last|\d{6,})\.pt")
-
-
-def check_paths(settings: DistillRunSettings) -> None:
-    """Before any work: the folder this run writes is none of the paths it reads, and the files of its names
-    there (sets, timing.json) are distill.py's own, so that replacing them loses nothing of another kind."""
-    save_dir, buffer = save_dir_of(settings), settings.distill.buffer_path
-    located = locate_buffer(buffer, settings.data.dataset, settings.model.image_encoder, settings.model.text_encoder)
-    refuse_outputs_over_inputs({"--save_dir": save_dir, "--cache_dir": settings.data.cache_dir},
-                               {"--buffer_path": buffer, "the expert folder of --buffer_path": located,
-                                "--resume": settings.distill.resume, **settings.data_paths()})
-    if not save_dir.is_dir():
-        return
-    for path in sorted(save_dir.iterdir()):
-        if OWN_SETS.fullmatch(path.name) and set_source(path) != "distilled":
-            raise UserError(f"--save_dir {save_dir} holds {path.name}, which is not a set written by distill.py, and "
-                            f"this run would replace it: move it away or give --save_dir another folder")
-    earlier = save_dir / "distilled_last.pt"
-    if earlier.is_file() and not settings.distill.resume and not settings.distill.overwrite:
-        raise UserError(f"--save_dir {save_dir} holds an earlier run ({earlier.name}), which this run would replace: "
-                        f"continue it with --resume {earlier}, give --save_dir another folder, or pass "
-                        f"--overwrite True to start over there")
-    timing = save_dir / TIMING_NAME
-    if timing.exists() and json_object_in(timing) is None:
-        raise UserError(f"--save_dir {save_dir} holds {TIMING_NAME}, which is not distill.py's timing record, and "
-                        f"this run would replace it: move it away or give --save_dir another folder")
-
-
 def main(argv=None) -> int:
     settings = parse_args(argv)
-    check_paths(settings)
+    check_run_paths(settings)
     check_image_size(settings.model.image_encoder, settings.model.image_size)
     device = pick_device(settings.runtime.device)
     group = distributed.init_from_env(device)
@@ -441,47 +93,52 @@ def main(argv=None) -> int:
         distributed.shutdown()
 
 
-def distill(settings: DistillRunSettings, device: torch.device, group: ProcessGroupInfo) -> int:
-    """The run, in this process. Under torchrun every process runs it: each draws its own segments, the
-    meta-gradients are averaged, and rank 0 alone writes files, logs and prints."""
-    main_process = group.is_main
-    say = print if main_process else (lambda *args, **kwargs: None)
-    runtime = settings.runtime
-    progress = runtime.progress and main_process
-    files = RunFiles(save_dir_of(settings), create=main_process)
-    seed_everything(runtime.seed)
-    generator = torch.Generator().manual_seed(runtime.seed)
-    text_identity = text_encoder_identity(settings.model.text_encoder, settings.model.text_model)
+def quiet(*args, **kwargs) -> None:
+    """`say` on every process but rank 0: nothing."""
 
-    directory = locate_buffer(settings.distill.buffer_path, settings.data.dataset, settings.model.image_encoder, settings.model.text_encoder)
+
+def checked_buffer(settings: DistillRunSettings, text_identity: str) -> tuple[Path, dict]:
+    """The expert folder and its metadata, checked against this run (what depends on the data: once it is loaded)."""
+    directory = locate_buffer(settings.distill.buffer_path, settings.data.dataset, settings.model.image_encoder,
+                              settings.model.text_encoder)
     meta = read_metadata(directory)
     expected = expected_metadata(settings.data, settings.model, text_identity)
     if settings.distill.sim_type != "none":  # LoRS: the loss against a learned similarity is the method's choice,
         expected.pop("loss_type")           # not the experts' (they trained against the identity)
     check_buffer_matches(meta, directory, expected)
+    return directory, meta
 
-    def expert_cycler(stream_generator: torch.Generator) -> ExpertCycler:
-        return ExpertCycler(directory, meta, stream_generator, settings.distill.max_start_epoch + settings.distill.expert_epochs,
-                            settings.distill.max_files, settings.distill.max_experts, settings.distill.expert_epochs)
 
-    experts = expert_cycler(generator)
+def expert_cycler(settings: DistillRunSettings, directory: Path, meta: dict, generator: torch.Generator) -> ExpertCycler:
+    """The experts a segment stream visits, in an order drawn from its `generator`."""
+    return ExpertCycler(directory, meta, generator, settings.distill.max_start_epoch + settings.distill.expert_epochs,
+                        settings.distill.max_files, settings.distill.max_experts, settings.distill.expert_epochs)
+
+
+def fresh_stream(settings: DistillRunSettings, directory: Path, meta: dict, slot: int, iteration: int) -> SegmentStream:
+    """A new stream for segment slot `slot` (not 0, the run's own), first drawn from at `iteration`."""
+    generator = torch.Generator().manual_seed(segment_stream_seed(settings.runtime.seed, slot, iteration))
+    return SegmentStream(slot, generator, expert_cycler(settings, directory, meta, generator))
+
+
+def prepare(settings: DistillRunSettings, device: torch.device,
+            group: ProcessGroupInfo) -> tuple[RunWriter, SegmentStreams, ResumePoint]:
+    """The checked experts, the data, the learned state (fresh or resumed), the segment streams and the writer:
+    everything the first iteration needs, and the point it starts from."""
+    main_process = group.is_main
+    say = print if main_process else quiet
+    progress = settings.runtime.progress and main_process
+    files = RunFiles(save_dir_of(settings), create=main_process)
+    seed_everything(settings.runtime.seed)
+    generator = torch.Generator().manual_seed(settings.runtime.seed)
+    text_identity = text_encoder_identity(settings.model.text_encoder, settings.model.text_model)
+    directory, meta = checked_buffer(settings, text_identity)
+    experts = expert_cycler(settings, directory, meta, generator)
     experts.peek_check()
-    # Rank 0 reads the file to resume from and hands it to the others: it need not exist on every machine.
-    resume = distributed.from_main_process(
-        load_distilled_set(settings.distill.resume) if settings.distill.resume and main_process else None, group, device)
-    if resume is not None:
-        check_resume(resume, settings, text_identity, settings.distill.resume)
-        if resume["iteration"] == settings.distill.Iteration:
-            say(f"note: --resume {settings.distill.resume} is already at --Iteration {settings.distill.Iteration}: "
-                f"nothing is left to learn; give a larger --Iteration to continue it")
-
+    resume = load_resume(settings, text_identity, group, device, say)
     with distributed.main_process_first(group):  # rank 0 builds the caches, the others read them
         data = load_retrieval_data(settings.data, settings.model, device, progress=progress)
-    if meta.get("train_pairs") not in (None, len(data.train.captions)):
-        raise UserError(f"the experts in {directory} were trained on {meta['train_pairs']} pairs, this run's training "
-                        f"split has {len(data.train.captions)} (same --max_train_images as buffer.py?)")
-    if data.text_dim != meta["text_dim"]:
-        raise UserError(f"text embeddings have {data.text_dim} dimensions, the experts were trained on {meta['text_dim']}")
+    check_data_matches(meta, directory, len(data.train.captions), data.text_dim)
     config = run_config(settings, text_identity)
     student_model = build_model(settings.model, data.text_dim).to(device).train()
     students = Students(ReparamModule(student_model.image_part), ReparamModule(student_model.text_projection),
@@ -491,36 +148,16 @@ def distill(settings: DistillRunSettings, device: torch.device, group: ProcessGr
     images, texts = initial_synthetic_set(data, settings.distill.num_pairs, settings.model.image_size, settings.distill.pix_init, settings.distill.txt_init,
                                           settings.model.text_encoder, generator, image_norm(settings.model), chosen)
     distiller = Distiller(settings, images, texts, device, students, group)
-
-    def new_stream(slot: int, iteration: int) -> SegmentStream:
-        stream_generator = torch.Generator().manual_seed(segment_stream_seed(runtime.seed, slot, iteration))
-        return SegmentStream(slot, stream_generator, expert_cycler(stream_generator))
-
     streams = SegmentStreams(group, settings.distill.trajectories_per_iteration, SegmentStream(0, generator, experts),
-                             new_stream)
-
-    def capture(iteration: int, best_r_mean: float = -1.0, best_iteration: int = -1) -> ResumePoint:
-        return ResumePoint(iteration, distiller.snapshot(), streams.state(), distiller.guard.state(), best_r_mean,
-                           best_iteration)
-
+                             partial(fresh_stream, settings, directory, meta))
     if resume is None:
-        point = capture(0)
+        point = ResumePoint.capture(distiller, streams, 0)
     else:
-        point = resume_point(resume, settings.distill.resume, distiller, streams, capture, say)
+        point = resume_point(resume, settings.distill.resume, distiller, streams, say)
         say(f"resumed from {settings.distill.resume} at iteration {point.iteration}")
-    start_it = point.iteration
-
-    def check_ranks_agree(point: ResumePoint) -> None:
-        drifted = distributed.differing_ranks(point.learned, group)
-        if drifted:
-            raise UserError(f"the processes' synthetic sets differ at iteration {point.iteration} (ranks "
-                            f"{', '.join(map(str, drifted))} against rank 0): every process must apply the same "
-                            f"averaged update to the same state. Same code, data and buffer on every machine? "
-                            f"Continue from {files.last} with --resume")
-
-    check_ranks_agree(point)
-    run = start_run(runtime.logging_mode if main_process else "disabled", runtime.wandb_project, runtime.wandb_entity,
-                    runtime.name, config, "distill", directory=str(files.dir))
+    check_ranks_agree(point, group, files.last)
+    run = start_run(settings.runtime.logging_mode if main_process else "disabled", settings.runtime.wandb_project,
+                    settings.runtime.wandb_entity, settings.runtime.name, config, "distill", directory=str(files.dir))
     with distributed.main_process_first(group):
         inputs = inputs_for(settings.data, settings.model, data, student_model, device, progress=progress, need_train=False)
     per_update = streams.total
@@ -529,149 +166,63 @@ def distill(settings: DistillRunSettings, device: torch.device, group: ProcessGr
         f"{'s' if per_update > 1 else ''} per update; saving to {files.dir}")
     if main_process:
         batch_note("--batch_train", settings.protocol.batch_train, settings.distill.num_pairs, "the synthetic set")
+    timing = RunTiming.continued(settings.distill.resume, main_process)
+    writer = RunWriter(settings, files, config, distiller, timing, run, inputs, data, student_model, group, device)
+    return writer, streams, point
 
-    def similarity_of(learned: dict) -> torch.Tensor | None:
-        return None if distiller.similarity is None else distiller.similarity.submatrix(learned["sim_params"]).detach()
 
-    def save(path: Path, point: ResumePoint) -> None:
-        if not main_process:
-            return
-        learned, similarity = point.learned, similarity_of(point.learned)
-        extra = {} if similarity is None else {"similarity": similarity, "sim_params": learned["sim_params"]}
-        save_distilled_set(path, learned["image_syn"], learned["text_syn"], learned["syn_lr_img"], learned["syn_lr_txt"],
-                           point.iteration, config, point.metrics, point.state(), **extra)
-        atomic_write_json(timing, files.dir / TIMING_NAME)
+def out_of_time(settings: DistillRunSettings, started: float, group: ProcessGroupInfo, device: torch.device) -> bool:
+    """Whether --time_budget is spent since `started`: one decision for every process, on rank 0's clock."""
+    return bool(settings.distill.time_budget) and distributed.from_main_process(
+        time.time() - started > 60 * settings.distill.time_budget, group, device)
 
-    def evaluate_and_save(point: ResumePoint) -> ResumePoint:
-        """Judge the set of `point` (the evaluation models shared out over the processes), write it, and return
-        the point with its evaluation and the best so far."""
-        iteration, learned = point.iteration, point.learned
-        # The models train at the set's two learned step sizes: the image side at one, the text head at the other.
-        lr, lr_txt, untrained = learned["syn_lr_img"], learned["syn_lr_txt"], []
-        summary = evaluate_pairs(settings.model, settings.protocol, learned["image_syn"], learned["text_syn"], lr, inputs, device,
-                                 settings.protocol.num_eval, seed=distill_eval_seed(runtime.seed, iteration), progress=progress,
-                                 similarity=similarity_of(learned), model=student_model, group=group, untrained=untrained,
-                                 lr_txt=lr_txt)
-        if main_process:
-            tqdm.write(f"iteration {iteration}: {format_summary(summary)}  (eval {lr_label(lr, lr_txt)}, "
-                       f"{settings.protocol.num_eval} models, {settings.data.eval_split}; "
-                       f"{distiller.guard.total_skipped} steps skipped so far)")
-            if untrained:
-                tqdm.write(untrained_warning(untrained, settings.protocol.num_eval))
-        run.log({**{f"eval/{k}": v["mean"] for k, v in summary.items()},
-                 **{f"eval/{k}_std": v["std"] for k, v in summary.items()}}, step=iteration)
-        r_mean = summary["r_mean"]["mean"]
-        improved = r_mean > point.best_r_mean
-        best = {"best_r_mean": r_mean, "best_iteration": iteration} if improved else {}
-        evaluated = replace(point, metrics=summary, **best)
-        # The best file first: whichever write a kill interrupts, no file on disk claims a best set that
-        # distilled_best.pt does not hold (a resume from the older last file evaluates and writes it again).
-        if improved:
-            save(files.best, evaluated)
-        save(files.at(iteration), evaluated)
-        save(files.last, evaluated)
-        if settings.distill.draw and main_process:
-            draw(iteration, learned["image_syn"], learned["text_syn"])
-        return evaluated
 
-    def draw(iteration: int, image_syn: torch.Tensor, text_syn: torch.Tensor) -> None:
-        grids = save_image_grids(image_syn, files.dir, f"{iteration:06d}")
-        nearest = nearest_captions(text_syn, data.train_text, data.train.captions)
-        write_nearest_captions(nearest, files.dir / f"nearest_captions_{iteration:06d}.txt")
-        if runtime.logging_mode != "disabled":
-            import wandb
-            run.log({"Synthetic_Images": wandb.Image(str(grids["plain"])),
-                     "Clipped_Synthetic_Images": wandb.Image(str(grids["clipped"])),
-                     "Nearest_Captions": wandb.Table(columns=["index", "cosine", "caption"],
-                                                     data=[[i, s, c] for i, (c, s) in enumerate(nearest)])},
-                    step=iteration)
-
-    started = time.time()
-    # Time spent in matching iterations alone (no evaluations), kept across --resume; and the part of it spent
-    # averaging over processes. (timing.json beside the sets, not inside them: same-seed runs write identical sets)
-    timing = {"seconds": 0.0, "iterations": 0, "sync_seconds": 0.0}
-    if resume and main_process:
-        timing.update(read_json_if_present(Path(settings.distill.resume).parent / TIMING_NAME) or {})
+def distill(settings: DistillRunSettings, device: torch.device, group: ProcessGroupInfo) -> int:
+    """The run, in this process. Under torchrun every process runs it: each draws its own segments, the
+    meta-gradients are averaged, and rank 0 alone writes files, logs and prints."""
+    writer, streams, point = prepare(settings, device, group)
+    say = print if group.is_main else quiet
+    files = writer.files
+    start_it, started = point.iteration, time.time()
     good = point  # the last point with no skipped step right before it: where a diverged run goes back to
-    bar = tqdm(range(start_it, settings.distill.Iteration), desc="distill", unit="it", disable=not progress)
+    bar = tqdm(range(start_it, settings.distill.Iteration), desc="distill", unit="it", disable=not writer.progress)
     try:
         for iteration in bar:
             if iteration % settings.distill.eval_it == 0 and not point.metrics:
-                point = evaluate_and_save(point)
+                point = writer.evaluate_and_save(point)
             if point.guard["consecutive"] == 0:
                 good = point
-            began, synced = time.perf_counter(), distiller.sync_seconds
-            if device.type == "cuda":  # peak of the matching iterations alone (evaluations train other models)
-                torch.cuda.reset_peak_memory_stats(device)
-            stats = distiller.step(streams.local, iteration, before=point.learned)
-            if device.type == "cuda":
-                timing["peak_gpu_mib"] = max(timing.get("peak_gpu_mib", 0.0),
-                                             torch.cuda.max_memory_allocated(device) / 2**20)
-            point = capture(iteration + 1, point.best_r_mean, point.best_iteration)
-            timing["seconds"] += time.perf_counter() - began
-            timing["sync_seconds"] = timing.get("sync_seconds", 0.0) + distiller.sync_seconds - synced
-            timing["iterations"] += 1
+            stats, point = writer.timing.step(writer.distiller, streams, point, device)
             if (iteration + 1) % settings.distill.sync_check_it == 0:
-                check_ranks_agree(point)
-            skipped = stats.pop("skipped")
-            if skipped and main_process:
-                tqdm.write(f"iteration {iteration}: step skipped: {skipped}")
-            run.log({**stats, "Skipped_Steps": distiller.guard.total_skipped}, step=iteration)
-            bar.set_postfix(loss=f"{stats['Grand_Loss']:.4f}", lr_img=f"{stats['Synthetic_LR_Image']:.4g}",
-                            lr_txt=f"{stats['Synthetic_LR_Text']:.4g}", skipped=distiller.guard.total_skipped)
-            # One decision for every process: rank 0's clock.
-            out_of_time = bool(settings.distill.time_budget) and distributed.from_main_process(
-                time.time() - started > 60 * settings.distill.time_budget, group, device)
-            if out_of_time and point.iteration < settings.distill.Iteration:
+                check_ranks_agree(point, group, files.last)
+            writer.report_step(iteration, stats, bar)
+            if out_of_time(settings, started, group, device) and point.iteration < settings.distill.Iteration:
                 say(f"--time_budget {settings.distill.time_budget:g} min reached after iteration {point.iteration}: stopping")
                 break
         if not point.metrics:
-            point = evaluate_and_save(point)
+            point = writer.evaluate_and_save(point)
     except Diverged as err:
-        save(files.last, replace(good, guard=after_divergence(good.guard)))  # (good may be a resume with skips behind)
+        writer.save(files.last, replace(good, guard=after_divergence(good.guard)))  # (good may be a resume with skips behind)
         raise UserError(f"{err}; stopped. The last good distilled set is {files.last} (iteration {good.iteration}): "
                         f"the state before the refused steps; continue from it with --resume and lower "
                         f"--lr_img/--lr_txt/--lr_lr or --syn_steps") from None
     except torch.distributed.DistError as err:  # a process of this torchrun launch died or hangs
-        save(files.last, point)
+        writer.save(files.last, point)
         detail = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise UserError(f"another process of this run stopped or cannot be reached ({detail}); saved iteration "
                         f"{point.iteration} to {files.last}; continue with --resume {files.last}") from None
     except KeyboardInterrupt:
-        save(files.last, point)
+        writer.save(files.last, point)
         say(f"\ninterrupted: saved iteration {point.iteration} to {files.last}; continue with --resume {files.last}")
         raise
     except UserError as err:  # e.g. a damaged expert file that the cycler reached only now: keep what was learned
         if point.iteration == start_it:
             raise
-        save(files.last, point)
+        writer.save(files.last, point)
         raise UserError(f"{err}; saved iteration {point.iteration} to {files.last}: once that is fixed, continue "
                         f"with --resume {files.last}") from None
-    run.finish()
-    per_iteration = timing["seconds"] / max(timing["iterations"], 1)
-    skipped = distiller.guard.skipped
-    memory = f", peak GPU memory {timing['peak_gpu_mib']:.0f} MiB" if "peak_gpu_mib" in timing else ""
-    say(f"done: {point.iteration - start_it} iterations in {time.time() - started:.0f}s "
-        f"({per_iteration:.2f}s per matching iteration{memory}); {distiller.guard.total_skipped} steps skipped"
-        f"{' (' + ', '.join(f'{n} {k}' for k, n in skipped.items()) + ')' if skipped else ''}; best r_mean on "
-        f"{settings.data.eval_split} {point.best_r_mean:.2f} -> {files.best}; last -> {files.last}")
+    say(writer.finish(point, start_it, started))
     return 0
-
-
-def resume_point(payload: dict, path, distiller: Distiller, streams: SegmentStreams, capture, say) -> ResumePoint:
-    """Put the run where the file `path` left it and return that point; a clear error when the file's state
-    does not fit this run."""
-    state = payload["state"]
-    try:
-        distiller.restore(payload)
-        distiller.guard.restore(state["guard"])
-        note = streams.restore(saved_streams(state), payload["iteration"])
-    except (ValueError, RuntimeError, UserError) as err:
-        raise UserError(f"--resume {path} does not fit this run: {err}") from None
-    if note:
-        say(f"note: {note}")
-    point = capture(payload["iteration"], state["best_r_mean"], state["best_iteration"])
-    return replace(point, metrics=payload["metrics"])
 
 
 def cli() -> None:

@@ -137,6 +137,9 @@ MISMATCH_HINTS = {
     "image_pretrained": " (pass the --image_pretrained / --image_weights the experts were trained with)",
     "loss_type": " (pass the --loss_type the experts were trained with)",
     "feature_views": " (pass the --feature_views and --train_stages the experts were trained with)",
+    "train_pairs": " (the experts trained on another training split: pass the --max_train_images buffer.py had)",
+    "text_dim": " (the experts' text head takes embeddings of another size: pass the --text_encoder and "
+                "--text_model buffer.py had)",
 }
 
 
@@ -151,6 +154,21 @@ def check_buffer_matches(meta: dict | None, directory: Path, expected: dict) -> 
                         f"--image_encoder and --text_encoder first, or point --buffer_path at its output")
     if meta.get("format") == REFERENCE_FORMAT:
         adopt_reference_buffer(meta, directory, expected)
+    refuse_mismatches(meta, directory, expected)
+
+
+def check_data_matches(meta: dict, directory: Path, train_pairs: int, text_dim: int) -> None:
+    """The rest of `check_buffer_matches`, once the run's data is loaded: the experts trained on a training
+    split of `train_pairs` pairs (not checked where their metadata does not say) and on `text_dim`-dimensional
+    text embeddings."""
+    expected = {"text_dim": text_dim}
+    if meta.get("train_pairs") is not None:  # buffers written before the entry existed
+        expected["train_pairs"] = train_pairs
+    refuse_mismatches(meta, directory, expected)
+
+
+def refuse_mismatches(meta: dict, directory: Path, expected: dict) -> None:
+    """A UserError naming the first few entries where `meta` disagrees with `expected`, with a hint."""
     problems = mismatches(meta, expected)[:3]  # the hint is for a key the message shows
     if problems:
         hint = next((hint for key, hint in MISMATCH_HINTS.items() if any(p.startswith(key + ":") for p in problems)),

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -16,6 +17,8 @@ from utils.seeds import distill_eval_seed
 from networks import build_model
 from utils.cli import UserError
 from evaluation.protocol import evaluate_pairs
+from experts.files import check_data_matches
+from matching import distiller
 
 
 def test_saves_sets_grids_and_captions_that_reload_safely(run4):
@@ -75,7 +78,8 @@ def test_resume_continues_at_the_right_iteration_with_the_same_state(run4, tiny_
     (("--lr_lr", "-1"), "--lr_lr must be positive"),
     (("--max_start_epoch", "3", "--expert_epochs", "2"), r"holds trajectories of 4 snapshots, but .*need 5"),
     (("--image_size", "32"), r"do not fit this run \(image_size: buffer has 16, this run asks for 32"),
-    (("--max_train_images", "10"), "trained on 200 pairs, this run's training split has 50"),
+    (("--max_train_images", "10"), r"train_pairs: buffer has 200, this run asks for 50\) \(the experts trained on "
+                                   r"another training split: pass the --max_train_images buffer.py had"),
 ])
 def test_bad_settings_are_refused_with_a_message(tiny_shapes, cache_dir, experts, tmp_path, extra, message):
     with pytest.raises(UserError, match=message):
@@ -97,6 +101,33 @@ def test_missing_or_foreign_buffers_are_refused(tiny_shapes, cache_dir, experts,
         distill.main(distill_flags(tiny_shapes, cache_dir, other, tmp_path / "o", "--Iteration", "1"))
 
 
+@pytest.mark.parametrize("text_dim, message", [
+    (None, r"text_dim: buffer has None, this run asks for 384"),  # was a KeyError (a traceback)
+    (768, r"text_dim: buffer has 768, this run asks for 384\) \(the experts' text head takes embeddings of another "
+          r"size: pass the --text_encoder and --text_model buffer.py had"),
+])
+def test_experts_of_another_text_dimension_are_refused_by_the_compatibility_check(tiny_shapes, cache_dir, experts,
+                                                                                  tmp_path, text_dim, message):
+    """The text dimension is known once the data is loaded; its check is the one compatibility check's."""
+    folder = tmp_path / "buffer"
+    shutil.copytree(experts / "shapes" / "convnet" / "minilm", folder)
+    meta = json.loads((folder / "buffer_meta.json").read_text())
+    meta.pop("text_dim") if text_dim is None else meta.update(text_dim=text_dim)
+    (folder / "buffer_meta.json").write_text(json.dumps(meta))
+    with pytest.raises(UserError, match=rf"the experts in {folder} do not fit this run \({message}"):
+        distill.main(distill_flags(tiny_shapes, cache_dir, folder, tmp_path / "o", "--Iteration", "1"))
+
+
+def test_the_data_check_names_what_disagrees_and_skips_what_old_buffers_do_not_record(tmp_path):
+    meta = {"train_pairs": 200, "text_dim": 384}
+    check_data_matches(meta, tmp_path, 200, 384)
+    check_data_matches({"text_dim": 384}, tmp_path, 50, 384)  # written before train_pairs existed
+    check_data_matches({"train_pairs": None, "text_dim": 384}, tmp_path, 50, 384)
+    with pytest.raises(UserError, match=r"\(train_pairs: buffer has 200, this run asks for 50; text_dim: buffer has "
+                                        r"384, this run asks for 512\) \(the experts trained on another training"):
+        check_data_matches(meta, tmp_path, 50, 512)
+
+
 def test_resume_file_that_does_not_match_is_refused(run4, tiny_shapes, cache_dir, experts, tmp_path):
     with pytest.raises(UserError, match=r"does not match this run \(num_pairs: file has 8, this run has 6"):
         distill.main(distill_flags(tiny_shapes, cache_dir, experts, tmp_path, "--Iteration", "4", "--num_queries", "6",
@@ -109,7 +140,7 @@ def test_resume_file_that_does_not_match_is_refused(run4, tiny_shapes, cache_dir
 
 def corrupt_call(monkeypatch, number: int, corrupt) -> None:
     """Make the `number`-th meta-gradient of a run (1-based) pass through `corrupt(result)`."""
-    real = distill.matching_gradients
+    real = distiller.matching_gradients
     calls = []
 
     def wrapped(*args, **kwargs):
@@ -119,7 +150,7 @@ def corrupt_call(monkeypatch, number: int, corrupt) -> None:
             corrupt(result)
         return result
 
-    monkeypatch.setattr(distill, "matching_gradients", wrapped)
+    monkeypatch.setattr(distiller, "matching_gradients", wrapped)
 
 
 def learned_state(path):

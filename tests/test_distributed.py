@@ -19,7 +19,9 @@ from conftest import distill_flags
 
 import distill
 from data.distilled_set import load_distilled_set
+from matching.distiller import Distiller
 from utils import distributed
+from utils.cli import UserError
 
 REPO = Path(__file__).resolve().parents[1]
 # LoRS (a low-rank similarity) and RepBlend on: every learned tensor is averaged over the processes.
@@ -177,7 +179,7 @@ def _drifting_run(rank: int, port: int, flags: list[str], results) -> None:
                        "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"})
     torch.set_num_threads(1)
     if rank == 1:
-        original = distill.Distiller.step
+        original = Distiller.step
 
         def step(self, *args, **kwargs):
             stats = original(self, *args, **kwargs)
@@ -185,11 +187,11 @@ def _drifting_run(rank: int, port: int, flags: list[str], results) -> None:
                 self.image_syn[0, 0, 0, 0] += 1e-3
             return stats
 
-        distill.Distiller.step = step
+        Distiller.step = step
     try:
         distill.main(flags)
         results[rank] = "finished"
-    except distill.UserError as err:
+    except UserError as err:
         results[rank] = str(err)
 
 

@@ -18,6 +18,7 @@ import distill
 import evaluate
 from data.distilled_set import load_distilled_set, save_distilled_set
 from evaluation import protocol
+from matching import distiller
 from networks.similarity import TargetSimilarity
 from settings import programs
 from utils.seeds import similarity_init_seed
@@ -46,7 +47,7 @@ def spy_on_evaluation_lrs(monkeypatch) -> list[tuple[float, float]]:
 
 def spy_on_draws(monkeypatch) -> list:
     """What the run's generators draw for every segment: its start epoch and its minibatches."""
-    draws, pick_segment, draw_minibatches = [], distill.pick_segment, distill.draw_minibatches
+    draws, pick_segment, draw_minibatches = [], distiller.pick_segment, distiller.draw_minibatches
 
     def picking(*args, **kwargs):
         segment = pick_segment(*args, **kwargs)
@@ -58,8 +59,8 @@ def spy_on_draws(monkeypatch) -> list:
         draws.append(("minibatches", [b.tolist() for b in batches]))
         return batches
 
-    monkeypatch.setattr(distill, "pick_segment", picking)
-    monkeypatch.setattr(distill, "draw_minibatches", drawing)
+    monkeypatch.setattr(distiller, "pick_segment", picking)
+    monkeypatch.setattr(distiller, "draw_minibatches", drawing)
     return draws
 
 
@@ -131,7 +132,7 @@ def test_the_similarity_draws_from_a_generator_of_its_own(tiny_shapes, tmp_path)
     def sim_params(seed: int) -> list[torch.Tensor]:
         settings = distill.parse_args(distill_flags(tiny_shapes, tmp_path, tmp_path, tmp_path / "out", "--seed",
                                                     str(seed), *NEUTRAL_LORS["lowrank"]))
-        return distill.Distiller(settings, torch.zeros(8, 3, 16, 16), torch.zeros(8, 384), torch.device("cpu"),
+        return distiller.Distiller(settings, torch.zeros(8, 3, 16, 16), torch.zeros(8, 384), torch.device("cpu"),
                                  None).sim_params
 
     own = torch.Generator().manual_seed(similarity_init_seed(3))

@@ -23,6 +23,7 @@ from data.distilled_set import load_distilled_set
 from evaluation import coresets
 from experts import checkpoint
 from experts.files import META_NAME, mismatches
+from matching.distiller import Distiller
 from matching.guard import StepGuard
 from networks import build_model
 from settings import programs
@@ -186,7 +187,7 @@ def _six(tiny_shapes, cache_dir, experts, out, *extra):
 
 def _explode(monkeypatch, calls):
     """Every step whose number (counting from 1 in this run) is in `calls` produces infinite pixels."""
-    original, count = distill.Distiller.step, {"n": 0}
+    original, count = Distiller.step, {"n": 0}
 
     def exploding(self, *args, **kwargs):
         count["n"] += 1
@@ -198,7 +199,7 @@ def _explode(monkeypatch, calls):
         finally:  # (a refused step puts the optimiser back with new parameter groups)
             self.optimizers["img"].param_groups[0]["lr"] = lr
 
-    monkeypatch.setattr(distill.Distiller, "step", exploding)
+    monkeypatch.setattr(Distiller, "step", exploding)
 
 
 def _learned(path):

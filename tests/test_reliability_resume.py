@@ -3,10 +3,12 @@ moves the distillation's random streams, the best and last files agree after any
 non-finite is ever written, and damaged resume files are refused with a clear message."""
 from __future__ import annotations
 
+import json
 import os
 import random
 import re
 import shutil
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -16,8 +18,15 @@ from conftest import distill_flags
 import distill
 from data.distilled_set import load_distilled_set, save_distilled_set
 from evaluation import protocol
+from matching import distiller, run_writer
+from matching.distiller import Distiller
+from matching.resume import ResumePoint
+from matching.run_files import RunFiles
+from matching.run_writer import RunWriter
+from matching.timing import TIMING_NAME, RunTiming
 from utils.cli import UserError
 from utils.device import seed_everything
+from utils.distributed import ProcessGroupInfo
 from utils.rng import global_streams_kept, global_streams_seeded
 
 
@@ -36,9 +45,9 @@ def assert_identical(a, b):
 # Where a Ctrl-C can land: at the start of a step, after the step drew its random numbers and took the next
 # expert, after the optimisers moved the set (before the check), inside an evaluation after a model trained
 # (its seeding done), inside a file write.
-INTERRUPT_POINTS = {"step": (distill.Distiller, "step"), "gradient": (distill, "matching_gradients"),
-                    "applied": (distill.Distiller, "state_problem"), "evaluate": (protocol, "evaluate_retrieval"),
-                    "save": (distill, "save_distilled_set")}
+INTERRUPT_POINTS = {"step": (Distiller, "step"), "gradient": (distiller, "matching_gradients"),
+                    "applied": (Distiller, "state_problem"), "evaluate": (protocol, "evaluate_retrieval"),
+                    "save": (run_writer, "save_distilled_set")}
 
 
 def interrupt_at_call(monkeypatch, call: int, where: str = "step"):
@@ -120,17 +129,60 @@ def test_resume_after_an_evaluation_off_the_eval_it_grid(reference6, tiny_shapes
     assert a["metrics"] == b["metrics"]
 
 
+def test_the_writer_saves_the_timing_record_it_owns_beside_every_set(tiny_shapes, tmp_path):
+    """Saving a point needs nothing the loop defines later: the writer owns the timing record (distill()'s nested
+    save once read a `timing` variable assigned only further down), and writes it as it stands at each save."""
+    settings = distill.parse_args(distill_flags(tiny_shapes, tmp_path, tmp_path, tmp_path / "out"))
+    learner = Distiller(settings, torch.zeros(8, 3, 16, 16), torch.zeros(8, 384), torch.device("cpu"), None)
+    timing = RunTiming({"seconds": 1.5, "iterations": 3, "sync_seconds": 0.25})
+    files = RunFiles(tmp_path / "out")
+    writer = RunWriter(settings, files, distill.run_config(settings, "minilm"), learner, timing, run=None, inputs=None,
+                       data=None, model=None, group=ProcessGroupInfo(), device=torch.device("cpu"))
+    point = ResumePoint(3, learner.snapshot(), [{"rng": {}, "experts": {}}], learner.guard.state())
+    writer.save(files.last, point)
+    assert json.loads((files.dir / TIMING_NAME).read_text()) == {"seconds": 1.5, "iterations": 3, "sync_seconds": 0.25}
+    assert torch.load(files.last, weights_only=True)["iteration"] == 3
+    timing.record["iterations"] = 4
+    writer.save(files.at(4), replace(point, iteration=4))
+    assert json.loads((files.dir / TIMING_NAME).read_text())["iterations"] == 4
+    assert RunTiming.continued(str(files.last), main_process=True).record == timing.record
+    assert RunTiming.continued(str(files.last), main_process=False).record["iterations"] == 0
+
+
+def test_a_ctrl_c_before_any_iteration_is_timed_saves_the_set_and_the_timing_record(tiny_shapes, cache_dir, experts,
+                                                                                   tmp_path, monkeypatch):
+    """Ctrl-C in the first evaluation of a run (iteration 0, nothing timed yet) writes a resumable start and the
+    zero timing record; a resumed run stopped in its first step keeps the record it continued."""
+    out, timing = tmp_path / "run", tmp_path / "run" / TIMING_NAME
+    flags = six(tiny_shapes, cache_dir, experts, out, "--Iteration", "2")
+    interrupt_at_call(monkeypatch, 1, "evaluate")
+    with pytest.raises(KeyboardInterrupt):
+        distill.main(flags)
+    monkeypatch.undo()
+    saved = load_distilled_set(out / "distilled_last.pt")
+    assert saved["iteration"] == 0 and not saved["metrics"] and saved["state"]["best_iteration"] == -1
+    assert json.loads(timing.read_text()) == {"seconds": 0.0, "iterations": 0, "sync_seconds": 0.0}
+    assert distill.main([*flags, "--resume", str(out / "distilled_last.pt")]) == 0
+    record = json.loads(timing.read_text())
+    assert record["iterations"] == 2 and record["seconds"] > 0
+    interrupt_at_call(monkeypatch, 1, "step")
+    with pytest.raises(KeyboardInterrupt):
+        distill.main([*flags, "--Iteration", "4", "--resume", str(out / "distilled_last.pt")])
+    assert load_distilled_set(out / "distilled_last.pt")["iteration"] == 2
+    assert json.loads(timing.read_text()) == record
+
+
 def test_the_best_file_is_written_before_the_last_file(tiny_shapes, cache_dir, experts, tmp_path, monkeypatch):
     """A kill between two writes leaves a best file at least as new as every resumable file, never a stale one:
     the best file is written first, then the iteration's file, then the last file."""
     order = []
-    original = distill.save_distilled_set
+    original = run_writer.save_distilled_set
 
     def recording(path, *args, **kwargs):
         order.append(os.path.basename(path))
         return original(path, *args, **kwargs)
 
-    monkeypatch.setattr(distill, "save_distilled_set", recording)
+    monkeypatch.setattr(run_writer, "save_distilled_set", recording)
     assert distill.main(six(tiny_shapes, cache_dir, experts, tmp_path, "--Iteration", "2")) == 0
     assert order[:3] == ["distilled_best.pt", "distilled_000000.pt", "distilled_last.pt"]
     best, last = load_distilled_set(tmp_path / "distilled_best.pt"), load_distilled_set(tmp_path / "distilled_last.pt")
@@ -142,7 +194,7 @@ def test_a_blow_up_keeps_the_state_before_it_and_nothing_non_finite_is_saved(tin
                                                                              tmp_path, monkeypatch):
     """Force the pixels to infinity in the third step: the step is refused, every file written is finite, and
     the run stopped by the guard keeps the set from before the step that broke it."""
-    original, calls = distill.Distiller.step, {"n": 0}
+    original, calls = Distiller.step, {"n": 0}
 
     def exploding(self, *args, **kwargs):
         calls["n"] += 1
@@ -151,7 +203,7 @@ def test_a_blow_up_keeps_the_state_before_it_and_nothing_non_finite_is_saved(tin
                 self.optimizers["img"].param_groups[0]["lr"] = float("inf")
         return original(self, *args, **kwargs)
 
-    monkeypatch.setattr(distill.Distiller, "step", exploding)
+    monkeypatch.setattr(Distiller, "step", exploding)
     with pytest.raises(UserError, match="diverged at iteration 3"):
         distill.main(six(tiny_shapes, cache_dir, experts, tmp_path, "--max_skips", "2"))
     for path in tmp_path.glob("*.pt"):

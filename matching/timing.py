@@ -1,0 +1,56 @@
+"""A run's timing record, timing.json beside its sets.
+
+It holds the seconds spent in matching iterations (evaluations excluded) and their count, the part of
+those seconds spent averaging over the processes (torchrun), and on a GPU the peak memory of a matching
+iteration. A resumed run carries on the record of the folder it resumes from. The record stays outside
+the set files so that two runs with the same seed write identical sets.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+
+from matching.distiller import Distiller
+from matching.resume import ResumePoint
+from matching.streams import SegmentStreams
+from utils.io import atomic_write_json, read_json_if_present
+
+TIMING_NAME = "timing.json"
+
+
+class RunTiming:
+    def __init__(self, record: dict | None = None):
+        self.record = {"seconds": 0.0, "iterations": 0, "sync_seconds": 0.0}
+        self.record.update(record or {})
+
+    @classmethod
+    def continued(cls, resume: str | None, main_process: bool) -> RunTiming:
+        """A fresh record, or on rank 0 of a run with --resume the one beside the file it resumes from."""
+        return cls(read_json_if_present(Path(resume).parent / TIMING_NAME) if resume and main_process else None)
+
+    def step(self, distiller: Distiller, streams: SegmentStreams, point: ResumePoint,
+             device: torch.device) -> tuple[dict, ResumePoint]:
+        """The matching iteration that starts at `point`, timed: its statistics and the point after it."""
+        began, synced = time.perf_counter(), distiller.sync_seconds
+        if device.type == "cuda":  # peak of the matching iterations alone (evaluations train other models)
+            torch.cuda.reset_peak_memory_stats(device)
+        stats = distiller.step(streams.local, point.iteration, before=point.learned)
+        if device.type == "cuda":
+            self.record["peak_gpu_mib"] = max(self.record.get("peak_gpu_mib", 0.0),
+                                              torch.cuda.max_memory_allocated(device) / 2**20)
+        point = ResumePoint.capture(distiller, streams, point.iteration + 1, point.best_r_mean, point.best_iteration)
+        self.record["seconds"] += time.perf_counter() - began
+        self.record["sync_seconds"] = self.record.get("sync_seconds", 0.0) + distiller.sync_seconds - synced
+        self.record["iterations"] += 1
+        return stats, point
+
+    def write(self, folder: Path) -> None:
+        atomic_write_json(self.record, folder / TIMING_NAME)
+
+    def summary(self) -> str:
+        """Seconds per matching iteration, and the peak GPU memory when it was measured."""
+        per_iteration = self.record["seconds"] / max(self.record["iterations"], 1)
+        memory = f", peak GPU memory {self.record['peak_gpu_mib']:.0f} MiB" if "peak_gpu_mib" in self.record else ""
+        return f"{per_iteration:.2f}s per matching iteration{memory}"
