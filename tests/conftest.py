@@ -15,6 +15,13 @@ from utils.cli import run_cli
 os.environ.setdefault("WANDB_MODE", "disabled")
 
 
+def pytest_collection_modifyitems(items):
+    """Tiers: `e2e` for a test that runs a program, `fast` for the rest (tests/tiers.py reads which)."""
+    import tiers
+
+    tiers.assign(items)
+
+
 @pytest.fixture(scope="session")
 def tiny_shapes(tmp_path_factory) -> Path:
     """40 train images (200 pairs), 10 val and 10 test images at 32 px."""

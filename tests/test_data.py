@@ -108,6 +108,7 @@ def test_text_cache_encodes_distinct_captions_once_and_reloads(tmp_path):
     assert torch.equal(again, first)
 
 
+@pytest.mark.slow
 def test_load_retrieval_data_embeds_with_minilm_and_reuses_the_cache(tiny_shapes, cache_dir, monkeypatch):
     settings = DataSettings(dataset="shapes", image_root=str(tiny_shapes), cache_dir=str(cache_dir))
     minilm = ModelSettings(text_encoder="minilm")
@@ -126,6 +127,7 @@ def test_load_retrieval_data_embeds_with_minilm_and_reuses_the_cache(tiny_shapes
     assert images.shape == (4, 3, 16, 16) and index.tolist() == [0, 1, 2, 3]
 
 
+@pytest.mark.slow
 def test_max_train_images_keeps_the_first_images_with_all_their_captions(tiny_shapes, cache_dir):
     base = dict(dataset="shapes", image_root=str(tiny_shapes), cache_dir=str(cache_dir))
     minilm = ModelSettings(text_encoder="minilm")

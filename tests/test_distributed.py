@@ -23,6 +23,8 @@ from matching.distiller import Distiller
 from utils import distributed
 from utils.cli import UserError
 
+pytestmark = pytest.mark.distributed  # processes of their own, under torchrun or torch.multiprocessing
+
 REPO = Path(__file__).resolve().parents[1]
 # LoRS (a low-rank similarity) and RepBlend on: every learned tensor is averaged over the processes.
 OPTIONS = ("--sim_type", "lowrank", "--sim_rank", "2", "--lr_sim", "0.1", "--blend_alpha", "0.5")

@@ -39,6 +39,7 @@ def lowrank_setups(draw):
     return size, rank, alpha, batch, draw(SEEDS)
 
 
+@pytest.mark.slow
 @PROPERTY
 @given(lowrank_setups(), st.sampled_from(LOSS_TYPES))
 def test_lowrank_similarity_starts_at_the_identity_and_only_its_left_factor_gets_no_gradient(setup, loss_type):
@@ -94,6 +95,7 @@ def _loss_and_gradients(images, texts, targets):
     return [loss, grad_images, grad_texts, *second]
 
 
+@pytest.mark.slow
 @PROPERTY
 @given(st.one_of(feature_pairs(torch.float32), feature_pairs(torch.float64)))
 def test_soft_infonce_with_identity_targets_is_the_hard_label_loss_to_the_bit(features):
@@ -111,6 +113,7 @@ def logits_and_targets(draw):
     return _randn(generator, rows, cols) * 3, torch.rand(rows, cols, generator=generator, dtype=torch.float64)
 
 
+@pytest.mark.slow
 @PROPERTY
 @given(logits_and_targets())
 def test_lors_reductions_kl_over_all_entries_and_wbce_halves(case):
@@ -173,6 +176,7 @@ def _matching(students, learned, lr_img, lr_txt, segment, batches, blends, loss_
     return result, torch.autograd.grad(result.total, [*learned, lr_img, lr_txt])
 
 
+@pytest.mark.slow
 @PROPERTY
 @given(symmetric_setups())
 def test_swapping_the_modalities_swaps_the_matching_terms_and_their_gradients(setup):

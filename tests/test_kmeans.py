@@ -33,6 +33,7 @@ def test_joint_features_by_hand():
     torch.testing.assert_close(joint, expected)
 
 
+@pytest.mark.slow
 def test_kmeans_recovers_three_blobs():
     features = blobs()
     centroids, assignments = coresets.kmeans_clusters(features, 3, seed=0)

@@ -74,6 +74,7 @@ def _assert_rel_close(a, b, tol):
     assert (a - b).norm() <= tol * b.norm(), f"relative error {((a - b).norm() / b.norm()).item():.3e}"
 
 
+@pytest.mark.slow
 def test_meta_gradient_equals_the_independent_unrolled_reference():
     setup = _setup()
     loss, grads = _grads(_project_loss, setup)
@@ -84,6 +85,7 @@ def test_meta_gradient_equals_the_independent_unrolled_reference():
         _assert_rel_close(got, expected, 1e-8)
 
 
+@pytest.mark.slow
 def test_step_size_gradient_matches_a_finite_difference():
     setup = _setup()
     model, image_syn, text_syn, lr_img, lr_txt, start, target, batches = setup
@@ -106,6 +108,7 @@ def test_minibatches_are_distinct_indices_of_the_right_size():
     assert all(torch.equal(a, b) for a, b in zip(batches, again))
 
 
+@pytest.mark.slow
 def test_real_and_clean_initialisation_share_the_pairs_and_differ_in_augmentation(tiny_shapes, cache_dir):
     from data.build import load_retrieval_data
     from data.datasets import load_rgb
@@ -148,6 +151,7 @@ def _mode_gradients(mode, setup, steps, augment=None):
     return (result.image_term, result.text_term), grads, after
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("steps", [1, 3, 5, 7, 8, 10])
 def test_exact_lowmem_gives_the_unrolled_meta_gradient(steps):
     """From 5 steps on the sweep runs over several blocks of ⌈√N⌉ steps, the last one short, and
@@ -164,6 +168,7 @@ def test_exact_lowmem_gives_the_unrolled_meta_gradient(steps):
     assert torch.equal(after, ref_after)  # the sweep leaves the global RNG where the forward pass left it
 
 
+@pytest.mark.slow
 def test_recomputing_a_block_gives_the_same_bits_as_storing_every_step(monkeypatch):
     import matching.meta_gradient
 
@@ -174,6 +179,7 @@ def test_recomputing_a_block_gives_the_same_bits_as_storing_every_step(monkeypat
     assert all(torch.equal(a, b) for a, b in zip(blocks, stored)) and torch.equal(blocks_after, stored_after)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("steps", [1, 4, 10, 16, 30])
 def test_exact_lowmem_holds_about_two_square_roots_of_the_steps_in_parameter_vectors(steps):
     result, _ = _mode_result("exact_lowmem", _setup(), steps)
@@ -182,6 +188,7 @@ def test_exact_lowmem_holds_about_two_square_roots_of_the_steps_in_parameter_vec
         assert result.parameters_held < steps  # one copy per step is no longer kept
 
 
+@pytest.mark.slow
 def test_exact_lowmem_replays_the_augmentation_of_every_step():
     from utils.dsa import dsa_augment
 
@@ -197,6 +204,7 @@ def test_exact_lowmem_replays_the_augmentation_of_every_step():
         _assert_rel_close(got, expected, 1e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("steps", [1, 3, 8])
 def test_tesla_is_exact_for_one_step_and_drops_the_hessian_terms_after(steps):
     setup = _setup()
@@ -216,6 +224,7 @@ def test_unknown_matching_mode_is_refused():
         matching_gradients("fast", None, None, 1, (), None, None, None)
 
 
+@pytest.mark.slow
 def test_exact_lowmem_matches_unroll_with_a_learned_similarity_and_blending():
     from matching.meta_gradient import matching_gradients
     from matching.trajectory import contrastive_step_loss, draw_blends
@@ -245,6 +254,7 @@ def test_exact_lowmem_matches_unroll_with_a_learned_similarity_and_blending():
         _assert_rel_close(got, expected, 1e-6)
 
 
+@pytest.mark.slow
 @settings(max_examples=30, deadline=None, derandomize=True, database=None)
 @given(size=st.integers(2, 12), steps=st.integers(1, 4), batch=st.integers(1, 12), chunk=st.integers(1, 13),
        augmented=st.booleans(), seed=st.integers(0, 2**31 - 1))

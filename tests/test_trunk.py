@@ -20,6 +20,7 @@ from reparam_module import ReparamModule, flatten
 from utils.cli import UserError
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name, stages", [("tf_efficientnet_lite0", 7), ("resnet18", 4), ("nf_resnet50", 4)])
 def test_every_split_of_a_timm_encoder_composes_to_the_encoder(name, stages):
     torch.manual_seed(0)
