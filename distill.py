@@ -198,9 +198,9 @@ def distill(settings: DistillRunSettings, device: torch.device, group: ProcessGr
             writer.report_step(iteration, stats, bar)
             if out_of_time(settings, started, group, device) and point.iteration < settings.distill.Iteration:
                 say(f"--time_budget {settings.distill.time_budget:g} min reached after iteration {point.iteration}: stopping")
+                writer.timing.stopped_on_budget(point.iteration)
                 break
-        if not point.metrics:
-            point = writer.evaluate_and_save(point)
+        point = writer.evaluate_and_save(point) if not point.metrics else point
     except Diverged as err:
         writer.save(files.last, replace(good, guard=after_divergence(good.guard)))  # (good may be a resume with skips behind)
         raise UserError(f"{err}; stopped. The last good distilled set is {files.last} (iteration {good.iteration}): "

@@ -2,8 +2,10 @@
 
 It holds the seconds spent in matching iterations (evaluations excluded) and their count, the part of
 those seconds spent averaging over the processes (torchrun), and on a GPU the peak memory of a matching
-iteration. A resumed run carries on the record of the folder it resumes from. The record stays outside
-the set files so that two runs with the same seed write identical sets.
+iteration. A resumed run carries on the record of the folder it resumes from. When a run stops because its
+--time_budget is spent, the record says so ("budget_stop": the iteration it stopped at), so that a pipeline
+re-run takes that set as finished instead of spending another budget; a run that continues from it drops
+the mark. The record stays outside the set files so that two runs with the same seed write identical sets.
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ from matching.streams import SegmentStreams
 from utils.io import atomic_write_json, read_json_if_present
 
 TIMING_NAME = "timing.json"
+BUDGET_STOP = "budget_stop"
 
 
 class RunTiming:
@@ -27,8 +30,16 @@ class RunTiming:
 
     @classmethod
     def continued(cls, resume: str | None, main_process: bool) -> RunTiming:
-        """A fresh record, or on rank 0 of a run with --resume the one beside the file it resumes from."""
-        return cls(read_json_if_present(Path(resume).parent / TIMING_NAME) if resume and main_process else None)
+        """A fresh record, or on rank 0 of a run with --resume the one beside the file it resumes from (without
+        the mark of a budget stop: this run goes on from there)."""
+        record = read_json_if_present(Path(resume).parent / TIMING_NAME) if resume and main_process else None
+        if record:
+            record.pop(BUDGET_STOP, None)
+        return cls(record)
+
+    def stopped_on_budget(self, iteration: int) -> None:
+        """Mark that the run stopped at `iteration` because its --time_budget was spent."""
+        self.record[BUDGET_STOP] = iteration
 
     def step(self, distiller: Distiller, streams: SegmentStreams, point: ResumePoint,
              device: torch.device) -> tuple[dict, ResumePoint]:
@@ -45,6 +56,11 @@ class RunTiming:
         self.record["sync_seconds"] = self.record.get("sync_seconds", 0.0) + distiller.sync_seconds - synced
         self.record["iterations"] += 1
         return stats, point
+
+    @staticmethod
+    def budget_stop(folder: Path) -> int | None:
+        """The iteration at which the run that wrote `folder` stopped on its --time_budget, if it did."""
+        return (read_json_if_present(Path(folder) / TIMING_NAME) or {}).get(BUDGET_STOP)
 
     def write(self, folder: Path) -> None:
         atomic_write_json(self.record, folder / TIMING_NAME)

@@ -123,7 +123,9 @@ def test_resume_after_an_evaluation_off_the_eval_it_grid(reference6, tiny_shapes
     assert distill.main(six(tiny_shapes, cache_dir, experts, out, "--time_budget", "1e-9")) == 0
     stopped = load_distilled_set(out / "distilled_last.pt")
     assert stopped["iteration"] == 1 and stopped["metrics"]
+    assert RunTiming.budget_stop(out) == 1  # what a pipeline re-run reads to take this set as finished
     assert distill.main(six(tiny_shapes, cache_dir, experts, out, "--resume", str(out / "distilled_last.pt"))) == 0
+    assert RunTiming.budget_stop(out) is None  # the continued run reached --Iteration: no longer a budget stop
     assert_identical(out / "distilled_last.pt", reference6 / "distilled_last.pt")
     a, b = load_distilled_set(out / "distilled_last.pt"), load_distilled_set(reference6 / "distilled_last.pt")
     assert a["metrics"] == b["metrics"]
