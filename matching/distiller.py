@@ -133,8 +133,8 @@ class Distiller:
         """Apply the meta-gradient (pixels, texts, the two step sizes, the similarity's parameters) unless the
         guard refuses it or the step leaves a broken state."""
         terms = {"image": image_term.item(), "text": text_term.item()}
-        stats = {"Grand_Loss": terms["image"] + terms["text"], "img_param_loss": terms["image"],
-                 "txt_param_loss": terms["text"], "Start_Epoch": start_epoch}
+        stats = {"matching/loss": terms["image"] + terms["text"], "matching/image_loss": terms["image"],
+                 "matching/text_loss": terms["text"], "matching/start_epoch": start_epoch}
         bad = [f"{name} term {value}" for name, value in terms.items() if not math.isfinite(value)]
         if bad:
             return self._skip(iteration, "non-finite matching loss (" + ", ".join(bad) + ")", stats)
@@ -157,7 +157,7 @@ class Distiller:
             self.restore(before)  # the state before this step: the last good one
             return self._skip(iteration, problem, stats)
         self.guard.applied(norms)
-        return {**stats, "Synthetic_LR_Image": self.syn_lr_img.item(), "Synthetic_LR_Text": self.syn_lr_txt.item(),
+        return {**stats, "synthetic/lr_img": self.syn_lr_img.item(), "synthetic/lr_txt": self.syn_lr_txt.item(),
                 "skipped": None}
 
     def state_problem(self) -> str | None:
@@ -181,7 +181,7 @@ class Distiller:
         self.guard.skip(reason)
         if self.guard.exhausted:
             raise Diverged(iteration, f"{self.guard.consecutive} steps in a row skipped, the last for {reason}")
-        return {**stats, "Synthetic_LR_Image": self.syn_lr_img.item(), "Synthetic_LR_Text": self.syn_lr_txt.item(),
+        return {**stats, "synthetic/lr_img": self.syn_lr_img.item(), "synthetic/lr_txt": self.syn_lr_txt.item(),
                 "skipped": reason}
 
     def state(self) -> dict:

@@ -30,6 +30,19 @@ from utils.seeds import distill_eval_seed
 from utils.visualize import nearest_captions, save_image_grids, write_nearest_captions
 
 
+# A matching iteration's wandb keys, and the reference implementation's names for them, logged as well so
+# that plots and scripts made for the reference keep working.
+REFERENCE_WANDB_KEYS = {"matching/loss": "Grand_Loss", "matching/image_loss": "img_param_loss",
+                        "matching/text_loss": "txt_param_loss", "matching/start_epoch": "Start_Epoch",
+                        "synthetic/lr_img": "Synthetic_LR_Image", "synthetic/lr_txt": "Synthetic_LR_Text",
+                        "guard/skipped_steps": "Skipped_Steps"}
+
+
+def wandb_record(stats: dict) -> dict:
+    """`stats` under this project's keys and, for those the reference logs, under its keys too."""
+    return {**stats, **{REFERENCE_WANDB_KEYS[k]: v for k, v in stats.items() if k in REFERENCE_WANDB_KEYS}}
+
+
 @dataclass
 class RunWriter:
     settings: DistillRunSettings
@@ -119,9 +132,9 @@ class RunWriter:
         if skipped and self.main_process:
             tqdm.write(f"iteration {iteration}: step skipped: {skipped}")
         guard = self.distiller.guard
-        self.run.log({**stats, "Skipped_Steps": guard.total_skipped}, step=iteration)
-        bar.set_postfix(loss=f"{stats['Grand_Loss']:.4f}", lr_img=f"{stats['Synthetic_LR_Image']:.4g}",
-                        lr_txt=f"{stats['Synthetic_LR_Text']:.4g}", skipped=guard.total_skipped)
+        self.run.log(wandb_record({**stats, "guard/skipped_steps": guard.total_skipped}), step=iteration)
+        bar.set_postfix(loss=f"{stats['matching/loss']:.4f}", lr_img=f"{stats['synthetic/lr_img']:.4g}",
+                        lr_txt=f"{stats['synthetic/lr_txt']:.4g}", skipped=guard.total_skipped)
 
     def finish(self, point: ResumePoint, start_it: int, started: float) -> str:
         """Close the log; the run's closing line (`started`: its time.time() when the iterations began)."""

@@ -245,3 +245,27 @@ def test_a_time_budget_stops_after_the_iteration_that_exceeds_it_and_saves(tiny_
     assert (tmp_path / "distilled_000001.pt").is_file()
     with pytest.raises(UserError, match="--time_budget must be positive"):
         distill.main(distill_flags(tiny_shapes, cache_dir, experts, tmp_path, "--time_budget", "0"))
+
+
+def test_each_iteration_logs_clear_keys_and_the_references_names_with_the_same_values(tiny_shapes, cache_dir, experts,
+                                                                                    tmp_path, monkeypatch):
+    from matching.run_writer import REFERENCE_WANDB_KEYS
+    from utils.wandb_logging import NullRun
+
+    logged = []
+
+    class Recorder(NullRun):
+        def log(self, record, step=None):
+            logged.append((step, dict(record)))
+
+    monkeypatch.setattr(distill, "start_run", lambda *args, **kwargs: Recorder())
+    assert distill.main(distill_flags(tiny_shapes, cache_dir, experts, tmp_path, "--Iteration", "2",
+                                      "--draw", "False")) == 0
+    steps = [(step, record) for step, record in logged if "matching/loss" in record]
+    assert [step for step, _ in steps] == [0, 1]
+    for _, record in steps:
+        assert set(REFERENCE_WANDB_KEYS) | set(REFERENCE_WANDB_KEYS.values()) <= set(record)
+        for ours, theirs in REFERENCE_WANDB_KEYS.items():
+            assert record[ours] == record[theirs]
+        assert record["matching/loss"] == pytest.approx(record["matching/image_loss"] + record["matching/text_loss"])
+    assert any("eval/r_mean" in record for _, record in logged)
