@@ -14,7 +14,6 @@ says what each builds), a config may distill several set sizes and methods:
 from __future__ import annotations
 
 import copy
-import difflib
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +25,7 @@ from settings.judging import JudgingSettings, TargetSettings
 from settings.programs import check_section, check_together
 from settings.protocol import ProtocolSettings
 from settings.runtime import check_seed
-from utils.cli import UserError, os_error_reason
+from utils.cli import UserError, os_error_reason, suggestion
 
 SECTIONS = ("common", "buffer", "distill", "evaluate", "compare", "methods", "budgets", "regimes")  # [regimes]: comparison/regimes.py
 FULL = "all"  # the key of the full-data row in `epochs_per_size`
@@ -119,9 +118,7 @@ def check_compare(compare: dict, where: str) -> None:
     """The [compare] table: known keys, and values that the evaluate.py calls they become accept."""
     for key, value in compare.items():
         if key not in COMPARE_KEYS:
-            near = difflib.get_close_matches(key, COMPARE_KEYS, n=1)
-            raise UserError(f"{where}: unknown key {key!r}" + (f"; did you mean {near[0]!r}?" if near else
-                                                               f" (valid keys: {', '.join(COMPARE_KEYS)})"))
+            raise UserError(f"{where}: unknown key {key!r}" + suggestion(key, COMPARE_KEYS, COMPARE_KEYS))
         if key in COMPARE_LISTS:
             if not isinstance(value, list):
                 raise UserError(f"{where}: {key} must be a list, got {value!r}")
