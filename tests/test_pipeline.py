@@ -299,7 +299,12 @@ def test_regimes_benchmark_gives_each_regime_its_budget_and_tables_them(tiny_sha
     meta = json.loads(next((tmp_path / "run" / "regimes" / "all").glob("buffers/**/buffer_meta.json")).read_text())
     assert meta["trainable_parts"] == ["image_encoder", "image_projection", "text_projection"]
     lines = (tmp_path / "run" / "regimes.md").read_text().splitlines()
-    assert lines[0].startswith("| regime | experts (min) | iterations |") and len(lines) == 4
+    assert lines[0].startswith("| regime | experts (min) | iterations | s / iteration |") and len(lines) == 4
+    # the speed column is distill.py's own timing.json beside each regime's sets: measured, never a 0 placeholder
+    for name, line in zip(("last_stage", "all"), lines[2:]):
+        timing = json.loads((tmp_path / "run" / "regimes" / name / "distill" / "timing.json").read_text())
+        assert results[name]["seconds_per_iteration"] == timing["seconds"] / timing["iterations"] > 0
+        assert line.split("|")[4].strip() == f"{results[name]['seconds_per_iteration']:.2f}" != "0.00"
 
 
 def test_the_programs_run_in_processes_of_their_own(tmp_path):
