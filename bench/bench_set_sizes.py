@@ -16,8 +16,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from comparison.config import load_config, method_config
-from comparison.pipeline import as_flags, distill_settings, expert_folder, seconds_per_iteration
+from comparison.config import distill_settings, load_config, method_config
+from comparison.stages import as_flags, expert_folder, seconds_per_iteration
 from settings.programs import Parser
 from utils.cli import UserError, run_cli
 

@@ -28,17 +28,8 @@ import shutil
 from pathlib import Path
 
 from comparison.programs import run, run_configuration
-from comparison.config import DEFAULT_METHODS, method_config
-from comparison.pipeline import (
-    as_flags,
-    banner,
-    distill_settings,
-    distill_stage,
-    experts_stage,
-    load_config,
-    output_folder,
-    seconds_per_iteration,
-)
+from comparison.config import DEFAULT_METHODS, distill_settings, load_config, method_config
+from comparison.stages import as_flags, banner, distill_stage, experts_stage, output_folder, seconds_per_iteration
 from settings.programs import Parser
 from utils.cli import UserError
 from evaluation.metrics import markdown_table, table_cells

@@ -26,8 +26,8 @@ import time
 from pathlib import Path
 
 from comparison.programs import run, run_configuration
-from comparison.pipeline import (as_flags, banner, check_sections, distill_settings, expert_folder, load_config,
-                                 output_folder, seconds_per_iteration)
+from comparison.config import check_sections, distill_settings, load_config
+from comparison.stages import as_flags, banner, expert_folder, output_folder, seconds_per_iteration
 from data.build import default_cache_dir
 from data.distilled_set import load_distilled_set
 from evaluation.metrics import markdown_table

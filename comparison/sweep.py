@@ -22,9 +22,8 @@ import argparse
 import json
 from pathlib import Path
 
-from comparison.config import DistillRun, distill_settings, method_config, row_name, set_sizes
-from comparison.pipeline import (Stage, as_flags, distill_stage, experts_stage, load_config, output_folder,
-                                 seconds_per_iteration)
+from comparison.config import DistillRun, distill_settings, load_config, method_config, row_name, set_sizes
+from comparison.stages import Stage, as_flags, distill_stage, experts_stage, output_folder, seconds_per_iteration
 from comparison.programs import run_configuration
 from data.distilled_set import load_distilled_set
 from evaluation.metrics import markdown_table

@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from comparison import pipeline, programs
+from comparison import pipeline, programs, report
 from comparison.programs import launch as real_launch
 from data.distilled_set import load_distilled_set
 from utils.cli import UserError
@@ -368,7 +368,7 @@ def r_mean(mean: float, std: float) -> dict:
 def test_the_summary_reads_margins_in_stds_or_in_points_when_there_is_no_spread():
     reports = {"distilled-6 (seed 0)": r_mean(12.3, 0.0), "random-6": r_mean(10.0, 0.0), "random-12": r_mean(11.3, 0.5),
                "full data": r_mean(14.3, 1.0)}
-    lines = pipeline.verdict(reports, {label: None for label in reports}).splitlines()
+    lines = report.verdict(reports, {label: None for label in reports}).splitlines()
     assert lines == ["distilled-6 (seed 0) r_mean 12.30 vs random-6 10.00: +2.30 points (no spread: both std 0)",
                      "distilled-6 (seed 0) r_mean 12.30 vs random-12 11.30: +2.0 std",
                      "distilled-6 (seed 0) r_mean 12.30 vs full data 14.30: -2.0 std"]
