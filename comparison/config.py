@@ -168,6 +168,7 @@ DEFAULT_METHODS = {
 }
 METHOD_KEYS = ("common", "distill", "budgets")  # what a [methods.<name>] table may hold
 BASE = "base"  # the paper's method: [distill] as it is
+BASE_ROWS = "distilled"  # what the base method's rows are called: distilled-<size>; another method's: <method>-<size>
 
 
 def method_table(config: dict, name: str, where: str = "config") -> dict:
@@ -234,7 +235,7 @@ def method_names(config: dict) -> list[str]:
 
 
 def row_name(method: str, size: int) -> str:
-    return f"distilled-{size}" if method == BASE else f"{method}-{size}"
+    return f"{BASE_ROWS if method == BASE else method}-{size}"
 
 
 def distill_runs(config: dict, where: str = "config") -> list[DistillRun]:

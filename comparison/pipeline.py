@@ -39,14 +39,13 @@ is checked before the first program runs.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
-from comparison.config import distill_runs, load_config, row_name, set_sizes
+from comparison.config import distill_runs, load_config
 from comparison.report import write_outputs
-from comparison.stages import (MARKER, Stage, as_flags, banner, coreset_row, distilled_row, empty_output_folder,
-                               experts_stage, full_data_row, holding, output_folder, pooled)
+from comparison.stages import (MARKER, as_flags, distilled_row, empty_output_folder, experts_stage, holding,
+                               output_folder, real_data_rows, with_pooled)
 from settings.programs import Parser
 
 
@@ -73,49 +72,25 @@ def run_stages(args, config: dict, out: Path) -> int:
         empty_output_folder(out)
     started, times = time.time(), {}
     runs = distill_runs(config)
-    sizes = set_sizes(config)
-    compare = config["compare"]
 
     expert_dir = experts_stage(config, out)
     times["data + experts"] = time.time() - started
 
     # Real-data rows first: they depend only on the experts and the protocol, so a distillation that
     # fails or is retuned never costs them.
-    results = out / "results"
     evaluate_flags = as_flags(config["common"]) + as_flags(config["evaluate"]) + ["--buffer_path", str(expert_dir)]
-    rows_part = {key: value for key, value in compare.items() if key not in ("budgets", "methods")}
-    Stage(out, "evaluate", evaluate_flags, [results], tail=[json.dumps(rows_part, sort_keys=True)]).begin()
-    (results / "coresets").mkdir(parents=True, exist_ok=True)
-    banner("evaluation: random ladder, coresets, full data")
-    ladder, others = {}, {}
-    for count in compare.get("ladder", [sizes[0], 10 * sizes[0]]):
-        label, report = coreset_row(config, results, evaluate_flags, "random", int(count))
-        ladder[label] = report
-    for count in compare.get("coreset_sizes", sizes):
-        for method in compare.get("coreset_methods", []):
-            label, report = coreset_row(config, results, evaluate_flags, method, int(count))
-            others[label] = report
-        if compare.get("centroids", False):
-            label, report = coreset_row(config, results, evaluate_flags, "centroids", int(count))
-            others[label] = report
-    full_label, full_report = full_data_row(config, out, expert_dir, evaluate_flags)
+    real = real_data_rows(config, out, expert_dir, evaluate_flags)
     times["ladder, coresets, full data"] = time.time() - started - sum(times.values())
 
-    distilled, groups, run_seconds = {}, {}, {}
+    distilled, run_seconds = [], {}
     for item in runs:
         began = time.time()
-        distilled[item.label] = distilled_row(config, item, out, expert_dir, evaluate_flags, results)
-        groups.setdefault((item.method, item.size), []).append(item.label)
+        distilled.append(distilled_row(config, item, out, expert_dir, evaluate_flags, out / "results"))
         run_seconds[item.label] = round(time.time() - began, 1)
     times["distillation + its evaluation"] = time.time() - started - sum(times.values())
-    first_set = out / "distill" / runs[0].folder / "distilled_best.pt"
-    reports = {}
-    for (method, size), labels in groups.items():
-        if len(labels) > 1:
-            reports[f"{row_name(method, size)} ({len(labels)} seeds)"] = pooled([distilled[label] for label in labels])
-        reports.update({label: distilled[label] for label in labels})
-    reports.update(others)
-    reports.update(ladder)
-    reports[full_label] = full_report
-    write_outputs(out, first_set, reports, ladder, full_report, times, config, run_seconds)
+    table = {}
+    for row in [*with_pooled(distilled), *real]:  # a label asked for twice (random-N on the ladder and among
+        table[row.label] = row                     # coreset_methods) is one row: the later one, in the first's place
+    write_outputs(out, out / "distill" / runs[0].folder / "distilled_best.pt", list(table.values()), times, config,
+                  run_seconds)
     return 0

@@ -9,13 +9,15 @@ import json
 import shutil
 from pathlib import Path
 
-from comparison.config import BASE, budgets_of, distill_runs, method_names, row_name, set_sizes
-from comparison.stages import banner, seconds_per_iteration
+from comparison.config import BASE, BASE_ROWS, budgets_of, distill_runs, method_names, set_sizes
+from comparison.rows import Kind, Row
+from comparison.stages import banner, distill_timing, seconds_per_iteration
 from data.distilled_set import load_distilled_set
 from evaluation.budgets import cell, paper_table, plot_budgets, r_mean_table
 from evaluation.metrics import format_table, markdown_table, table_cells
 from evaluation.worth import plot_worth, worth_n
-from utils.io import read_json_if_present
+from settings.choices import CENTROIDS, RANDOM
+
 
 def choice_text(report: dict, key: str, spec: str) -> str:
     """A report's chosen learning rate or epochs for the table: one value, or one per pooled part."""
@@ -24,52 +26,60 @@ def choice_text(report: dict, key: str, spec: str) -> str:
     return ", ".join(format(v, spec) for v in values if v is not None)
 
 
-def ladder_points(ladder: dict[str, dict], full_report: dict) -> dict[int, dict]:
-    """N -> r_mean summary of the random coresets, with full-data training as the last rung."""
-    points = {r["config"]["set_size"]: r["metrics"]["r_mean"] for r in ladder.values()}
-    if "config" in full_report:
-        points[full_report["config"]["set_size"]] = full_report["metrics"]["r_mean"]
-    return points
+def full_row(rows: list[Row]) -> Row:
+    return next(row for row in rows if row.kind is Kind.FULL)
 
 
-def worth_column(reports: dict[str, dict], ladder: dict[str, dict], full_report: dict) -> dict[str, dict | None]:
-    points = ladder_points(ladder, full_report)
+def ladder_points(rows: list[Row]) -> dict[int, dict]:
+    """N -> r_mean summary of the random coresets of the ladder, with full-data training (when it was a run of its
+    own, not read off the experts) as the last rung."""
+    return {row.report["config"]["set_size"]: row.report["metrics"]["r_mean"] for row in rows
+            if row.on_ladder and "config" in row.report}
+
+
+def worth_column(rows: list[Row]) -> dict[str, dict | None]:
+    """Label -> the row's worth-N on the ladder (None for the rungs and random coresets, or without a ladder)."""
+    points = ladder_points(rows)
     if len(points) < 2:
-        return {label: None for label in reports}
-    return {label: None if label.startswith("random-") or label.startswith("full data") else
-            worth_n(points, r["metrics"]["r_mean"]["mean"], r["metrics"]["r_mean"]["std"]).as_dict()
-            for label, r in reports.items()}
+        return {row.label: None for row in rows}
+    return {row.label: worth_n(points, row.report["metrics"]["r_mean"]["mean"],
+                               row.report["metrics"]["r_mean"]["std"]).as_dict() if row.gets_worth else None
+            for row in rows}
 
 
-def write_outputs(out: Path, distilled: Path, reports: dict[str, dict], ladder: dict[str, dict], full_report: dict,
-                  times: dict[str, float], config: dict, run_seconds: dict[str, float] | None = None) -> None:
-    summaries = {label: r["metrics"] for label, r in reports.items()}
-    worth = worth_column(reports, ladder, full_report)
+def write_outputs(out: Path, distilled: Path, rows: list[Row], times: dict[str, float], config: dict,
+                  run_seconds: dict[str, float] | None = None) -> None:
+    """Everything the pipeline writes from the judged `rows` (in the table's order); `distilled`: the set whose
+    images and nearest captions are copied beside the table."""
+    summaries = {row.label: row.report["metrics"] for row in rows}
+    worth = worth_column(rows)
+    full = full_row(rows).report["metrics"]["r_mean"]
     header, cells = table_cells(summaries)
-    rows = [row + ["" if worth[label] is None else worth[label]["text"], choice_text(r, "lr", ".3g"),
-                   choice_text(r, "epochs", "d")]
-            for row, (label, r) in zip(cells, reports.items())]
-    split = next((r.get("split") for r in reports.values() if r.get("split")), "?")
-    table = markdown_table(header + ["worth-N", "lr", "epochs"], rows)
-    edges = {label: r["at_edge"] for label, r in reports.items() if r.get("at_edge")}
+    lines = [cells_of_row + ["" if worth[row.label] is None else worth[row.label]["text"],
+                             choice_text(row.report, "lr", ".3g"), choice_text(row.report, "epochs", "d")]
+             for cells_of_row, row in zip(cells, rows)]
+    split = next((row.report.get("split") for row in rows if row.report.get("split")), "?")
+    table = markdown_table(header + ["worth-N", "lr", "epochs"], lines)
+    edges = {row.label: row.report["at_edge"] for row in rows if row.report.get("at_edge")}
     edge_note = ("\n\nChoices still at an edge of the grid after widening: " +
                  "; ".join(f"{label} ({', '.join(dims)})" for label, dims in edges.items()) + ".") if edges else ""
     (out / "results.md").write_text(f"Reported on the {split} split; choices on "
                                     f"{config['common'].get('eval_split', 'val')}.\n\n{table}{edge_note}\n")
-    points = ladder_points(ladder, full_report)
+    points = ladder_points(rows)
     (out / "results.json").write_text(json.dumps(
         {"split": split, "rows": summaries, "worth_n": worth, "ladder": {str(k): v for k, v in points.items()},
-         "choices": {label: {key: r.get(key) for key in ("lr", "epochs", "tuning", "widened", "at_edge")}
-                     for label, r in reports.items()},
-         "stage_seconds": times, "distillation_seconds": run_seconds or {}}, indent=1))
-    marked = {label: r["metrics"]["r_mean"] for label, r in reports.items() if worth.get(label) is not None
-              and "(seed" not in label}
+         "choices": {row.label: {key: row.report.get(key) for key in ("lr", "epochs", "tuning", "widened", "at_edge")}
+                     for row in rows},
+         "stage_seconds": times, "distillation_seconds": run_seconds or {},
+         "kinds": {row.label: row.record() for row in rows}}, indent=1))
+    marked = {row.label: row.report["metrics"]["r_mean"] for row in rows
+              if worth.get(row.label) is not None and not row.single_seed}
     plot = None
     if len(points) >= 2:
         plot = plot_worth(points, marked, out / "worth_n.png", title=f"r_mean on {split} against random real pairs",
-                          full=full_report["metrics"]["r_mean"])
+                          full=full)
     if budgets_of(config) is not None:
-        budgets_plot = write_budget_table(out, reports, worth, points, full_report["metrics"]["r_mean"], split, config)
+        budgets_plot = write_budget_table(out, rows, worth, points, full, split, config)
         print(f"wrote {out / 'table.md'}, {budgets_plot}")
     if distilled.is_file():
         tag = f"{load_distilled_set(distilled)['iteration']:06d}"
@@ -80,52 +90,54 @@ def write_outputs(out: Path, distilled: Path, reports: dict[str, dict], ladder: 
     banner(f"results on {split} (mean ± std over evaluation models; choices on "
            f"{config['common'].get('eval_split', 'val')})")
     print(format_table(summaries))
-    print(verdict(reports, worth))
+    print(verdict(rows, worth))
     print("\n" + ", ".join(f"{k} {v / 60:.1f} min" for k, v in times.items()) +
           f"; total {sum(times.values()) / 60:.1f} min")
     print(f"wrote {out / 'results.md'}, {out / 'results.json'}" + (f", {plot}" if plot else ""))
 
 
-def budget_labels(reports: dict[str, dict], config: dict) -> dict[str, dict[int, str]]:
-    """The table's rows by set size, as report labels: each method's distilled sets (pooled over seeds when there
-    are several), and the coresets of each size ("random" from the ladder)."""
-    sizes, labels = set_sizes(config), {}
+def budget_rows(rows: list[Row], config: dict) -> dict[str, dict[int, Row]]:
+    """The budget table's rows by set size: each method's distilled sets (pooled over the seeds when there are
+    several; the base method's named "distilled"), then the coresets of each size (random ones from the ladder)."""
     compare = config["compare"]
-    kinds = ["random", *compare.get("coreset_methods", []), *(["centroids"] if compare.get("centroids") else [])]
-    names = [(method, row_name(method, size), size) for method in method_names(config) for size in sizes]
-    names += [(kind, f"{kind}-{size}", size) for kind in kinds for size in sizes]
-    for name, prefix, size in names:
-        found = [label for label in reports if label == prefix or label.startswith(prefix + " (")]
-        chosen = next((label for label in found if "seeds)" in label), found[0] if found else None)
-        if chosen is not None:
-            labels.setdefault("distilled" if name == BASE else name, {})[size] = chosen
-    return labels
+    coresets = [RANDOM, *compare.get("coreset_methods", []), *([CENTROIDS] if compare.get("centroids") else [])]
+    wanted = [(name, True) for name in method_names(config)] + [(name, False) for name in coresets]
+    table = {}
+    for name, distilled in wanted:
+        for size in set_sizes(config):
+            found = [row for row in rows if row.method == name and row.size == size
+                     and (row.kind is Kind.DISTILLED) == distilled]
+            chosen = next((row for row in found if row.seeds > 1), found[0] if found else None)
+            if chosen is not None:
+                table.setdefault(BASE_ROWS if distilled and name == BASE else name, {})[size] = chosen
+    return table
 
 
-def write_budget_table(out: Path, reports: dict[str, dict], worth: dict[str, dict | None], points: dict[int, dict],
+def write_budget_table(out: Path, rows: list[Row], worth: dict[str, dict | None], points: dict[int, dict],
                        full: dict, split: str, config: dict) -> Path:
     """table.md (the papers' layout, then r_mean with worth-N per size) and budgets.png (r_mean against pairs)."""
-    sizes, labels = set_sizes(config), budget_labels(reports, config)
-    rows = {name: {size: reports[label]["metrics"] for size, label in by_size.items()} for name, by_size in labels.items()}
-    worth_text = {name: {size: worth[label]["text"] for size, label in by_size.items() if worth.get(label)}
-                  for name, by_size in labels.items()}
+    sizes, chosen = set_sizes(config), budget_rows(rows, config)
+    metrics = {name: {size: row.report["metrics"] for size, row in by_size.items()} for name, by_size in chosen.items()}
+    worth_text = {name: {size: worth[row.label]["text"] for size, row in by_size.items() if worth.get(row.label)}
+                  for name, by_size in chosen.items()}
     text = (f"Reported on the {split} split (choices on {config['common'].get('eval_split', 'val')}); mean ± std over "
             f"the evaluation models (distilled rows: pooled over the seeds). Full data: {cell(full)}.\n\n"
-            f"{paper_table(rows, sizes)}\n\nr_mean, and what each set is worth in random real pairs:\n\n"
-            f"{r_mean_table(rows, sizes, worth_text)}\n\nWhat each set cost on this machine:\n\n"
-            f"{cost_table(out, reports, config)}\n")
+            f"{paper_table(metrics, sizes)}\n\nr_mean, and what each set is worth in random real pairs:\n\n"
+            f"{r_mean_table(metrics, sizes, worth_text)}\n\nWhat each set cost on this machine:\n\n"
+            f"{cost_table(out, rows, config)}\n")
     (out / "table.md").write_text(text)
-    return plot_budgets(rows, out / "budgets.png", points, full, title=f"r_mean on {split} against the set size")
+    return plot_budgets(metrics, out / "budgets.png", points, full, title=f"r_mean on {split} against the set size")
 
 
-def cost_table(out: Path, reports: dict[str, dict], config: dict) -> str:
+def cost_table(out: Path, rows: list[Row], config: dict) -> str:
     """Markdown: per distillation (method, size, seed) its matching seconds per iteration and minutes (timing.json,
     the evaluations during distillation excluded) and the minutes its row's evaluation took (the report's wall
     time), as measured when each ran (a run shared with other work on the machine is slower)."""
+    reports = {row.label: row.report for row in rows}
     lines = []
     for item in distill_runs(config):
         final = out / "distill" / item.folder / "distilled_last.pt"
-        timing = read_json_if_present(final.parent / "timing.json") or {}
+        timing = distill_timing(final)
         judged = reports.get(item.label, {}).get("wall_seconds")
         lines.append([item.label, str(timing.get("iterations", "")),
                       f"{seconds_per_iteration(final):.2f}" if timing else "",
@@ -143,18 +155,19 @@ def margin(ours: dict, other: dict) -> str:
     return f"{difference:+.2f} points (no spread: both std 0)"
 
 
-def verdict(reports: dict[str, dict], worth: dict[str, dict | None]) -> str:
-    """The distilled set against every other row, and what each set is worth in random real pairs."""
-    distilled = next(((k, v["metrics"]["r_mean"]) for k, v in reports.items() if k.startswith("distilled-")), None)
+def verdict(rows: list[Row], worth: dict[str, dict | None]) -> str:
+    """The base method's first distilled row against every row that is not the base method's, and what each set
+    (but a single seed's distilled row) is worth in random real pairs."""
+    base = next((row for row in rows if row.base_distilled), None)
     lines = []
-    if distilled is not None:
-        name, ours = distilled
-        for label, report in reports.items():
-            if label.startswith("distilled-"):
+    if base is not None:
+        name, ours = base.label, base.report["metrics"]["r_mean"]
+        for row in rows:
+            if row.base_distilled:
                 continue
-            other = report["metrics"]["r_mean"]
-            lines.append(f"{name} r_mean {ours['mean']:.2f} vs {label} {other['mean']:.2f}: {margin(ours, other)}")
-    for label, value in worth.items():
-        if value is not None and "(seed" not in label:
-            lines.append(f"{label} is worth {value['text']} random real pairs")
+            other = row.report["metrics"]["r_mean"]
+            lines.append(f"{name} r_mean {ours['mean']:.2f} vs {row.label} {other['mean']:.2f}: {margin(ours, other)}")
+    for row in rows:
+        if worth.get(row.label) is not None and not row.single_seed:
+            lines.append(f"{row.label} is worth {worth[row.label]['text']} random real pairs")
     return "\n".join(lines)

@@ -13,11 +13,13 @@ import json
 import shutil
 from pathlib import Path
 
-from comparison.config import FULL, PROGRAM_SECTIONS, DistillRun, distill_settings
+from comparison.config import FULL, PROGRAM_SECTIONS, DistillRun, distill_settings, row_name, set_sizes
 from comparison.programs import run, run_configuration
+from comparison.rows import FULL_LABEL, FULL_REPORT, Kind, Row
 from data.distilled_set import load_distilled_set
 from evaluation.metrics import summarize_runs
 from experts.files import expert_files, read_expert_metrics
+from settings.choices import CENTROIDS, RANDOM
 from utils.cli import UserError
 from utils.io import atomic_write_json, read_json_if_present
 from utils.paths import ensure_output_dir, refuse_outputs_over_inputs
@@ -228,10 +230,16 @@ def distill_stage(config: dict, out: Path, expert_dir: Path, seed: int | None = 
     return final, True
 
 
+def distill_timing(distilled: Path) -> dict:
+    """The timing.json that the distill.py run which wrote `distilled` keeps beside its sets ({"seconds",
+    "iterations", "sync_seconds"}: matching only, evaluations excluded); {} when it has none."""
+    return read_json_if_present(Path(distilled).parent / "timing.json") or {}
+
+
 def seconds_per_iteration(distilled: Path, missing: float = float("nan")) -> float:
-    """Seconds per matching iteration of the distill.py run that wrote `distilled` (its timing.json, evaluations
-    excluded); `missing` when it has none."""
-    timing = read_json_if_present(Path(distilled).parent / "timing.json") or {}
+    """Seconds per matching iteration of the distill.py run that wrote `distilled` (`distill_timing`); `missing`
+    when it has no timing."""
+    timing = distill_timing(distilled)
     return timing["seconds"] / max(timing.get("iterations", 0), 1) if "seconds" in timing else missing
 
 
@@ -240,24 +248,59 @@ def epochs_for(config: dict, size: int | str) -> list[str]:
     return ["--epoch_eval_train", str(epochs[str(size)])] if str(size) in epochs else []
 
 
-def full_data_row(config: dict, out: Path, expert_dir: Path, evaluate_flags: list[str]) -> tuple[str, dict]:
+def full_data_row(config: dict, out: Path, expert_dir: Path, evaluate_flags: list[str]) -> Row:
     mode = config["compare"].get("full", "train")  # one of FULL_MODES (check_compare)
     if mode == "train":
-        return "full data", run_configuration("full", ["--full", *epochs_for(config, FULL)], evaluate_flags,
-                                              out / "results")
+        report = run_configuration(FULL_REPORT, ["--full", *epochs_for(config, FULL)], evaluate_flags, out / "results")
+        return Row(FULL_LABEL, Kind.FULL, report, file=FULL_REPORT)
     found = read_expert_metrics(expert_dir)  # "experts": their last epoch, read off their metrics
     if len(found) < 2:
         raise UserError(f"the full-data row needs the metrics of at least 2 experts in {expert_dir}")
     finals = [{k: v for k, v in m["epochs"][-1].items() if k not in NOT_METRICS} for m in found.values()]
     epochs = found[min(found)]["epochs"][-1]["epoch"]
-    return f"full data ({len(found)} experts, {epochs} ep)", {"metrics": summarize_runs(finals), "source": "experts"}
+    return Row(f"{FULL_LABEL} ({len(found)} experts, {epochs} ep)", Kind.FULL,
+               {"metrics": summarize_runs(finals), "source": "experts"})
 
 
-def coreset_row(config: dict, results: Path, evaluate_flags: list[str], method: str, count: int) -> tuple[str, dict]:
+def coreset_row(config: dict, results: Path, evaluate_flags: list[str], method: str, count: int, kind: Kind) -> Row:
     label = f"{method}-{count}"
     flags = ["--coreset", method, "--coreset_size", str(count), "--coreset_file",
              str(results / "coresets" / f"{label}.pt"), *epochs_for(config, count)]
-    return label, run_configuration(label, flags, evaluate_flags, results)
+    return Row(label, kind, run_configuration(label, flags, evaluate_flags, results), method, count, file=label)
+
+
+def real_data_rows(config: dict, out: Path, expert_dir: Path, evaluate_flags: list[str]) -> list[Row]:
+    """The rows of real pairs, in the table's order: the coresets of `coreset_methods` and the centroids at each of
+    `coreset_sizes`, the random ladder, full data. They depend only on the experts and the protocol (one stage)."""
+    compare, sizes, results = config["compare"], set_sizes(config), out / "results"
+    rows_part = {key: value for key, value in compare.items() if key not in ("budgets", "methods")}
+    Stage(out, "evaluate", evaluate_flags, [results], tail=[json.dumps(rows_part, sort_keys=True)]).begin()
+    (results / "coresets").mkdir(parents=True, exist_ok=True)
+    banner("evaluation: random ladder, coresets, full data")
+    ladder = [coreset_row(config, results, evaluate_flags, RANDOM, int(count), Kind.LADDER)
+              for count in compare.get("ladder", [sizes[0], 10 * sizes[0]])]
+    others = []
+    for count in compare.get("coreset_sizes", sizes):
+        others += [coreset_row(config, results, evaluate_flags, method, int(count), Kind.CORESET)
+                   for method in compare.get("coreset_methods", [])]
+        if compare.get("centroids", False):
+            others.append(coreset_row(config, results, evaluate_flags, CENTROIDS, int(count), Kind.CENTROIDS))
+    return [*others, *ladder, full_data_row(config, out, expert_dir, evaluate_flags)]
+
+
+def with_pooled(rows: list[Row]) -> list[Row]:
+    """The distilled `rows` (one per seed) grouped by method and size, each group led by a row pooled over its seeds
+    when it has several."""
+    groups = {}
+    for row in rows:
+        groups.setdefault((row.method, row.size), []).append(row)
+    out = []
+    for (method, size), group in groups.items():
+        if len(group) > 1:
+            out.append(Row(f"{row_name(method, size)} ({len(group)} seeds)", Kind.DISTILLED,
+                           pooled([row.report for row in group]), method, size, seeds=len(group)))
+        out += group
+    return out
 
 
 def pooled(reports: list[dict]) -> dict:
@@ -270,7 +313,7 @@ def pooled(reports: list[dict]) -> dict:
 
 
 def distilled_row(config: dict, item: DistillRun, out: Path, expert_dir: Path, evaluate_flags: list[str],
-                  results: Path) -> dict:
+                  results: Path) -> Row:
     """Distill one run (reused when done), then judge its best iteration (the one chosen on the selection split)
     with the protocol: a method with its own [common] settings uses its own experts for both."""
     if item.config["common"] != config["common"]:  # other trainable parts or encoder: other experts
@@ -280,5 +323,6 @@ def distilled_row(config: dict, item: DistillRun, out: Path, expert_dir: Path, e
     final, remade = distill_stage(item.config, out, expert_dir, item.seed, f"distill/{item.folder}")
     if remade:
         (results / f"{item.label}.json").unlink(missing_ok=True)
-    return run_configuration(item.label, ["--distilled", str(final.parent / "distilled_best.pt")], evaluate_flags,
-                             results)
+    report = run_configuration(item.label, ["--distilled", str(final.parent / "distilled_best.pt")], evaluate_flags,
+                               results)
+    return Row(item.label, Kind.DISTILLED, report, item.method, item.size, item.seed, file=item.label)
