@@ -22,6 +22,8 @@ which rows to build:
   method (comparison/config.py: per-size `[budgets.<N>]` flags, per-method `[methods.<name>]` tables), then also
   write table.md in the papers' layout (sets as rows, sizes as column groups, r_mean with worth-N per size) and
   budgets.png (r_mean against the set size, log axis).
+- `default_experts = 3`: how many experts are trained when `[buffer]` leaves `num_experts` out (the
+  pipeline's own default, not buffer.py's 100: the papers' count, days on a CPU).
 
 Choices are made on the selection split (`--eval_split`, val): the distillation's best iteration and every
 row's learning rate and epochs; the table is on the report split (test when its annotation file is present).

@@ -9,7 +9,8 @@ import json
 import shutil
 from pathlib import Path
 
-from comparison.config import BASE, BASE_ROWS, budgets_of, distill_runs, method_names, set_sizes
+from comparison.config import (BASE, BASE_ROWS, budgets_of, compare_setting, distill_runs, method_names,
+                               selection_split, set_sizes)
 from comparison.rows import Kind, Row
 from comparison.stages import banner, distill_timing, seconds_per_iteration
 from data.distilled_set import load_distilled_set
@@ -64,7 +65,7 @@ def write_outputs(out: Path, distilled: Path, rows: list[Row], times: dict[str, 
     edge_note = ("\n\nChoices still at an edge of the grid after widening: " +
                  "; ".join(f"{label} ({', '.join(dims)})" for label, dims in edges.items()) + ".") if edges else ""
     (out / "results.md").write_text(f"Reported on the {split} split; choices on "
-                                    f"{config['common'].get('eval_split', 'val')}.\n\n{table}{edge_note}\n")
+                                    f"{selection_split(config)}.\n\n{table}{edge_note}\n")
     points = ladder_points(rows)
     (out / "results.json").write_text(json.dumps(
         {"split": split, "rows": summaries, "worth_n": worth, "ladder": {str(k): v for k, v in points.items()},
@@ -88,7 +89,7 @@ def write_outputs(out: Path, distilled: Path, rows: list[Row], times: dict[str, 
             if (distilled.parent / name).is_file():
                 shutil.copyfile(distilled.parent / name, out / name.replace(f"_{tag}", ""))
     banner(f"results on {split} (mean ± std over evaluation models; choices on "
-           f"{config['common'].get('eval_split', 'val')})")
+           f"{selection_split(config)})")
     print(format_table(summaries))
     print(verdict(rows, worth))
     print("\n" + ", ".join(f"{k} {v / 60:.1f} min" for k, v in times.items()) +
@@ -99,8 +100,8 @@ def write_outputs(out: Path, distilled: Path, rows: list[Row], times: dict[str, 
 def budget_rows(rows: list[Row], config: dict) -> dict[str, dict[int, Row]]:
     """The budget table's rows by set size: each method's distilled sets (pooled over the seeds when there are
     several; the base method's named "distilled"), then the coresets of each size (random ones from the ladder)."""
-    compare = config["compare"]
-    coresets = [RANDOM, *compare.get("coreset_methods", []), *([CENTROIDS] if compare.get("centroids") else [])]
+    coresets = [RANDOM, *compare_setting(config, "coreset_methods"),
+                *([CENTROIDS] if compare_setting(config, "centroids") else [])]
     wanted = [(name, True) for name in method_names(config)] + [(name, False) for name in coresets]
     table = {}
     for name, distilled in wanted:
@@ -120,7 +121,7 @@ def write_budget_table(out: Path, rows: list[Row], worth: dict[str, dict | None]
     metrics = {name: {size: row.report["metrics"] for size, row in by_size.items()} for name, by_size in chosen.items()}
     worth_text = {name: {size: worth[row.label]["text"] for size, row in by_size.items() if worth.get(row.label)}
                   for name, by_size in chosen.items()}
-    text = (f"Reported on the {split} split (choices on {config['common'].get('eval_split', 'val')}); mean ± std over "
+    text = (f"Reported on the {split} split (choices on {selection_split(config)}); mean ± std over "
             f"the evaluation models (distilled rows: pooled over the seeds). Full data: {cell(full)}.\n\n"
             f"{paper_table(metrics, sizes)}\n\nr_mean, and what each set is worth in random real pairs:\n\n"
             f"{r_mean_table(metrics, sizes, worth_text)}\n\nWhat each set cost on this machine:\n\n"

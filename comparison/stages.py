@@ -13,13 +13,15 @@ import json
 import shutil
 from pathlib import Path
 
-from comparison.config import FULL, PROGRAM_SECTIONS, DistillRun, distill_settings, row_name, set_sizes
+from comparison.config import (DEFAULT_OUT_DIR, FULL, NOT_ROWS, PROGRAM_SECTIONS, DistillRun, compare_setting,
+                               distill_settings, row_name, setting_value)
 from comparison.programs import run, run_configuration
 from comparison.rows import FULL_LABEL, FULL_REPORT, Kind, Row
 from data.distilled_set import load_distilled_set
 from evaluation.metrics import summarize_runs
 from experts.files import expert_files, read_expert_metrics
 from settings.choices import CENTROIDS, RANDOM
+from settings.distillation import DistillSettings
 from utils.cli import UserError
 from utils.io import atomic_write_json, read_json_if_present
 from utils.paths import ensure_output_dir, refuse_outputs_over_inputs
@@ -40,7 +42,7 @@ def output_folder(flag: str | None, config: dict, config_file: str | None = None
     every stage and every program it runs then names the same folder, whatever directory they run in. Before any
     work starts it is checked writable, refused when it holds the config file or anything the programs read (its
     contents may be deleted), and claimed as the pipeline's own (`claim_output_folder`)."""
-    given, name = (flag, "--out_dir") if flag is not None else (config.get("out_dir", "outputs/pipeline"), "out_dir")
+    given, name = (flag, "--out_dir") if flag is not None else (config.get("out_dir", DEFAULT_OUT_DIR), "out_dir")
     if not isinstance(given, str) or not given.strip():
         raise UserError(f"{name} must be a folder name, got {given!r}")
     inputs = {f"[{section}] {key}": config[section][key] for section in ("common", *PROGRAM_SECTIONS)
@@ -175,7 +177,7 @@ def banner(text: str) -> None:
 
 def experts_stage(config: dict, out: Path) -> Path:
     common, settings = as_flags(config["common"]), dict(config["buffer"])
-    wanted = int(settings.pop("num_experts", 3))
+    wanted = int(settings.pop("num_experts", compare_setting(config, "default_experts")))
     buffers = out / "buffers"
     Stage(out, "experts", common + as_flags(settings), [buffers]).begin()
     meta_dirs = [p.parent for p in buffers.glob("**/buffer_meta.json")]
@@ -207,7 +209,7 @@ def distill_stage(config: dict, out: Path, expert_dir: Path, seed: int | None = 
     save_dir = out / name
     stage = Stage(out, name.replace("/", "_"), flags, [save_dir], tail=[str(len(expert_files(expert_dir)))])
     final = save_dir / "distilled_last.pt"
-    iterations = int(settings.get("Iteration", 50000))
+    iterations = int(setting_value(config, "distill", DistillSettings, "Iteration"))
     if stage.unchanged() and final.is_file() and load_distilled_set(final)["iteration"] == iterations:
         banner(f"distillation: reusing {final}")
         return final, False
@@ -244,13 +246,12 @@ def seconds_per_iteration(distilled: Path, missing: float = float("nan")) -> flo
 
 
 def epochs_for(config: dict, size: int | str) -> list[str]:
-    epochs = {str(k): v for k, v in config["compare"].get("epochs_per_size", {}).items()}
+    epochs = {str(k): v for k, v in compare_setting(config, "epochs_per_size").items()}
     return ["--epoch_eval_train", str(epochs[str(size)])] if str(size) in epochs else []
 
 
 def full_data_row(config: dict, out: Path, expert_dir: Path, evaluate_flags: list[str]) -> Row:
-    mode = config["compare"].get("full", "train")  # one of FULL_MODES (check_compare)
-    if mode == "train":
+    if compare_setting(config, "full") == "train":  # else "experts" (FULL_MODES)
         report = run_configuration(FULL_REPORT, ["--full", *epochs_for(config, FULL)], evaluate_flags, out / "results")
         return Row(FULL_LABEL, Kind.FULL, report, file=FULL_REPORT)
     found = read_expert_metrics(expert_dir)  # "experts": their last epoch, read off their metrics
@@ -272,18 +273,18 @@ def coreset_row(config: dict, results: Path, evaluate_flags: list[str], method: 
 def real_data_rows(config: dict, out: Path, expert_dir: Path, evaluate_flags: list[str]) -> list[Row]:
     """The rows of real pairs, in the table's order: the coresets of `coreset_methods` and the centroids at each of
     `coreset_sizes`, the random ladder, full data. They depend only on the experts and the protocol (one stage)."""
-    compare, sizes, results = config["compare"], set_sizes(config), out / "results"
-    rows_part = {key: value for key, value in compare.items() if key not in ("budgets", "methods")}
+    results = out / "results"
+    rows_part = {key: value for key, value in config["compare"].items() if key not in NOT_ROWS}
     Stage(out, "evaluate", evaluate_flags, [results], tail=[json.dumps(rows_part, sort_keys=True)]).begin()
     (results / "coresets").mkdir(parents=True, exist_ok=True)
     banner("evaluation: random ladder, coresets, full data")
     ladder = [coreset_row(config, results, evaluate_flags, RANDOM, int(count), Kind.LADDER)
-              for count in compare.get("ladder", [sizes[0], 10 * sizes[0]])]
+              for count in compare_setting(config, "ladder")]
     others = []
-    for count in compare.get("coreset_sizes", sizes):
+    for count in compare_setting(config, "coreset_sizes"):
         others += [coreset_row(config, results, evaluate_flags, method, int(count), Kind.CORESET)
-                   for method in compare.get("coreset_methods", [])]
-        if compare.get("centroids", False):
+                   for method in compare_setting(config, "coreset_methods")]
+        if compare_setting(config, "centroids"):
             others.append(coreset_row(config, results, evaluate_flags, CENTROIDS, int(count), Kind.CENTROIDS))
     return [*others, *ladder, full_data_row(config, out, expert_dir, evaluate_flags)]
 

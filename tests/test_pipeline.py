@@ -8,7 +8,8 @@ import pytest
 import torch
 from PIL import Image
 
-from comparison import pipeline, programs, report
+from comparison import pipeline, programs, report, stages
+from comparison.config import load_config
 from comparison.programs import launch as real_launch
 from comparison.rows import Kind, Row, row_from_label
 from data.distilled_set import load_distilled_set
@@ -366,6 +367,30 @@ def test_an_out_dir_that_cannot_be_a_folder_is_refused_before_any_work(tiny_shap
     with pytest.raises(UserError, match=r"--out_dir .*taken: .*taken is a file, not a folder"):
         pipeline.main([str(config), "--out_dir", str(tmp_path / "taken"), "--fresh"])
     assert (tmp_path / "taken").read_text() == "a file"
+
+
+@pytest.mark.parametrize("buffer_line, compare_line, trained", [
+    ("", "", "3"),                                           # the pipeline's own default, not buffer.py's 100
+    ("", "default_experts = 5", "5"),                        # a config may change it in [compare]
+    ("num_experts = 2", "default_experts = 5", "2"),         # [buffer] num_experts, when given, is what trains
+])
+def test_the_experts_the_pipeline_trains_without_num_experts_are_compare_default_experts(
+        buffer_line, compare_line, trained, tiny_shapes, cache_dir, tmp_path, monkeypatch):
+    text = TOY.format(out=tmp_path / "run", root=tiny_shapes, cache=cache_dir)
+    text = text.replace("num_experts = 2\n", buffer_line + "\n").replace("[compare]\n", f"[compare]\n{compare_line}\n")
+    (tmp_path / "toy.toml").write_text(text)
+    config = load_config(str(tmp_path / "toy.toml"), None)
+    out = stages.output_folder(None, config)
+    asked = []
+
+    def buffer_then_stop(program, flags):
+        asked.append(flags[flags.index("--num_experts") + 1])
+        raise StopAfterExperts
+
+    monkeypatch.setattr(stages, "run", buffer_then_stop)
+    with pytest.raises(StopAfterExperts):
+        stages.experts_stage(config, out)
+    assert asked == [trained]
 
 
 def r_mean(mean: float, std: float) -> dict:

@@ -194,6 +194,7 @@ CONFIG = PIPELINE_CONFIG
      "[compare]: epochs_per_size.all must be at least 1, got 0"),
     ("ladder = [6, 12]", "ladder = [6]\nepochs_per_size = {lots = 2}", "epochs_per_size keys are set sizes or 'all'"),
     ("ladder = [6, 12]", 'ladder = [6]\nfull = "both"', "[compare]: full must be 'train'"),
+    ("ladder = [6, 12]", "ladder = [6]\ndefault_experts = 0", "[compare]: default_experts must be at least 1, got 0"),
     ("ladder = [6, 12]", "ladders = [6]", "[compare]: unknown key 'ladders'; did you mean 'ladder'?"),
 ])
 def test_a_bad_pipeline_config_value_is_refused_before_any_work(old, new, message, tmp_path, monkeypatch):
