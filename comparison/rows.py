@@ -1,4 +1,5 @@
-"""The rows of the pipeline's table, each with the kind of set it judges (comparison/pipeline.py builds them).
+"""The rows of the pipeline's table, each with the kind of set it judges (comparison/stages.py builds them,
+comparison/report.py and comparison/ladder_rule.py read them).
 
 A row's kind decides how the report reads it: the random real coresets of [compare] `ladder` and the full-data row
 are the curve that worth-N is read against; every other set gets a worth-N on it, except a random coreset listed
