@@ -29,7 +29,8 @@ import sys
 import time
 from pathlib import Path
 
-from comparison.pipeline import as_flags, claim_output_folder, distill_settings, experts_stage, load_config
+from comparison.config import distill_settings, load_config
+from comparison.stages import as_flags, claim_output_folder, experts_stage
 from data.distilled_set import load_distilled_set
 
 REPO = Path(__file__).resolve().parents[1]

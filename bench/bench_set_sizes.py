@@ -16,8 +16,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from comparison.config import load_config, method_config
-from comparison.pipeline import as_flags, distill_settings, expert_folder, seconds_per_iteration
+from comparison.config import DEFAULT_OUT_DIR, distill_settings, load_config, method_config
+from comparison.stages import as_flags, expert_folder, seconds_per_iteration
 from settings.programs import Parser
 from utils.cli import UserError, run_cli
 
@@ -52,7 +52,7 @@ def main(argv=None) -> int:
                                                                "print where the frozen trunk's time goes")
     args = parser.parse_args(argv)
     config = load_config(args.config, args.data)
-    experts = expert_folder(Path(config.get("out_dir", "outputs/pipeline")) / "buffers")
+    experts = expert_folder(Path(config.get("out_dir", DEFAULT_OUT_DIR)) / "buffers")
     with tempfile.TemporaryDirectory() as scratch:
         for run in args.runs:
             size, _, method = run.partition(":")

@@ -14,19 +14,19 @@ says what each builds), a config may distill several set sizes and methods:
 from __future__ import annotations
 
 import copy
-import difflib
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
-from settings.base import coerce, path_problem, value_problem
+from settings.base import Settings, coerce, path_problem, value_problem
+from settings.data import DataSettings
 from settings.distillation import DistillSettings
 from settings.experts import ExpertSettings
 from settings.judging import JudgingSettings, TargetSettings
 from settings.programs import check_section, check_together
 from settings.protocol import ProtocolSettings
-from settings.runtime import check_seed
-from utils.cli import UserError, os_error_reason
+from settings.runtime import RuntimeSettings, check_seed
+from utils.cli import UserError, os_error_reason, suggestion
 
 SECTIONS = ("common", "buffer", "distill", "evaluate", "compare", "methods", "budgets", "regimes")  # [regimes]: comparison/regimes.py
 FULL = "all"  # the key of the full-data row in `epochs_per_size`
@@ -35,8 +35,44 @@ PROGRAM_SECTIONS = {"buffer": ("buffer", ()), "distill": ("distill", ("seeds",))
 # The [compare] keys that are lists of values of an evaluate.py flag, and that flag's settings field.
 COMPARE_LISTS = {"ladder": (JudgingSettings, "coreset_size"), "coreset_sizes": (JudgingSettings, "coreset_size"),
                  "coreset_methods": (TargetSettings, "coreset"), "budgets": (DistillSettings, "num_pairs")}
-COMPARE_KEYS = (*COMPARE_LISTS, "centroids", "full", "epochs_per_size", "methods")
+COMPARE_KEYS = (*COMPARE_LISTS, "centroids", "full", "epochs_per_size", "methods", "default_experts")
 FULL_MODES = ("train", "experts")
+BASE = "base"  # the paper's method: [distill] as it is
+BASE_ROWS = "distilled"  # what the base method's rows are called: distilled-<size>; another method's: <method>-<size>
+# What [compare] means by a key it leaves out (`compare_setting`); `ladder` (the first set size and ten times it)
+# and `coreset_sizes` (the set sizes) follow from the config. `default_experts` is how many experts the pipeline
+# trains when [buffer] leaves num_experts out: a default of the pipeline's own, on purpose not buffer.py's (100, the
+# papers' count, days of training on a CPU), and a [compare] key a config may set like any other.
+COMPARE_DEFAULTS = {"coreset_methods": [], "centroids": False, "full": "train", "epochs_per_size": {},
+                    "methods": [BASE], "default_experts": 3}
+# The [compare] keys that change what the distillations or experts are, not which real-data rows are built: the
+# evaluation stage's stamp leaves them out.
+NOT_ROWS = ("budgets", "methods", "default_experts")
+DEFAULT_OUT_DIR = "outputs/pipeline"  # where a config without out_dir writes (when no --out_dir is given)
+
+
+def setting_value(config: dict, section: str, cls: type[Settings], key: str):
+    """What the program run from `section` is given for `key`: the section's value, else [common]'s, else the
+    default of the settings field `cls.key` (settings/ holds every program default; comparison/ restates none)."""
+    return {**config["common"], **config[section]}.get(key, getattr(cls(), key))
+
+
+def selection_split(config: dict) -> str:
+    """The split the choices are made on: [common] eval_split, or the programs' default."""
+    return setting_value(config, "common", DataSettings, "eval_split")
+
+
+def compare_setting(config: dict, key: str):
+    """[compare] `key`, or what it means when the config leaves it out (COMPARE_DEFAULTS)."""
+    compare = config["compare"]
+    if key in compare:
+        return compare[key]
+    if key == "ladder":
+        first = set_sizes(config)[0]
+        return [first, 10 * first]
+    if key == "coreset_sizes":
+        return set_sizes(config)
+    return copy.deepcopy(COMPARE_DEFAULTS[key])
 
 
 def load_config(path: str, data: str | None) -> dict:
@@ -95,10 +131,9 @@ def check_sections(config: dict, where: str) -> dict:
 def check_expert_length(config: dict, where: str) -> None:
     """The experts the pipeline trains are long enough for its distillation (distill.py would say so only after
     they trained): train_epochs + 1 snapshots >= max_start_epoch + expert_epochs."""
-    def value(section: str, cls, key: str) -> int:
-        return int({**config["common"], **config[section]}.get(key, getattr(cls(), key)))
-    epochs = value("buffer", ExpertSettings, "train_epochs")
-    start, span = (value("distill", DistillSettings, key) for key in ("max_start_epoch", "expert_epochs"))
+    epochs = int(setting_value(config, "buffer", ExpertSettings, "train_epochs"))
+    start, span = (int(setting_value(config, "distill", DistillSettings, key))
+                   for key in ("max_start_epoch", "expert_epochs"))
     if epochs + 1 < start + span:
         raise UserError(f"{where}: [buffer] train_epochs {epochs} gives {epochs + 1} snapshots per expert, but "
                         f"[distill] max_start_epoch {start} and expert_epochs {span} need {start + span}; train "
@@ -119,20 +154,20 @@ def check_compare(compare: dict, where: str) -> None:
     """The [compare] table: known keys, and values that the evaluate.py calls they become accept."""
     for key, value in compare.items():
         if key not in COMPARE_KEYS:
-            near = difflib.get_close_matches(key, COMPARE_KEYS, n=1)
-            raise UserError(f"{where}: unknown key {key!r}" + (f"; did you mean {near[0]!r}?" if near else
-                                                               f" (valid keys: {', '.join(COMPARE_KEYS)})"))
+            raise UserError(f"{where}: unknown key {key!r}" + suggestion(key, COMPARE_KEYS, COMPARE_KEYS))
         if key in COMPARE_LISTS:
             if not isinstance(value, list):
                 raise UserError(f"{where}: {key} must be a list, got {value!r}")
             for item in value:
                 compare_value(*COMPARE_LISTS[key], item, where, key)
-    if not isinstance(compare.get("centroids", False), bool):
+    if "default_experts" in compare:
+        compare_value(ExpertSettings, "num_experts", compare["default_experts"], where, "default_experts")
+    if not isinstance(compare.get("centroids", COMPARE_DEFAULTS["centroids"]), bool):
         raise UserError(f"{where}: centroids must be true or false, got {compare['centroids']!r}")
-    if compare.get("full", "train") not in FULL_MODES:
+    if compare.get("full", COMPARE_DEFAULTS["full"]) not in FULL_MODES:
         raise UserError(f"{where}: full must be 'train' (the evaluation protocol on all pairs) or 'experts', "
                         f"got {compare['full']!r}")
-    epochs = compare.get("epochs_per_size", {})
+    epochs = compare.get("epochs_per_size", COMPARE_DEFAULTS["epochs_per_size"])
     if not isinstance(epochs, dict):
         raise UserError(f"{where}: epochs_per_size must be a table such as {{1000 = 10, {FULL} = 4}}, got {epochs!r}")
     for size, count in epochs.items():
@@ -146,7 +181,7 @@ def distill_settings(config: dict, where: str = "config") -> tuple[dict, list[in
     settings = dict(config["distill"])
     seeds = settings.pop("seeds", None)
     if seeds is None:
-        seeds = [int(settings.get("seed", config["common"].get("seed", 0)))]
+        seeds = [int(setting_value(config, "distill", RuntimeSettings, "seed"))]
     whole = [isinstance(s, int) and not isinstance(s, bool) for s in seeds] if isinstance(seeds, list) else [False]
     if not seeds or not all(whole):
         raise UserError(f"{where} [distill]: seeds must be a non-empty list of whole numbers, got {seeds!r}")
@@ -170,7 +205,6 @@ DEFAULT_METHODS = {
     "repblend": {"common": {"image_projection": True}, "distill": {**LORS, "blend_alpha": 1.0}},
 }
 METHOD_KEYS = ("common", "distill", "budgets")  # what a [methods.<name>] table may hold
-BASE = "base"  # the paper's method: [distill] as it is
 
 
 def method_table(config: dict, name: str, where: str = "config") -> dict:
@@ -229,15 +263,15 @@ def budgets_of(config: dict) -> list[int] | None:
 
 def set_sizes(config: dict) -> list[int]:
     """The distilled set sizes: [compare] budgets, else [distill] num_pairs."""
-    return budgets_of(config) or [int(config["distill"].get("num_pairs", DistillSettings().num_pairs))]
+    return budgets_of(config) or [int(setting_value(config, "distill", DistillSettings, "num_pairs"))]
 
 
 def method_names(config: dict) -> list[str]:
-    return list(config["compare"].get("methods", [BASE]))
+    return list(compare_setting(config, "methods"))
 
 
 def row_name(method: str, size: int) -> str:
-    return f"distilled-{size}" if method == BASE else f"{method}-{size}"
+    return f"{BASE_ROWS if method == BASE else method}-{size}"
 
 
 def distill_runs(config: dict, where: str = "config") -> list[DistillRun]:
@@ -275,7 +309,7 @@ def check_budgets(config: dict, where: str) -> None:
         if not isinstance(table, dict) or set(table) - {"distill"} or not isinstance(table.get("distill", {}), dict):
             raise UserError(f"{where} [budgets.{key}]: only a distill = {{...}} table of distill.py flags is "
                             f"allowed, got {table!r}")
-    names = compare.get("methods", [BASE])
+    names = compare_setting(config, "methods")
     if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names) \
             or len(set(names)) != len(names):
         raise UserError(f"{where} [compare]: methods must be a non-empty list of method names, each once, "

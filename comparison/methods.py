@@ -28,19 +28,10 @@ import shutil
 from pathlib import Path
 
 from comparison.programs import run, run_configuration
-from comparison.config import DEFAULT_METHODS, method_config
-from comparison.pipeline import (
-    as_flags,
-    banner,
-    distill_settings,
-    distill_stage,
-    experts_stage,
-    load_config,
-    output_folder,
-    seconds_per_iteration,
-)
+from comparison.config import DEFAULT_METHODS, distill_settings, load_config, method_config, setting_value
+from comparison.stages import as_flags, banner, distill_stage, experts_stage, output_folder, seconds_per_iteration
+from settings.distillation import DistillSettings
 from settings.programs import Parser
-from utils.cli import UserError
 from evaluation.metrics import markdown_table, table_cells
 
 def parse_args(argv=None):
@@ -124,8 +115,8 @@ def main(argv=None) -> int:
     (out / "methods.json").write_text(json.dumps(
         {name: {"metrics": r["metrics"], "start_metrics": r["start"], "seconds_per_iteration": r["seconds_per_iteration"]}
          for name, r in reports.items()}, indent=1))
-    banner(f"methods at {config['distill'].get('num_pairs', 100)} pairs, {config['distill'].get('Iteration')} "
-           f"iterations each")
+    banner(f"methods at {setting_value(config, 'distill', DistillSettings, 'num_pairs')} pairs, "
+           f"{setting_value(config, 'distill', DistillSettings, 'Iteration')} iterations each")
     print(table)
     print(f"wrote {out / 'methods.md'}, {out / 'methods.json'}")
     return 0

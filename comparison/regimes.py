@@ -26,8 +26,8 @@ import time
 from pathlib import Path
 
 from comparison.programs import run, run_configuration
-from comparison.pipeline import (as_flags, banner, check_sections, distill_settings, expert_folder, load_config,
-                                 output_folder)
+from comparison.config import check_sections, distill_settings, load_config
+from comparison.stages import as_flags, banner, expert_folder, output_folder, seconds_per_iteration
 from data.build import default_cache_dir
 from data.distilled_set import load_distilled_set
 from evaluation.metrics import markdown_table
@@ -96,16 +96,15 @@ def run_regime(config: dict, name: str, out: Path, budget: float, max_iterations
     total = (time.time() - started) / 60
     evaluate_flags = common + as_flags(settings["evaluate"]) + ["--buffer_path", str(expert_dir)]
     best = load_distilled_set(folder / "distill" / "distilled_best.pt")
-    last = load_distilled_set(folder / "distill" / "distilled_last.pt")
+    last_path = folder / "distill" / "distilled_last.pt"
+    last = load_distilled_set(last_path)
     report = run_configuration(name, ["--distilled", str(folder / "distill" / "distilled_best.pt")], evaluate_flags,
                                folder)
     start = run_configuration(f"{name}-start", ["--distilled", str(folder / "distill" / "distilled_000000.pt")],
                               evaluate_flags, folder)
-    timing = last["state"].get("timing", {})
     return {"metrics": report["metrics"], "start": start["metrics"], "split": report.get("split"),
             "expert_minutes": expert_minutes, "total_minutes": total, "iterations": last["iteration"],
-            "best_iteration": best["iteration"],
-            "seconds_per_iteration": timing.get("seconds", 0) / max(timing.get("iterations", 0), 1)}
+            "best_iteration": best["iteration"], "seconds_per_iteration": seconds_per_iteration(last_path)}
 
 
 def main(argv=None) -> int:

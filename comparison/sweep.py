@@ -22,13 +22,14 @@ import argparse
 import json
 from pathlib import Path
 
-from comparison.config import DistillRun, distill_settings, method_config, row_name, set_sizes
-from comparison.pipeline import (Stage, as_flags, distill_stage, experts_stage, load_config, output_folder,
-                                 seconds_per_iteration)
+from comparison.config import (DistillRun, distill_settings, load_config, method_config, row_name, selection_split,
+                               set_sizes)
+from comparison.stages import Stage, as_flags, distill_stage, experts_stage, output_folder, seconds_per_iteration
 from comparison.programs import run_configuration
 from data.distilled_set import load_distilled_set
 from evaluation.metrics import markdown_table
 from settings.programs import Parser
+from settings.runtime import RuntimeSettings
 from utils.cli import UserError
 from utils.io import read_json_if_present
 
@@ -40,7 +41,7 @@ def parse_args(argv=None):
                                                                       "of [methods.<name>] tables")
     parser.add_argument("--size", type=int, default=None, help="pairs to distil (default: the config's first size)")
     parser.add_argument("--iterations", type=int, default=100, help="matching iterations of every variant")
-    parser.add_argument("--seed", type=int, default=0, help="distillation seed of every variant")
+    parser.add_argument("--seed", type=int, default=RuntimeSettings().seed, help="distillation seed of every variant")
     parser.add_argument("--out_dir", default=None, help="output folder (default: out_dir in the config)")
     parser.add_argument("--data", default=None, help="image root of the data set (sets common.image_root)")
     args = parser.parse_args(argv)
@@ -124,7 +125,7 @@ def main(argv=None) -> int:
              + (f", {r['protocol_epochs']} epochs)" if r.get("protocol_epochs") else ")"),
              f"{r['seconds_per_iteration']:.2f}"]
             for name, r in results.items()]
-    split = config["common"].get("eval_split", "val")
+    split = selection_split(config)
     table = markdown_table(["variant"] + [f"it {i}" for i in iterations] + ["best", "protocol at best", "s / iteration"], rows)
     (folder / f"sweep-{size}.md").write_text(
         f"{size} pairs, seed {args.seed}, {args.iterations} iterations; r_mean on {split}: distill.py's evaluations "

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import difflib
 import math
 import os
 import types
@@ -22,7 +21,7 @@ import typing
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, ClassVar
 
-from utils.cli import UserError, str2bool
+from utils.cli import UserError, str2bool, suggestion
 
 Check = Callable[[Any], str | None]  # returns what is wrong with a value, or None
 
@@ -260,9 +259,7 @@ class Settings:
             if name not in specs:
                 if key in set(known):
                     continue
-                near = difflib.get_close_matches(key, [*names, *aliases], n=1)
-                raise UserError(f"{where}: unknown key {key!r}" + (f"; did you mean {near[0]!r}?" if near else
-                                                                   f" (valid keys: {', '.join(names)})"))
+                raise UserError(f"{where}: unknown key {key!r}" + suggestion(key, [*names, *aliases], names))
             values[name] = coerce(specs[name], value, where, key)
         return cls(**values).validate()
 

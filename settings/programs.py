@@ -8,7 +8,6 @@ passes the same check wherever it is written.
 from __future__ import annotations
 
 import argparse
-import difflib
 import sys
 import typing
 from pathlib import Path
@@ -22,7 +21,7 @@ from settings.judging import CoresetSettings, JudgingSettings, TargetSettings
 from settings.model import ModelSettings
 from settings.protocol import ProtocolSettings
 from settings.runtime import RuntimeSettings
-from utils.cli import UserError
+from utils.cli import UserError, suggestion
 
 
 @dataclass
@@ -153,9 +152,7 @@ def check_section(program: str, section: dict, where: str, extra: tuple[str, ...
             out[key] = value
             continue
         if key not in keys:
-            near = difflib.get_close_matches(key, [*keys, *extra], n=1)
-            raise UserError(f"{where}: unknown key {key!r} for {program}.py" +
-                            (f"; did you mean {near[0]!r}?" if near else ""))
+            raise UserError(f"{where}: unknown key {key!r} for {program}.py" + suggestion(key, [*keys, *extra]))
         field = specs[keys[key]]
         out[keys[key]] = coerce(field, value, where, key)
         problem = value_problem(field, out[keys[key]])

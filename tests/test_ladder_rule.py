@@ -37,6 +37,42 @@ def test_old_rule_is_its_own_epochs_and_first_grid_new_rule_is_every_cell(tmp_pa
     assert table["kmeans-100"][4:] == ["316", "251"]
 
 
+def test_the_kinds_results_json_records_are_read_and_an_older_folder_by_its_names(tmp_path, capsys):
+    results = tmp_path / "results"
+    results.mkdir()
+    rows = {"random-100": report("r", 100, 10, [(0.1, 10, 5.0)]), "full": report("f", 1000, 10, [(0.1, 10, 10.0)]),
+            "lors-100 (seed 0)": report("d", 100, 10, [(0.1, 10, 7.5)])}
+    for name, r in rows.items():
+        (results / f"{name}.json").write_text(json.dumps(r))
+
+    def table() -> dict:
+        assert ladder_rule.main([str(tmp_path)]) == 0
+        lines = capsys.readouterr().out.splitlines()
+        return {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]][4:] for line in lines[2:]}
+
+    by_names = table()  # no results.json yet (a run still going)
+    assert by_names == {"full": ["", ""], "lors-100 (seed 0)": ["316", "316"], "random-100": ["", ""]}
+    # a results.json as the pipeline wrote it before rows had kinds: read by the reports' names, the same
+    summaries = {label: {"r_mean": {"mean": 1.0, "std": 0.0, "runs": [1.0]}}
+                 for label in ("random-100", "full data", "lors-100 (seed 0)")}
+    (tmp_path / "results.json").write_text(json.dumps(
+        {"split": "test", "rows": summaries, "worth_n": {label: None for label in summaries},
+         "ladder": {"100": summaries["random-100"]["r_mean"]}, "choices": {}, "stage_seconds": {},
+         "distillation_seconds": {}}))
+    assert table() == by_names
+    kinds = {"random-100": {"kind": "ladder", "method": "random", "size": 100, "file": "random-100"},
+             "full data": {"kind": "full", "file": "full"},
+             "lors-100 (seed 0)": {"kind": "distilled", "method": "lors", "size": 100, "seed": 0,
+                                   "file": "lors-100 (seed 0)"}}
+    (tmp_path / "results.json").write_text(json.dumps({"kinds": kinds}))
+    assert table() == by_names
+    kinds["random-100"]["kind"] = "coreset"  # what results.json says wins over the name
+    kinds["random-100"]["method"] = "herding"
+    (tmp_path / "results.json").write_text(json.dumps({"kinds": kinds}))
+    assert table()["random-100"] == ["", ""]  # the ladder now has one rung: no worth-N for anything
+    assert table()["lors-100 (seed 0)"] == ["", ""]
+
+
 def test_no_reports_is_a_clear_error(tmp_path):
     (tmp_path / "results").mkdir()
     with pytest.raises(UserError, match="no evaluate.py report with tuning cells"):

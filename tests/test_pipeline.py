@@ -8,8 +8,10 @@ import pytest
 import torch
 from PIL import Image
 
-from comparison import pipeline, programs
+from comparison import pipeline, programs, report, stages
+from comparison.config import load_config
 from comparison.programs import launch as real_launch
+from comparison.rows import Kind, Row, row_from_label
 from data.distilled_set import load_distilled_set
 from utils.cli import UserError
 
@@ -142,6 +144,12 @@ def test_table_has_every_row_metric_worth_and_choice(toy_run):
         assert worth[label] == expected
     with Image.open(out / "worth_n.png") as image:
         assert image.size == (700, 450)
+    # each row's kind is recorded, and a folder written before kinds were (read by its labels) says the same
+    kinds = results["kinds"]
+    assert [kinds[label]["kind"] for label in ROWS] == ["distilled"] * 3 + ["coreset"] + ["ladder"] * 3 + ["full"]
+    assert (kinds["distilled-6 (2 seeds)"]["seeds"], kinds["distilled-6 (seed 1)"]["seed"]) == (2, 1)
+    for label in ROWS:
+        assert row_from_label(label, {}).record() == kinds[label], label
 
 
 def test_every_artefact_is_written_and_reloads(toy_run):
@@ -299,7 +307,12 @@ def test_regimes_benchmark_gives_each_regime_its_budget_and_tables_them(tiny_sha
     meta = json.loads(next((tmp_path / "run" / "regimes" / "all").glob("buffers/**/buffer_meta.json")).read_text())
     assert meta["trainable_parts"] == ["image_encoder", "image_projection", "text_projection"]
     lines = (tmp_path / "run" / "regimes.md").read_text().splitlines()
-    assert lines[0].startswith("| regime | experts (min) | iterations |") and len(lines) == 4
+    assert lines[0].startswith("| regime | experts (min) | iterations | s / iteration |") and len(lines) == 4
+    # the speed column is distill.py's own timing.json beside each regime's sets: measured, never a 0 placeholder
+    for name, line in zip(("last_stage", "all"), lines[2:]):
+        timing = json.loads((tmp_path / "run" / "regimes" / name / "distill" / "timing.json").read_text())
+        assert results[name]["seconds_per_iteration"] == timing["seconds"] / timing["iterations"] > 0
+        assert line.split("|")[4].strip() == f"{results[name]['seconds_per_iteration']:.2f}" != "0.00"
 
 
 def test_the_programs_run_in_processes_of_their_own(tmp_path):
@@ -356,14 +369,58 @@ def test_an_out_dir_that_cannot_be_a_folder_is_refused_before_any_work(tiny_shap
     assert (tmp_path / "taken").read_text() == "a file"
 
 
+@pytest.mark.parametrize("buffer_line, compare_line, trained", [
+    ("", "", "3"),                                           # the pipeline's own default, not buffer.py's 100
+    ("", "default_experts = 5", "5"),                        # a config may change it in [compare]
+    ("num_experts = 2", "default_experts = 5", "2"),         # [buffer] num_experts, when given, is what trains
+])
+def test_the_experts_the_pipeline_trains_without_num_experts_are_compare_default_experts(
+        buffer_line, compare_line, trained, tiny_shapes, cache_dir, tmp_path, monkeypatch):
+    text = TOY.format(out=tmp_path / "run", root=tiny_shapes, cache=cache_dir)
+    text = text.replace("num_experts = 2\n", buffer_line + "\n").replace("[compare]\n", f"[compare]\n{compare_line}\n")
+    (tmp_path / "toy.toml").write_text(text)
+    config = load_config(str(tmp_path / "toy.toml"), None)
+    out = stages.output_folder(None, config)
+    asked = []
+
+    def buffer_then_stop(program, flags):
+        asked.append(flags[flags.index("--num_experts") + 1])
+        raise StopAfterExperts
+
+    monkeypatch.setattr(stages, "run", buffer_then_stop)
+    with pytest.raises(StopAfterExperts):
+        stages.experts_stage(config, out)
+    assert asked == [trained]
+
+
 def r_mean(mean: float, std: float) -> dict:
     return {"metrics": {"r_mean": {"mean": mean, "std": std}}}
 
 
 def test_the_summary_reads_margins_in_stds_or_in_points_when_there_is_no_spread():
-    reports = {"distilled-6 (seed 0)": r_mean(12.3, 0.0), "random-6": r_mean(10.0, 0.0), "random-12": r_mean(11.3, 0.5),
-               "full data": r_mean(14.3, 1.0)}
-    lines = pipeline.verdict(reports, {label: None for label in reports}).splitlines()
+    rows = [Row("distilled-6 (seed 0)", Kind.DISTILLED, r_mean(12.3, 0.0), "base", 6, seed=0),
+            Row("random-6", Kind.LADDER, r_mean(10.0, 0.0), "random", 6),
+            Row("random-12", Kind.LADDER, r_mean(11.3, 0.5), "random", 12),
+            Row("full data", Kind.FULL, r_mean(14.3, 1.0))]
+    lines = report.verdict(rows, {row.label: None for row in rows}).splitlines()
     assert lines == ["distilled-6 (seed 0) r_mean 12.30 vs random-6 10.00: +2.30 points (no spread: both std 0)",
                      "distilled-6 (seed 0) r_mean 12.30 vs random-12 11.30: +2.0 std",
                      "distilled-6 (seed 0) r_mean 12.30 vs full data 14.30: -2.0 std"]
+
+
+def test_rows_are_read_by_kind_not_by_label():
+    """A distillation method may be called anything, "random" included: its rows are still distilled sets, compared
+    with the base method's and given a worth-N, and a random coreset asked for among coreset_methods gets none."""
+    rows = [Row("distilled-6 (seed 0)", Kind.DISTILLED, r_mean(12.3, 1.0), "base", 6, seed=0),
+            Row("random-6 (2 seeds)", Kind.DISTILLED, r_mean(11.0, 1.0), "random", 6, seeds=2),
+            Row("random-6", Kind.CORESET, r_mean(9.0, 1.0), "random", 6),
+            Row("kmeans-6", Kind.CORESET, r_mean(9.5, 1.0), "kmeans", 6),
+            Row("full data", Kind.FULL, r_mean(14.3, 1.0))]
+    assert [row.gets_worth for row in rows] == [True, True, False, True, False]
+    worth = {row.label: {"text": "~6"} if row.gets_worth else None for row in rows}
+    lines = report.verdict(rows, worth).splitlines()
+    assert [line.split(" vs ")[1].split(" ")[0] for line in lines[:4]] == ["random-6", "random-6", "kmeans-6", "full"]
+    assert lines[4:] == ["random-6 (2 seeds) is worth ~6 random real pairs", "kmeans-6 is worth ~6 random real pairs"]
+    assert row_from_label("random-6 (2 seeds)", {}).kind is Kind.DISTILLED
+    assert row_from_label("full data (2 experts, 3 ep)", {}).kind is Kind.FULL
+    assert row_from_label("not a row", {}) is None

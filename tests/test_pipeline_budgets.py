@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from comparison import pipeline, programs
+from comparison import pipeline, programs, stages
 from data.distilled_set import load_distilled_set
 from evaluation.budgets import paper_table, r_mean_table
 from tests.test_pipeline import TOY, launch_in_process
@@ -105,10 +105,10 @@ def test_a_rerun_reuses_every_run_also_with_the_configs_keys_in_another_order(bu
 
 
 def test_stage_flags_compare_as_the_programs_read_them():
-    assert pipeline.flag_values(["--a", "1", "--b", "x", "y"]) == pipeline.flag_values(["--b", "x", "y", "--a", "1"])
-    assert pipeline.flag_values(["--a", "1", "--a", "2"]) == {"--a": ("2",)}  # the last one wins
-    assert pipeline.flag_values(["--a", "1", "--a", "2"]) != pipeline.flag_values(["--a", "2", "--a", "1"])
-    assert pipeline.flag_values(["--b", "x", "y"]) != pipeline.flag_values(["--b", "y", "x"])
+    assert stages.flag_values(["--a", "1", "--b", "x", "y"]) == stages.flag_values(["--b", "x", "y", "--a", "1"])
+    assert stages.flag_values(["--a", "1", "--a", "2"]) == {"--a": ("2",)}  # the last one wins
+    assert stages.flag_values(["--a", "1", "--a", "2"]) != stages.flag_values(["--a", "2", "--a", "1"])
+    assert stages.flag_values(["--b", "x", "y"]) != stages.flag_values(["--b", "y", "x"])
 
 
 @pytest.mark.parametrize("change, message", [
@@ -217,7 +217,7 @@ def test_a_run_that_stopped_is_not_run_again_by_the_sweep_while_its_settings_are
     config_path, out = budget_run
     config = pipeline.load_config(str(config_path), None)
     monkeypatch.setattr(programs, "launch", launch_in_process)
-    expert_dir = pipeline.experts_stage(config, out)
+    expert_dir = stages.experts_stage(config, out)
     calls = []
 
     def diverging(program, flags):
@@ -225,15 +225,15 @@ def test_a_run_that_stopped_is_not_run_again_by_the_sweep_while_its_settings_are
         Path(flags[flags.index("--save_dir") + 1]).mkdir(parents=True, exist_ok=True)  # as distill.py does first
         raise UserError("distill.py failed (exit 2): diverged at iteration 3")
 
-    monkeypatch.setattr(pipeline, "run", diverging)
+    monkeypatch.setattr(stages, "run", diverging)
     folder = out / "sweep" / "stops" / "seed0"
     # the second call raises the stored error and says how to retry, without running; the third retries
     for retry, runs, stored in ((False, 1, False), (False, 1, True), (True, 2, False)):
         with pytest.raises(UserError, match="diverged at iteration 3") as raised:
-            pipeline.distill_stage(config, out / "sweep", expert_dir, 0, "stops/seed0", retry_stopped=retry)
+            stages.distill_stage(config, out / "sweep", expert_dir, 0, "stops/seed0", retry_stopped=retry)
         assert len(calls) == runs and json.loads((folder / "stopped.json").read_text())["error"].endswith("3")
         assert str(raised.value).endswith(f"delete {folder / 'stopped.json'} to try again)") == stored
     config["distill"]["lr_img"] = 7.0  # other settings: a new run
     with pytest.raises(UserError):
-        pipeline.distill_stage(config, out / "sweep", expert_dir, 0, "stops/seed0", retry_stopped=False)
+        stages.distill_stage(config, out / "sweep", expert_dir, 0, "stops/seed0", retry_stopped=False)
     assert len(calls) == 3

@@ -14,7 +14,7 @@ from conftest import tiny_flags
 import buffer
 import distill
 import evaluate
-from comparison import pipeline, programs
+from comparison import pipeline, programs, stages
 from data.distilled_set import save_distilled_set
 from settings import programs as program_settings
 from utils.cli import UserError
@@ -310,7 +310,7 @@ def test_a_stage_deletes_outputs_only_in_a_folder_the_pipeline_claimed(tmp_path)
     (tmp_path / "results").mkdir()
     (tmp_path / "results" / "table.csv").write_text("1,2,3")
     with pytest.raises(RuntimeError, match="never claimed by the pipeline"):
-        pipeline.Stage(tmp_path, "evaluate", ["--flag"], [tmp_path / "results"]).begin()
+        stages.Stage(tmp_path, "evaluate", ["--flag"], [tmp_path / "results"]).begin()
     assert (tmp_path / "results" / "table.csv").read_text() == "1,2,3"
 
 

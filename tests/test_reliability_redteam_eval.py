@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from comparison import pipeline
+from comparison import config as pipeline_config, pipeline, stages
 from utils.cli import UserError
 
 
@@ -15,8 +15,8 @@ def test_fresh_never_empties_a_folder_with_stamps_and_other_files(tmp_path):
     (folder / "stamps" / "x.json").write_text("{}")
     (folder / "thesis.tex").write_text("precious")
     with pytest.raises(UserError, match="thesis.tex"):
-        pipeline.claim_output_folder(folder)
-    assert not (folder / pipeline.MARKER).exists()
+        stages.claim_output_folder(folder)
+    assert not (folder / stages.MARKER).exists()
     assert (folder / "thesis.tex").read_text() == "precious"
 
 
@@ -26,8 +26,8 @@ def test_an_old_pipeline_folder_is_still_taken(tmp_path):
     (folder / "stamps" / "experts.json").write_text('["--dataset", "shapes"]')
     (folder / "buffers").mkdir()
     (folder / "results.md").write_text("table")
-    assert pipeline.claim_output_folder(folder) == folder
-    assert (folder / pipeline.MARKER).is_file()
+    assert stages.claim_output_folder(folder) == folder
+    assert (folder / stages.MARKER).is_file()
 
 
 def test_a_failed_row_says_why_on_its_one_line(tmp_path, monkeypatch):
@@ -84,17 +84,17 @@ def test_experts_too_short_for_the_distillation_are_refused_before_work(tmp_path
               "compare": {}}
     with pytest.raises(UserError, match=r"^cfg: \[buffer\] train_epochs 2 gives 3 snapshots per expert, but "
                                         r"\[distill\] max_start_epoch 25 and expert_epochs 3 need 28"):
-        pipeline.check_sections(config, "cfg")
+        pipeline_config.check_sections(config, "cfg")
     config["distill"] = {"max_start_epoch": 1, "expert_epochs": 2}
-    pipeline.check_sections(config, "cfg")  # start epoch 0, target 2: the 3 snapshots suffice
+    pipeline_config.check_sections(config, "cfg")  # start epoch 0, target 2: the 3 snapshots suffice
 
 
 def test_a_seed_given_twice_is_refused_with_the_config():
     """`seeds = [0, 0]` ran one distillation and pooled it as if it were one row of one seed, silently."""
     config = {"common": {}, "distill": {"seeds": [0, 3, 0]}}
     with pytest.raises(UserError, match=r"config \[distill\]: seeds lists 0 more than once, got \[0, 3, 0\]"):
-        pipeline.distill_settings(config)
-    assert pipeline.distill_settings({"common": {}, "distill": {"seeds": [0, 3]}})[1] == [0, 3]
+        pipeline_config.distill_settings(config)
+    assert pipeline_config.distill_settings({"common": {}, "distill": {"seeds": [0, 3]}})[1] == [0, 3]
 
 
 def test_a_cache_dir_in_the_default_annotation_folder_is_refused(tiny_shapes, cache_dir, tmp_path):

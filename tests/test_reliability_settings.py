@@ -13,6 +13,7 @@ import buffer
 import distill
 import evaluate
 from comparison import pipeline
+from comparison import programs as comparison_programs
 from settings import programs
 from settings.base import INT64_MAX, _base_type
 from settings.runtime import MAX_SEED
@@ -197,11 +198,12 @@ CONFIG = PIPELINE_CONFIG
      "[compare]: epochs_per_size.all must be at least 1, got 0"),
     ("ladder = [6, 12]", "ladder = [6]\nepochs_per_size = {lots = 2}", "epochs_per_size keys are set sizes or 'all'"),
     ("ladder = [6, 12]", 'ladder = [6]\nfull = "both"', "[compare]: full must be 'train'"),
+    ("ladder = [6, 12]", "ladder = [6]\ndefault_experts = 0", "[compare]: default_experts must be at least 1, got 0"),
     ("ladder = [6, 12]", "ladders = [6]", "[compare]: unknown key 'ladders'; did you mean 'ladder'?"),
 ])
 def test_a_bad_pipeline_config_value_is_refused_before_any_work(old, new, message, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(pipeline, "run", lambda *a, **k: pytest.fail("a program ran"))
+    monkeypatch.setattr(comparison_programs, "launch", lambda *a, **k: pytest.fail("a program ran"))
     config = tmp_path / "bad.toml"
     assert old in CONFIG
     config.write_text(CONFIG.replace(old, new))
@@ -215,7 +217,7 @@ def test_the_comparison_jobs_check_every_method_and_regime_first(tmp_path, monke
     from comparison import methods, regimes
 
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(pipeline, "run", lambda *a, **k: pytest.fail("a program ran"))
+    monkeypatch.setattr(comparison_programs, "launch", lambda *a, **k: pytest.fail("a program ran"))
     config = tmp_path / "c.toml"
     config.write_text(CONFIG + '[methods.wild]\ndistill = {lr_img = 1e12}\n[regimes.tiny]\nbuffer = {l2 = 2.0}\n')
     with pytest.raises(UserError, match=r"method wild .*\[distill\]: lr_img must be positive and at most 1e\+06"):

@@ -11,7 +11,7 @@ import pytest
 from settings import DataSettings, DistillSettings, ModelSettings, RuntimeSettings, programs
 from settings import runtime as runtime_settings
 from settings.programs import check_section
-from utils.cli import UserError
+from utils.cli import UserError, suggestion
 
 
 class Clock:
@@ -97,6 +97,14 @@ def test_a_toml_section_is_checked_against_the_program_settings():
     with pytest.raises(UserError, match="train_stages: expected all or a number of stages"):
         check_section("buffer", {"train_stages": "some"}, "[common]")
     assert check_section("distill", {"seeds": [0, 1]}, "[distill]", extra=("seeds",)) == {"seeds": [0, 1]}
+
+
+def test_an_unknown_name_gets_the_nearest_choice_or_the_valid_list():
+    assert suggestion("lr_imgg", ["lr_img", "lr_txt"]) == "; did you mean 'lr_img'?"
+    assert suggestion("zzz", ["lr_img", "lr_txt"]) == ""
+    assert suggestion("zzz", ["lr_img", "lr_txt"], ["lr_img"]) == " (valid keys: lr_img)"
+    with pytest.raises(UserError, match=r"\[data\]: unknown key 'zzz' \(valid keys: dataset, "):
+        DataSettings.from_mapping({"zzz": 1}, "[data]")
 
 
 def test_saved_configurations_rebuild_the_same_settings():

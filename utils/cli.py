@@ -12,6 +12,7 @@ followed by a line that says so (exit status 1).
 from __future__ import annotations
 
 import argparse
+import difflib
 import errno
 import os
 import signal
@@ -19,7 +20,7 @@ import threading
 import sys
 import traceback
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable
 
 from utils.errors import SettingError, UserError  # (UserError is imported from here by most of the project)
 
@@ -34,6 +35,15 @@ def str2bool(value) -> bool:
     if text in {"false", "f", "no", "n", "0"}:
         return False
     raise argparse.ArgumentTypeError(f"expected True or False, got {value!r}")
+
+
+def suggestion(word: str, choices: Iterable[str], valid: Iterable[str] | None = None) -> str:
+    """The end of an "unknown name" message: `; did you mean 'x'?` naming the choice nearest to `word`; when no
+    choice is near, ` (valid keys: a, b, ...)` listing `valid` if given, else nothing."""
+    near = difflib.get_close_matches(word, list(choices), n=1)
+    if near:
+        return f"; did you mean {near[0]!r}?"
+    return "" if valid is None else f" (valid keys: {', '.join(valid)})"
 
 
 def add_bool_flag(parser, name: str, default: bool, help: str) -> None:

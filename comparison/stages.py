@@ -1,0 +1,329 @@
+"""The pipeline's stages (pipeline.py; comparison/pipeline.py says what each builds): the output folder it claims
+and holds, the stage stamps that decide what is reused, the experts and distillation stages, and the runners of the
+table's rows (random and other coresets, full data, each distilled set, and the pooling over seeds).
+
+A stage records the flags it ran with in out_dir/stamps/<stage>.json before any work; a re-run reuses its outputs
+while those flags are unchanged (in any order) and deletes them otherwise.
+"""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import shutil
+from pathlib import Path
+
+from comparison.config import (DEFAULT_OUT_DIR, FULL, NOT_ROWS, PROGRAM_SECTIONS, DistillRun, compare_setting,
+                               distill_settings, row_name, setting_value)
+from comparison.programs import run, run_configuration
+from comparison.rows import FULL_LABEL, FULL_REPORT, Kind, Row
+from data.distilled_set import load_distilled_set
+from evaluation.metrics import summarize_runs
+from experts.files import expert_files, read_expert_metrics
+from settings.choices import CENTROIDS, RANDOM
+from settings.distillation import DistillSettings
+from utils.cli import UserError
+from utils.io import atomic_write_json, read_json_if_present
+from utils.paths import ensure_output_dir, refuse_outputs_over_inputs
+
+NOT_METRICS = ("epoch", "train_loss", "train_acc", "steps", "gradient_steps")  # buffer.py's epoch keys besides metrics
+# The file that marks a folder as the pipeline's own: only such a folder is emptied (--fresh) or has stage outputs
+# deleted. A folder from before the marker existed is recognised by its stage stamps.
+MARKER = ".vl-distill-pipeline"
+# What the pipeline writes in its folder: a folder from before the marker holds nothing else.
+PIPELINE_WRITES = {"buffers", "distill", "results", "stamps", "methods", "sweep", "results.md", "results.json", "worth_n.png",
+                   "table.md", "budgets.png", "nearest_captions.txt", "synthetic_images_plain.png", "synthetic_images_clipped.png"}
+# The keys of any section that name something the programs read.
+INPUT_KEYS = ("image_root", "ann_root", "image_weights", "text_model")
+
+
+def output_folder(flag: str | None, config: dict, config_file: str | None = None) -> Path:
+    """The output folder (--out_dir, else the config's out_dir), made absolute once from the current directory:
+    every stage and every program it runs then names the same folder, whatever directory they run in. Before any
+    work starts it is checked writable, refused when it holds the config file or anything the programs read (its
+    contents may be deleted), and claimed as the pipeline's own (`claim_output_folder`)."""
+    given, name = (flag, "--out_dir") if flag is not None else (config.get("out_dir", DEFAULT_OUT_DIR), "out_dir")
+    if not isinstance(given, str) or not given.strip():
+        raise UserError(f"{name} must be a folder name, got {given!r}")
+    inputs = {f"[{section}] {key}": config[section][key] for section in ("common", *PROGRAM_SECTIONS)
+              for key in INPUT_KEYS if isinstance(config.get(section, {}).get(key), str)}
+    refuse_outputs_over_inputs({name: given}, {"the config file": config_file, **inputs}, emptied=(name,))
+    return claim_output_folder(ensure_output_dir(Path(given).expanduser().resolve(), name), name)
+
+
+def claim_output_folder(out: Path, name: str = "out_dir") -> Path:
+    """Make the existing folder `out` the pipeline's own, or refuse it: an empty folder is marked with MARKER, a
+    marked one is taken, a pipeline folder from before the marker (stage stamps, and only names the pipeline
+    writes) is marked and taken; any other folder is refused, since stages and --fresh delete what is in it."""
+    marker = out / MARKER
+    if marker.is_file():
+        return out
+    foreign = sorted(entry.name for entry in out.iterdir() if entry.name not in PIPELINE_WRITES)
+    stamps = list((out / "stamps").glob("*")) if (out / "stamps").is_dir() else []
+    if foreign or not all(is_stamp(stamp) for stamp in stamps) or (any(out.iterdir()) and not stamps):
+        named = f" (it holds {', '.join(foreign[:3])})" if foreign else ""
+        raise UserError(f"{name} {out} already holds files that pipeline.py did not write (it has no {MARKER}); "
+                        f"give a new or empty folder{named}")
+    marker.write_text("This folder is pipeline.py's output: --fresh and changed stages delete what is in it.\n")
+    return out
+
+
+@contextlib.contextmanager
+def holding(out: Path, name: str):
+    """One pipeline at a time in a folder: an exclusive lock on its marker for the whole run (the system drops
+    it when the process ends, also by kill -9), so a second run started on it is refused, not mixed in."""
+    with open(out / MARKER, "rb") as marker:
+        try:
+            fcntl.flock(marker, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise UserError(f"{name} {out} is in use by another pipeline.py run; wait for it to end or give "
+                            f"another folder") from None
+        yield
+
+
+def is_stamp(path: Path) -> bool:
+    """Whether `path` is a stage stamp: a .json file holding the list of flags the stage ran with."""
+    try:
+        return path.suffix == ".json" and isinstance(json.loads(path.read_bytes()), list)
+    except (OSError, ValueError, RecursionError):
+        return False
+
+
+def owned_by_pipeline(path: Path) -> bool:
+    """Whether `path` lies in a folder that the pipeline claimed (`claim_output_folder`)."""
+    return any((folder / MARKER).is_file() for folder in (path, *path.parents))
+
+
+def empty_output_folder(out: Path) -> None:
+    """--fresh: delete everything in the pipeline's folder `out` except its marker (links are removed, never
+    followed)."""
+    if not owned_by_pipeline(out):
+        raise RuntimeError(f"{out} was never claimed by the pipeline; refusing to empty it")
+    for entry in out.iterdir():
+        if entry.name == MARKER:
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
+
+
+def as_flags(section: dict) -> list[str]:
+    flags = []
+    for key, value in section.items():
+        if isinstance(value, list):
+            flags += [f"--{key}", *(str(v) for v in value)]
+        else:
+            flags += [f"--{key}", str(value)]  # TOML booleans print as True/False, as the programs expect
+    return flags
+
+
+def flag_values(flags: list[str]) -> dict[str, tuple[str, ...]]:
+    """A program's flags as --flag -> its values, the last of a repeated flag winning (as the programs read them):
+    the order in which a config lists its keys does not change what a stage runs."""
+    values, current = {}, None
+    for token in flags:
+        if token.startswith("--"):
+            current = token
+            values[current] = ()
+        else:
+            values[current] = (*values.get(current, ()), token)
+    return values
+
+
+class Stage:
+    """One step whose outputs are reused while the flags it ran with are unchanged (in any order); `tail`: what else
+    it depends on (e.g. how many experts there are), recorded after the flags and compared as it is."""
+
+    def __init__(self, out: Path, name: str, flags: list[str], outputs: list[Path], tail: list[str] = ()):
+        self.out = out
+        self.stamp = out / "stamps" / f"{name}.json"
+        self.name, self.given, self.tail, self.outputs = name, flags, list(tail), outputs
+        self.flags = flags + self.tail
+
+    def unchanged(self) -> bool:
+        if not is_stamp(self.stamp):
+            return False
+        stored = json.loads(self.stamp.read_text())
+        if not all(isinstance(token, str) for token in stored):
+            return False
+        cut = len(stored) - len(self.tail)
+        return cut >= 0 and stored[cut:] == self.tail and flag_values(stored[:cut]) == flag_values(self.given)
+
+    def invalidate(self) -> None:
+        if not owned_by_pipeline(self.out):  # output_folder claims every folder before a stage runs in it
+            raise RuntimeError(f"stage {self.name}: {self.out} was never claimed by the pipeline; refusing to delete "
+                               f"its outputs")
+        for path in self.outputs:
+            if path.is_dir():
+                shutil.rmtree(path)
+            elif path.exists():
+                path.unlink()
+        self.stamp.unlink(missing_ok=True)
+
+    def begin(self) -> None:
+        """Outputs made with other flags are deleted; the stamp is written before any work, so that
+        whatever an interrupted run leaves behind (finished experts, a resumable distilled set,
+        finished rows) is known to belong to these flags and is reused by the next run."""
+        if not self.unchanged():
+            self.invalidate()
+            self.stamp.parent.mkdir(parents=True, exist_ok=True)
+            self.stamp.write_text(json.dumps(self.flags))
+
+
+def banner(text: str) -> None:
+    print(f"\n=== {text} ===", flush=True)
+
+
+def experts_stage(config: dict, out: Path) -> Path:
+    common, settings = as_flags(config["common"]), dict(config["buffer"])
+    wanted = int(settings.pop("num_experts", compare_setting(config, "default_experts")))
+    buffers = out / "buffers"
+    Stage(out, "experts", common + as_flags(settings), [buffers]).begin()
+    meta_dirs = [p.parent for p in buffers.glob("**/buffer_meta.json")]
+    have = len(expert_files(meta_dirs[0])) if meta_dirs else 0
+    banner(f"experts: {have} of {wanted} trained" + ("" if have < wanted else ", reusing them"))
+    if have < wanted:
+        run("buffer.py", common + as_flags(settings) + ["--buffer_path", str(buffers), "--num_experts",
+                                                          str(wanted - have)])
+    return expert_folder(buffers)
+
+
+def expert_folder(buffers: Path) -> Path:
+    """The folder of the experts buffer.py wrote under `buffers` (a clear error if it wrote none there)."""
+    found = next(buffers.glob("**/buffer_meta.json"), None)
+    if found is None:
+        raise UserError(f"buffer.py finished but no experts are under {buffers} (no buffer_meta.json)")
+    return found.parent
+
+
+def distill_stage(config: dict, out: Path, expert_dir: Path, seed: int | None = None,
+                  name: str = "distill", retry_stopped: bool = True) -> tuple[Path, bool]:
+    """The last distilled set of one distillation run, and whether it was (re)made in this invocation. A run that
+    stopped with an error (e.g. diverged) leaves stopped.json in its folder; with `retry_stopped=False` an unchanged
+    run that stopped before raises the same error again instead of resuming into it."""
+    settings, _ = distill_settings(config)
+    if seed is not None:
+        settings["seed"] = seed
+    flags = as_flags(config["common"]) + as_flags(settings)
+    save_dir = out / name
+    stage = Stage(out, name.replace("/", "_"), flags, [save_dir], tail=[str(len(expert_files(expert_dir)))])
+    final = save_dir / "distilled_last.pt"
+    iterations = int(setting_value(config, "distill", DistillSettings, "Iteration"))
+    if stage.unchanged() and final.is_file() and load_distilled_set(final)["iteration"] == iterations:
+        banner(f"distillation: reusing {final}")
+        return final, False
+    stopped = save_dir / "stopped.json"
+    if not retry_stopped and stage.unchanged() and stopped.is_file():
+        raise UserError(f"{json.loads(stopped.read_text())['error']} (not run again: its settings are unchanged "
+                        f"since it stopped; delete {stopped} to try again)")
+    stage.begin()
+    stopped.unlink(missing_ok=True)
+    resume = ["--resume", str(final)] if final.is_file() else []
+    size = settings.get("num_pairs")
+    banner("distillation" + (f" of {size} pairs" if size is not None else "") + (f" (seed {seed})" if seed is not None else "")
+           + (f": resuming {final}" if resume else ""))
+    try:
+        run("distill.py", flags + ["--buffer_path", str(expert_dir), "--save_dir", str(save_dir), *resume])
+    except UserError as err:
+        if save_dir.is_dir():
+            atomic_write_json({"error": str(err)}, stopped)
+        raise
+    return final, True
+
+
+def distill_timing(distilled: Path) -> dict:
+    """The timing.json that the distill.py run which wrote `distilled` keeps beside its sets ({"seconds",
+    "iterations", "sync_seconds"}: matching only, evaluations excluded); {} when it has none."""
+    return read_json_if_present(Path(distilled).parent / "timing.json") or {}
+
+
+def seconds_per_iteration(distilled: Path, missing: float = float("nan")) -> float:
+    """Seconds per matching iteration of the distill.py run that wrote `distilled` (`distill_timing`); `missing`
+    when it has no timing."""
+    timing = distill_timing(distilled)
+    return timing["seconds"] / max(timing.get("iterations", 0), 1) if "seconds" in timing else missing
+
+
+def epochs_for(config: dict, size: int | str) -> list[str]:
+    epochs = {str(k): v for k, v in compare_setting(config, "epochs_per_size").items()}
+    return ["--epoch_eval_train", str(epochs[str(size)])] if str(size) in epochs else []
+
+
+def full_data_row(config: dict, out: Path, expert_dir: Path, evaluate_flags: list[str]) -> Row:
+    if compare_setting(config, "full") == "train":  # else "experts" (FULL_MODES)
+        report = run_configuration(FULL_REPORT, ["--full", *epochs_for(config, FULL)], evaluate_flags, out / "results")
+        return Row(FULL_LABEL, Kind.FULL, report, file=FULL_REPORT)
+    found = read_expert_metrics(expert_dir)  # "experts": their last epoch, read off their metrics
+    if len(found) < 2:
+        raise UserError(f"the full-data row needs the metrics of at least 2 experts in {expert_dir}")
+    finals = [{k: v for k, v in m["epochs"][-1].items() if k not in NOT_METRICS} for m in found.values()]
+    epochs = found[min(found)]["epochs"][-1]["epoch"]
+    return Row(f"{FULL_LABEL} ({len(found)} experts, {epochs} ep)", Kind.FULL,
+               {"metrics": summarize_runs(finals), "source": "experts"})
+
+
+def coreset_row(config: dict, results: Path, evaluate_flags: list[str], method: str, count: int, kind: Kind) -> Row:
+    label = f"{method}-{count}"
+    flags = ["--coreset", method, "--coreset_size", str(count), "--coreset_file",
+             str(results / "coresets" / f"{label}.pt"), *epochs_for(config, count)]
+    return Row(label, kind, run_configuration(label, flags, evaluate_flags, results), method, count, file=label)
+
+
+def real_data_rows(config: dict, out: Path, expert_dir: Path, evaluate_flags: list[str]) -> list[Row]:
+    """The rows of real pairs, in the table's order: the coresets of `coreset_methods` and the centroids at each of
+    `coreset_sizes`, the random ladder, full data. They depend only on the experts and the protocol (one stage)."""
+    results = out / "results"
+    rows_part = {key: value for key, value in config["compare"].items() if key not in NOT_ROWS}
+    Stage(out, "evaluate", evaluate_flags, [results], tail=[json.dumps(rows_part, sort_keys=True)]).begin()
+    (results / "coresets").mkdir(parents=True, exist_ok=True)
+    banner("evaluation: random ladder, coresets, full data")
+    ladder = [coreset_row(config, results, evaluate_flags, RANDOM, int(count), Kind.LADDER)
+              for count in compare_setting(config, "ladder")]
+    others = []
+    for count in compare_setting(config, "coreset_sizes"):
+        others += [coreset_row(config, results, evaluate_flags, method, int(count), Kind.CORESET)
+                   for method in compare_setting(config, "coreset_methods")]
+        if compare_setting(config, "centroids"):
+            others.append(coreset_row(config, results, evaluate_flags, CENTROIDS, int(count), Kind.CENTROIDS))
+    return [*others, *ladder, full_data_row(config, out, expert_dir, evaluate_flags)]
+
+
+def with_pooled(rows: list[Row]) -> list[Row]:
+    """The distilled `rows` (one per seed) grouped by method and size, each group led by a row pooled over its seeds
+    when it has several."""
+    groups = {}
+    for row in rows:
+        groups.setdefault((row.method, row.size), []).append(row)
+    out = []
+    for (method, size), group in groups.items():
+        if len(group) > 1:
+            out.append(Row(f"{row_name(method, size)} ({len(group)} seeds)", Kind.DISTILLED,
+                           pooled([row.report for row in group]), method, size, seeds=len(group)))
+        out += group
+    return out
+
+
+def pooled(reports: list[dict]) -> dict:
+    """One summary over the evaluation models of several reports (e.g. distillation seeds)."""
+    runs = [dict(zip(r["metrics"], values)) for r in reports
+            for values in zip(*(m["runs"] for m in r["metrics"].values()))]
+    return {"metrics": summarize_runs(runs), "split": reports[0].get("split"), "lr": [r.get("lr") for r in reports],
+            "epochs": [r.get("epochs") for r in reports], "parts": len(reports),
+            "at_edge": sorted({dim for r in reports for dim in r.get("at_edge") or []})}
+
+
+def distilled_row(config: dict, item: DistillRun, out: Path, expert_dir: Path, evaluate_flags: list[str],
+                  results: Path) -> Row:
+    """Distill one run (reused when done), then judge its best iteration (the one chosen on the selection split)
+    with the protocol: a method with its own [common] settings uses its own experts for both."""
+    if item.config["common"] != config["common"]:  # other trainable parts or encoder: other experts
+        expert_dir = experts_stage(item.config, out / "methods" / item.method)
+        evaluate_flags = as_flags(item.config["common"]) + as_flags(config["evaluate"]) + ["--buffer_path",
+                                                                                          str(expert_dir)]
+    final, remade = distill_stage(item.config, out, expert_dir, item.seed, f"distill/{item.folder}")
+    if remade:
+        (results / f"{item.label}.json").unlink(missing_ok=True)
+    report = run_configuration(item.label, ["--distilled", str(final.parent / "distilled_best.pt")], evaluate_flags,
+                               results)
+    return Row(item.label, Kind.DISTILLED, report, item.method, item.size, item.seed, file=item.label)
