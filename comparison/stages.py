@@ -20,6 +20,7 @@ from comparison.rows import FULL_LABEL, FULL_REPORT, Kind, Row
 from data.distilled_set import load_distilled_set
 from evaluation.metrics import summarize_runs
 from experts.files import expert_files, read_expert_metrics
+from matching.timing import RunTiming
 from settings.choices import CENTROIDS, RANDOM
 from settings.distillation import DistillSettings
 from utils.cli import UserError
@@ -210,9 +211,14 @@ def distill_stage(config: dict, out: Path, expert_dir: Path, seed: int | None = 
     stage = Stage(out, name.replace("/", "_"), flags, [save_dir], tail=[str(len(expert_files(expert_dir)))])
     final = save_dir / "distilled_last.pt"
     iterations = int(setting_value(config, "distill", DistillSettings, "Iteration"))
-    if stage.unchanged() and final.is_file() and load_distilled_set(final)["iteration"] == iterations:
-        banner(f"distillation: reusing {final}")
-        return final, False
+    if stage.unchanged() and final.is_file():
+        reached = load_distilled_set(final)["iteration"]
+        # finished: it reached its iterations, or stopped because its --time_budget was spent (timing.json says
+        # so); a run interrupted in the middle of its budget carries on
+        if reached == iterations or RunTiming.budget_stop(save_dir) == reached:
+            banner(f"distillation: reusing {final}" + ("" if reached == iterations else
+                                                        f" (its time budget ended it at iteration {reached})"))
+            return final, False
     stopped = save_dir / "stopped.json"
     if not retry_stopped and stage.unchanged() and stopped.is_file():
         raise UserError(f"{json.loads(stopped.read_text())['error']} (not run again: its settings are unchanged "

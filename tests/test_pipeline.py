@@ -424,3 +424,24 @@ def test_rows_are_read_by_kind_not_by_label():
     assert row_from_label("random-6 (2 seeds)", {}).kind is Kind.DISTILLED
     assert row_from_label("full data (2 experts, 3 ep)", {}).kind is Kind.FULL
     assert row_from_label("not a row", {}) is None
+
+
+def test_a_distillation_its_time_budget_ended_is_reused_not_given_another_budget(tiny_shapes, cache_dir, experts,
+                                                                                  tmp_path, monkeypatch):
+    config_path = tmp_path / "budget.toml"
+    text = TOY.format(out=tmp_path / "run", root=tiny_shapes, cache=cache_dir)
+    config_path.write_text(text.replace("Iteration = 2\n", "Iteration = 50\ntime_budget = 1e-9\n"))
+    config = load_config(str(config_path), None)
+    (tmp_path / "run").mkdir()
+    out = stages.claim_output_folder(tmp_path / "run")
+    final, made = stages.distill_stage(config, out, experts, seed=0)
+    assert made and load_distilled_set(final)["iteration"] == 1  # stopped on its budget after one iteration
+    launched = []
+    monkeypatch.setattr(programs, "launch", lambda program, flags, log=None: launched.append(program) or 0)
+    again, made = stages.distill_stage(config, out, experts, seed=0)
+    assert (again, made, launched) == (final, False, [])
+    # a run interrupted before its budget ended (no budget_stop in timing.json) is carried on, not reused
+    timing = final.parent / "timing.json"
+    timing.write_text(json.dumps({k: v for k, v in json.loads(timing.read_text()).items() if k != "budget_stop"}))
+    stages.distill_stage(config, out, experts, seed=0)
+    assert launched == ["distill.py"]
