@@ -55,6 +55,9 @@ def parse_args(argv=None) -> BufferSettings:
 
 
 def snapshot(module: torch.nn.Module) -> list[torch.Tensor]:
+    """An expert snapshot: the trainable parameters at one epoch, copied to the CPU (the only meaning of
+    "snapshot" in this project; a run's flat settings are `flat_config`, the learned synthetic state a
+    `learned_copy`)."""
     return [p.detach().to("cpu", copy=True) for p in trainable_parameters(module)]
 
 
@@ -65,7 +68,7 @@ NOT_SHAPING_AN_EXPERT = ("num_experts", "buffer_path", "cache_dir", "wandb_mode"
 
 def expert_settings(settings: BufferSettings, device, seed: int) -> dict:
     """What an expert's training depends on: a partial expert is continued only under the same."""
-    shaping = {k: v for k, v in settings.snapshot().items() if k not in NOT_SHAPING_AN_EXPERT}
+    shaping = {k: v for k, v in settings.flat_config().items() if k not in NOT_SHAPING_AN_EXPERT}
     return {**shaping, "expert_seed": seed, "device": device.type}
 
 
@@ -157,7 +160,7 @@ def main(argv=None) -> int:
     print(f"[rank {group.rank}] {len(data.train.captions)} train pairs ({len(data.train.image_paths)} images), "
           f"{len(data.eval.image_paths)} {settings.data.eval_split} images; device {device}; experts -> {directory}")
     run = start_run(runtime.logging_mode, runtime.wandb_project, runtime.wandb_entity, runtime.name,
-                    settings.snapshot(), "buffer", suffix=f"-rank{group.rank}" if group.world_size > 1 else "")
+                    settings.flat_config(), "buffer", suffix=f"-rank{group.rank}" if group.world_size > 1 else "")
     batch_note("--expert_batch", settings.experts.expert_batch, len(data.train.captions), "the training split")
     finals, failed, start = [], [], time.time()
     for index in group.my_share(settings.experts.num_experts):

@@ -62,7 +62,7 @@ def parse_args(argv=None) -> DistillRunSettings:
 
 def run_config(settings: DistillRunSettings, text_identity: str) -> dict:
     """The run's settings (one key per flag) and what they resolved to, stored in every saved set."""
-    config = settings.snapshot()
+    config = settings.flat_config()
     config["text_identity"] = text_identity
     config["source"] = "distilled"
     config["image_norm"] = image_norm(settings.model)

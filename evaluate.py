@@ -199,7 +199,7 @@ def write_report(settings: EvaluateSettings, result: dict, label: str, report_sp
                  seconds: float, payload: dict | None, set_path: Path | None, data, made_with: str | None,
                  device: torch.device, argv) -> None:
     """--out: every metric with its runs, the choices and the full configuration."""
-    config = settings.snapshot()
+    config = settings.flat_config()
     config.update(set_file=str(set_path) if set_path else None, set_config=payload["config"] if payload else None,
                   set_size=len(payload["text_syn"]) if payload else len(data.train.captions),
                   lr_used=result["lr"], lr_txt_used=result["lr_txt"], epochs_used=result["epochs"], image_encoder_of_set=made_with,
@@ -250,7 +250,7 @@ def main(argv=None) -> int:
                    epochs=epochs, widen=settings.judging.widen_grid)
     seconds = time.time() - started
     runtime = settings.runtime
-    run = start_run(runtime.logging_mode, runtime.wandb_project, runtime.wandb_entity, runtime.name, settings.snapshot(), "evaluate")
+    run = start_run(runtime.logging_mode, runtime.wandb_project, runtime.wandb_entity, runtime.name, settings.flat_config(), "evaluate")
     run.log({**{f"eval/{k}": v["mean"] for k, v in result["metrics"].items()},
              **{f"eval/{k}_std": v["std"] for k, v in result["metrics"].items()}})
     run.finish()

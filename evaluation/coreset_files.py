@@ -90,7 +90,7 @@ def check_saved_files(coreset_file: Path | None, forgetting: Path | None) -> Non
 
 
 def selection_config(settings: EvaluateSettings, data: RetrievalData) -> dict:
-    config = settings.snapshot()
+    config = settings.flat_config()
     config.update(source=f"coreset:{settings.target.coreset}", text_identity=data.text_identity,
                   num_train_pairs=len(data.train.captions), image_norm=image_norm(settings.model))
     if settings.target.coreset != "random":  # the model that counts forgetting events or embeds the pairs

@@ -43,7 +43,7 @@ from utils.dsa import dsa_augment
 from evaluation import grid
 from evaluation.metrics import summarize_runs
 from evaluation.training import (TrainingWatch, evaluate_retrieval, scale_learning_rates, sgd_pair, train_one_epoch,
-                                 trainable_snapshot)
+                                 trainable_copy)
 
 EVAL_MOMENTUM = 0.9
 EVAL_WEIGHT_DECAY = 5e-4
@@ -86,13 +86,13 @@ def train_fresh_model(settings: ModelSettings, protocol: ProtocolSettings, loade
         model = build_model(settings, text_dim).to(device)
         optimizers = sgd_pair(model, lr, lr if lr_txt is None else lr_txt, EVAL_MOMENTUM, EVAL_WEIGHT_DECAY)
         epochs = protocol.epoch_eval_train if epochs is None else epochs
-        start, watch = trainable_snapshot(model), TrainingWatch(every_step=False)
+        start, watch = trainable_copy(model), TrainingWatch(every_step=False)
         for epoch in range(epochs):
             if epoch == epochs // 2:
                 scale_learning_rates(optimizers, 0.1)
             train_one_epoch(model, loader, optimizers, device, progress=False,
                             loss_type=settings.loss_type, similarity=similarity, watch=watch)
-    return model, watch.problem(start, trainable_snapshot(model))
+    return model, watch.problem(start, trainable_copy(model))
 
 
 def evaluate_models(settings: ModelSettings, protocol: ProtocolSettings, make_loader: Callable[[int], object], lr: float, inputs: ModelInputs, device: torch.device,

@@ -68,7 +68,7 @@ class TrainingWatch:
         return None
 
 
-def trainable_snapshot(model: nn.Module) -> list[torch.Tensor]:
+def trainable_copy(model: nn.Module) -> list[torch.Tensor]:
     """Copies of the model's trainable tensors (to compare with after training)."""
     return [p.detach().clone() for p in trainable_parameters(model)]
 

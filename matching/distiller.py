@@ -4,7 +4,7 @@
 students take (image side, text head), a learned target similarity's parameters (LoRS), and one SGD
 optimiser (momentum 0.5) per group. `step` draws one expert segment per stream, takes the matching
 loss's meta-gradient, averages it over the streams and the processes, and applies it unless the step
-guard refuses it (matching/guard.py); `snapshot` and `restore` copy that state out and back in (the
+guard refuses it (matching/guard.py); `learned_copy` and `restore` copy that state out and back in (the
 format of a saved set's learned part, docs/file-formats.md). A run that skips too many steps in a row
 raises `Diverged`.
 """
@@ -72,7 +72,7 @@ class Distiller:
     def step(self, streams: list[SegmentStream], iteration: int, before: dict | None = None) -> dict:
         """One matching iteration: the meta-gradients of one segment per stream, averaged over the streams and
         (under torchrun) over the processes, applied, or skipped with the learned state as it was (`before`, a
-        `snapshot` of the state now, is what a refused step goes back to). Every process ends with the same
+        `learned_copy` of the state now, is what a refused step goes back to). Every process ends with the same
         state: each applies the same averaged gradient."""
         total, start_epochs = None, []
         for stream in streams:
@@ -149,7 +149,7 @@ class Distiller:
         learned = (self.image_syn, self.text_syn, self.syn_lr_img, self.syn_lr_txt, *self.sim_params)
         for tensor, gradient in zip(learned, gradients):
             tensor.grad = gradient
-        before = before if before is not None else self.snapshot()
+        before = before if before is not None else self.learned_copy()
         for optimizer in self.optimizers.values():
             optimizer.step()
         problem = self.state_problem()
@@ -187,7 +187,7 @@ class Distiller:
     def state(self) -> dict:
         return {name: opt.state_dict() for name, opt in self.optimizers.items()}
 
-    def snapshot(self) -> dict:
+    def learned_copy(self) -> dict:
         """The learned tensors, step sizes and optimiser states, copied to the CPU (the format `restore` takes;
         a copy kept on the CPU costs no accelerator memory during the next step)."""
         return copied_to_cpu({"image_syn": self.image_syn, "text_syn": self.text_syn,
@@ -195,7 +195,7 @@ class Distiller:
                               "sim_params": list(self.sim_params), "state": {"optimizers": self.state()}})
 
     def restore(self, payload: dict) -> None:
-        """Put back a `snapshot` (or the learned state of a saved set); ValueError when it does not fit this run.
+        """Put back a `learned_copy` (or the learned state of a saved set); ValueError when it does not fit this run.
         The optimisers keep this run's learning rates (a resumed run may lower them)."""
         problem = self.fit_problem(payload)
         if problem:

@@ -28,7 +28,7 @@ RESUME_ALIASES = {"num_queries": "num_pairs"}  # files written before the settin
 @dataclass
 class ResumePoint:
     """Everything needed to go on from the start of `iteration` exactly as a run that never stopped: the
-    learned state (`Distiller.snapshot`, copied), the random streams, the expert position and the guard's
+    learned state (`Distiller.learned_copy`, copied), the random streams, the expert position and the guard's
     history as they were then, the best evaluation so far, and this iteration's evaluation once it ran.
 
     A run keeps the point of the iteration it is in; whatever happens inside the iteration (a Ctrl-C in a
@@ -51,7 +51,7 @@ class ResumePoint:
     def capture(cls, distiller: Distiller, streams: SegmentStreams, iteration: int, best_r_mean: float = -1.0,
                 best_iteration: int = -1) -> ResumePoint:
         """The run as it stands now, at the start of `iteration` (nothing evaluated there yet)."""
-        return cls(iteration, distiller.snapshot(), streams.state(), distiller.guard.state(), best_r_mean,
+        return cls(iteration, distiller.learned_copy(), streams.state(), distiller.guard.state(), best_r_mean,
                    best_iteration)
 
 
@@ -62,7 +62,7 @@ def check_resume(payload: dict, settings: DistillRunSettings, text_identity: str
     if source != "distilled":  # a coreset or feature-centroid set: nothing was learned, so nothing to continue
         raise UserError(f"--resume {path} is a {source} set written by evaluate.py, not a distill.py run: it holds "
                         f"no run to continue; --resume takes a distilled_*.pt from a distill.py --save_dir")
-    expected = {**settings.snapshot(), "text_identity": text_identity}
+    expected = {**settings.flat_config(), "text_identity": text_identity}
     problems = [f"{k}: file has {config.get(k)!r}, this run has {expected[k]!r}"
                 for k in RESUME_KEYS if config.get(k) != expected[k]]
     if problems:

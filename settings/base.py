@@ -8,7 +8,7 @@ text, the allowed values and the check live there once. From it come
 - the object built from a parsed command line (`from_namespace`) or from a TOML table / a saved
   configuration (`from_mapping`: an unknown key is an error naming the nearest valid one, a value of
   the wrong type is an error naming the key), checked in one place (`validate`);
-- its serialisation (`to_dict`), which is what runs save as their configuration snapshot.
+- its serialisation (`to_dict`), which is what runs save as their flat configuration.
 """
 from __future__ import annotations
 
@@ -265,7 +265,7 @@ class Settings:
 
     @classmethod
     def from_saved(cls, config: Mapping[str, Any], where: str = "saved configuration"):
-        """This group's settings from a saved configuration snapshot (a set file's `config`), ignoring the keys
+        """This group's settings from a saved flat configuration (a set file's `config`), ignoring the keys
         of other groups."""
         keys = {*cls.names(), *cls.aliases()}
         return cls.from_mapping({k: v for k, v in config.items() if k in keys}, where)
@@ -329,7 +329,7 @@ def coerce(f: dataclasses.Field, value, where: str, key: str):
 
 
 def flatten(*groups: Settings) -> dict[str, Any]:
-    """One flat configuration snapshot (flag name -> value) of several settings groups."""
+    """One flat configuration (flag name -> value) of several settings groups."""
     out: dict[str, Any] = {}
     for group in groups:
         out.update(group.to_dict())

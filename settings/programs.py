@@ -31,7 +31,7 @@ class ProgramSettings:
     def groups(self) -> list[Settings]:
         return [getattr(self, f.name) for f in fields(self)]
 
-    def snapshot(self) -> dict:
+    def flat_config(self) -> dict:
         """The flat configuration (flag name -> value) saved with everything the run writes."""
         return flatten(*self.groups())
 

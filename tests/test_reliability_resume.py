@@ -140,7 +140,7 @@ def test_the_writer_saves_the_timing_record_it_owns_beside_every_set(tiny_shapes
     files = RunFiles(tmp_path / "out")
     writer = RunWriter(settings, files, distill.run_config(settings, "minilm"), learner, timing, run=None, inputs=None,
                        data=None, model=None, group=ProcessGroupInfo(), device=torch.device("cpu"))
-    point = ResumePoint(3, learner.snapshot(), [{"rng": {}, "experts": {}}], learner.guard.state())
+    point = ResumePoint(3, learner.learned_copy(), [{"rng": {}, "experts": {}}], learner.guard.state())
     writer.save(files.last, point)
     assert json.loads((files.dir / TIMING_NAME).read_text()) == {"seconds": 1.5, "iterations": 3, "sync_seconds": 0.25}
     assert torch.load(files.last, weights_only=True)["iteration"] == 3

@@ -17,7 +17,7 @@ from data.annotations import read_split
 from data.distilled_set import save_distilled_set
 from evaluation import protocol, training
 from evaluation.protocol import _pairs_loader
-from evaluation.training import TrainingWatch, sgd_pair, train_one_epoch, trainable_snapshot
+from evaluation.training import TrainingWatch, sgd_pair, train_one_epoch, trainable_copy
 from networks.contrastive import contrastive_loss, soft_target_loss, similarity_logits
 from settings import programs
 from utils.cli import UserError
@@ -174,9 +174,9 @@ def watched_epoch(lr: float, weight_decay: float = 0.0, every_step: bool = True)
     model = Tiny()
     optimizers = sgd_pair(model, lr, lr, weight_decay=weight_decay)
     batches = [(torch.randn(3, 4), torch.randn(3, 4), torch.arange(3)) for _ in range(2)]
-    start, watch = trainable_snapshot(model), TrainingWatch(every_step=every_step)
+    start, watch = trainable_copy(model), TrainingWatch(every_step=every_step)
     train_one_epoch(model, batches, optimizers, torch.device("cpu"), progress=False, watch=watch)
-    return watch, watch.problem(start, trainable_snapshot(model)), start, trainable_snapshot(model)
+    return watch, watch.problem(start, trainable_copy(model)), start, trainable_copy(model)
 
 
 def test_a_training_run_that_moves_is_not_reported():
@@ -218,7 +218,7 @@ def test_steps_too_small_to_change_a_weight_are_reported():
 
 def test_no_step_at_all_is_reported():
     model = Tiny()
-    assert TrainingWatch().problem(trainable_snapshot(model), trainable_snapshot(model)).startswith(
+    assert TrainingWatch().problem(trainable_copy(model), trainable_copy(model)).startswith(
         "it took no optimiser step")
 
 
