@@ -80,7 +80,7 @@ def train_expert(settings: BufferSettings, inputs, device, seed: int, label: str
     started = time.time() - (resumed["seconds"] if resumed else 0.0)  # seconds count across interruptions
     seed_everything(seed)
     model = build_model(settings.model, data.text_dim).to(device)
-    optimizers = sgd_pair(model, how.expert_lr_img, how.expert_lr_txt, how.mom, how.l2)
+    optimizers = sgd_pair(model, how.expert_lr_img, how.expert_lr_txt, how.expert_momentum, how.expert_weight_decay)
     loader = inputs.train_batches(how.expert_batch, seed)
     if resumed is None:
         image_traj, text_traj = [snapshot(model.image_part)], [snapshot(model.text_projection)]

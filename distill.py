@@ -165,7 +165,7 @@ def prepare(settings: DistillRunSettings, device: torch.device,
         f"{f' x {group.world_size} processes' if group.distributed else ''}; {per_update} trajectory segment"
         f"{'s' if per_update > 1 else ''} per update; saving to {files.dir}")
     if main_process:
-        batch_note("--batch_train", settings.protocol.batch_train, settings.distill.num_pairs, "the synthetic set")
+        batch_note("--eval_batch", settings.protocol.eval_batch, settings.distill.num_pairs, "the synthetic set")
     timing = RunTiming.continued(settings.distill.resume, main_process)
     writer = RunWriter(settings, files, config, distiller, timing, run, inputs, data, student_model, group, device)
     return writer, streams, point
@@ -185,7 +185,7 @@ def distill(settings: DistillRunSettings, device: torch.device, group: ProcessGr
     files = writer.files
     start_it, started = point.iteration, time.time()
     good = point  # the last point with no skipped step right before it: where a diverged run goes back to
-    bar = tqdm(range(start_it, settings.distill.Iteration), desc="distill", unit="it", disable=not writer.progress)
+    bar = tqdm(range(start_it, settings.distill.iterations), desc="distill", unit="it", disable=not writer.progress)
     try:
         for iteration in bar:
             if iteration % settings.distill.eval_it == 0 and not point.metrics:
@@ -196,7 +196,7 @@ def distill(settings: DistillRunSettings, device: torch.device, group: ProcessGr
             if (iteration + 1) % settings.distill.sync_check_it == 0:
                 check_ranks_agree(point, group, files.last)
             writer.report_step(iteration, stats, bar)
-            if out_of_time(settings, started, group, device) and point.iteration < settings.distill.Iteration:
+            if out_of_time(settings, started, group, device) and point.iteration < settings.distill.iterations:
                 say(f"--time_budget {settings.distill.time_budget:g} min reached after iteration {point.iteration}: stopping")
                 writer.timing.stopped_on_budget(point.iteration)
                 break

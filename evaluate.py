@@ -47,6 +47,7 @@ from evaluation.training import batch_note
 from networks import build_model, check_image_size, image_norm
 from networks.contrastive import check_pair_count
 from settings import DEFAULT_REAL_LR, programs
+from settings.base import current_names
 from settings.judging import TargetSettings
 from settings.programs import EvaluateSettings
 from utils.cli import UserError, run_cli
@@ -58,7 +59,7 @@ from utils.wandb_logging import start_run
 # Settings a distilled-set file supplies unless the command line gives them.
 FILE_SETTINGS = ("dataset", "image_root", "ann_root", "cache_dir", "eval_split", "max_train_images", "text_encoder",
                  "text_model", "image_encoder", "image_size", "image_pretrained", "image_weights", "image_norm",
-                 "train_stages", "feature_views", "num_eval", "epoch_eval_train", "batch_train", "dsa", "dsa_strategy",
+                 "train_stages", "feature_views", "num_eval", "epoch_eval_train", "eval_batch", "dsa", "dsa_strategy",
                  "image_projection", "lora_rank", "loss_type")
 # The keys by which an existing --out file is recognised as an evaluate.py report (replaced without --overwrite).
 REPORT_KEYS = ("label", "metrics", "config")
@@ -71,6 +72,7 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, frozenset[str]]:
 
 def with_file_settings(values: dict, config: dict, given: frozenset[str]) -> dict:
     """The command line's values with a set file's data, encoder and protocol settings where it is silent."""
+    config = current_names(config)  # (a set written before a setting was renamed)
     values = {**values, **{key: config[key] for key in FILE_SETTINGS if key in config and key not in given}}
     if "image_norm" not in config and "image_norm" not in given:
         values["image_norm"] = "clip"  # sets written before the setting existed hold CLIP-normalised pixels
@@ -159,13 +161,13 @@ def training_pairs(settings: EvaluateSettings, payload: dict | None, set_path: P
     """The row's label, what trains (in words) and its batches by seed: the set's pairs, or the training split."""
     if payload is None:
         pairs = len(inputs.data.train.captions)
-        batch_note("--batch_train", settings.protocol.batch_train, pairs, "the training split")
-        return f"full-{pairs}", f"full-data training ({pairs} pairs)", partial(inputs.train_batches, settings.protocol.batch_train)
+        batch_note("--eval_batch", settings.protocol.eval_batch, pairs, "the training split")
+        return f"full-{pairs}", f"full-data training ({pairs} pairs)", partial(inputs.train_batches, settings.protocol.eval_batch)
     pairs, source = len(payload["text_syn"]), payload["config"].get("source", "distilled")
     label = f"{source}-{pairs}" + (f" on {settings.model.image_encoder}" if settings.model.image_encoder != made_with else "")
     make_loader = pair_batches(settings.protocol, model, inputs, device, payload["text_syn"],
                                **set_files.set_inputs(settings.model, payload, set_path, model, device))
-    batch_note("--batch_train", settings.protocol.batch_train, pairs, "the set")
+    batch_note("--eval_batch", settings.protocol.eval_batch, pairs, "the set")
     return label, f"{pairs} pairs from {set_path} ({source})", make_loader
 
 

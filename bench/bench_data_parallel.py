@@ -124,7 +124,7 @@ def main(argv=None) -> int:
     config = load_config(args.config, None)
     expert_dir = experts_stage(config, out)
     settings, _ = distill_settings(config)
-    settings.update({"Iteration": args.iterations, "eval_it": args.iterations, "num_eval": 1,
+    settings.update({"iterations": args.iterations, "eval_it": args.iterations, "num_eval": 1,
                      "epoch_eval_train": 1, "draw": False, "wandb_mode": "disabled", "progress": False})
     flags = as_flags(config["common"]) + as_flags(settings) + ["--buffer_path", str(expert_dir)]
     results = {label: [] for label, *_ in CONFIGURATIONS}

@@ -60,7 +60,7 @@ def main(argv=None) -> int:
                 raise UserError(f"{run!r} is not SIZE:METHOD")
             merged = method_config(config, method, int(size))
             settings, _ = distill_settings(merged)
-            settings.update({"Iteration": args.iterations, "eval_it": args.iterations, "num_eval": 1,
+            settings.update({"iterations": args.iterations, "eval_it": args.iterations, "num_eval": 1,
                              "epoch_eval_train": 1, "seed": 0})
             save = Path(scratch) / run.replace(":", "-")
             began = time.time()

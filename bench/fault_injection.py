@@ -36,7 +36,7 @@ DATA_FLAGS = ["--dataset", "shapes", "--image_encoder", "convnet", "--image_size
 BUFFER_FLAGS = ["--num_experts", "3", "--train_epochs", "6", "--batch_train", "25"]
 DISTILL_FLAGS = ["--syn_steps", "8", "--expert_epochs", "1", "--max_start_epoch", "2", "--num_pairs", "20",
                  "--mini_batch_size", "10", "--lr_img", "100", "--lr_txt", "100", "--lr_lr", "1e-5",
-                 "--Iteration", "40", "--eval_it", "10", "--num_eval", "1", "--epoch_eval_train", "3",
+                 "--iterations", "40", "--eval_it", "10", "--num_eval", "1", "--epoch_eval_train", "3",
                  "--batch_train", "10", "--draw", "False"]
 # The distill progress bar as tqdm draws it on stderr: "distill:  40%|####      | 16/40 [...]".
 PROGRESS = re.compile(r"distill:\s+\d+%\|[^|]*\|\s*(\d+)/(\d+)")

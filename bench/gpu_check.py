@@ -87,7 +87,7 @@ class Check:
         size = self.size
         return [*self.common(), "--matching", mode, "--save_dir", str(save_dir), "--num_pairs", str(size["pairs"]),
                 "--mini_batch_size", str(size["batch"]), "--syn_steps", str(size["syn_steps"]), "--expert_epochs", "1",
-                "--max_start_epoch", "1", "--Iteration", str(size["iterations"]), "--eval_it", str(size["iterations"]),
+                "--max_start_epoch", "1", "--iterations", str(size["iterations"]), "--eval_it", str(size["iterations"]),
                 "--num_eval", "1", "--epoch_eval_train", str(size["eval_epochs"]), "--lr_img", "100",
                 "--lr_txt", "100", "--lr_lr", "1e-5", "--draw", "False"]
 

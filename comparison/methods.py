@@ -7,7 +7,7 @@ Reads the pipeline's TOML file (pipeline.py): `[common]`, `[buffer]`, `[distill]
 are every method's settings; an optional `[methods.<name>]` table per method adds `common = {...}` and
 `distill = {...}` on top (defaults below). Each method gets its experts (the base experts are the
 pipeline's, in the same out_dir; RepBlend trains its own, with a frozen image encoder and an image
-head), distills with the same --Iteration, and its best set (the iteration chosen on the selection split) is
+head), distills with the same --iterations, and its best set (the iteration chosen on the selection split) is
 judged by evaluate.py with the `[evaluate]` protocol, and so is its initial set (iteration 0: the real pairs it started from), so
 that each method is compared with its own start. The table has IR/TR@1/5/10 and r_mean (mean ± std
 over the evaluation models), the start's r_mean and the seconds per matching iteration (evaluations
@@ -63,7 +63,7 @@ def time_method(config: dict, name: str, out: Path, iterations: int) -> float:
     banner(f"timing {name}: {iterations} iterations")
     save_dir = out / "methods" / name / "timing"
     shutil.rmtree(save_dir, ignore_errors=True)
-    overrides = {"Iteration": iterations, "eval_it": iterations, "num_eval": 1, "epoch_eval_train": 1}
+    overrides = {"iterations": iterations, "eval_it": iterations, "num_eval": 1, "epoch_eval_train": 1}
     run("distill.py", as_flags(settings["common"]) + as_flags({**distill_settings(settings)[0], **overrides})
         + ["--buffer_path", str(expert_dir), "--save_dir", str(save_dir), "--draw", "False"])
     return seconds_per_iteration(save_dir / "distilled_last.pt")
@@ -116,7 +116,7 @@ def main(argv=None) -> int:
         {name: {"metrics": r["metrics"], "start_metrics": r["start"], "seconds_per_iteration": r["seconds_per_iteration"]}
          for name, r in reports.items()}, indent=1))
     banner(f"methods at {setting_value(config, 'distill', DistillSettings, 'num_pairs')} pairs, "
-           f"{setting_value(config, 'distill', DistillSettings, 'Iteration')} iterations each")
+           f"{setting_value(config, 'distill', DistillSettings, 'iterations')} iterations each")
     print(table)
     print(f"wrote {out / 'methods.md'}, {out / 'methods.json'}")
     return 0

@@ -89,7 +89,7 @@ def run_regime(config: dict, name: str, out: Path, budget: float, max_iterations
         raise UserError(f"regime {name}: its experts took {expert_minutes:.1f} of the {budget:g} minutes; raise --budget "
                         f"or make them cheaper in [regimes.{name}] buffer")
     distill_flags = dict(distill_settings(settings)[0])
-    distill_flags.update(Iteration=max_iterations, time_budget=round(left, 3))
+    distill_flags.update(iterations=max_iterations, time_budget=round(left, 3))
     expert_dir = expert_folder(folder / "buffers")
     run("distill.py", common + as_flags(distill_flags) + ["--buffer_path", str(expert_dir), "--save_dir",
                                                            str(folder / "distill"), "--draw", "False"])

@@ -21,6 +21,7 @@ from data.distilled_set import load_distilled_set
 from evaluation.metrics import summarize_runs
 from experts.files import expert_files, read_expert_metrics
 from matching.timing import RunTiming
+from settings.base import RENAMED
 from settings.choices import CENTROIDS, RANDOM
 from settings.distillation import DistillSettings
 from utils.cli import UserError
@@ -121,11 +122,12 @@ def as_flags(section: dict) -> list[str]:
 
 def flag_values(flags: list[str]) -> dict[str, tuple[str, ...]]:
     """A program's flags as --flag -> its values, the last of a repeated flag winning (as the programs read them):
-    the order in which a config lists its keys does not change what a stage runs."""
+    the order in which a config lists its keys does not change what a stage runs; flags are named as they are now
+    (settings.base.RENAMED)."""
     values, current = {}, None
     for token in flags:
-        if token.startswith("--"):
-            current = token
+        if token.startswith("--"):  # a stamp written before a setting was renamed names it as it was then
+            current = "--" + RENAMED.get(token[2:], token[2:])
             values[current] = ()
         else:
             values[current] = (*values.get(current, ()), token)
@@ -210,7 +212,7 @@ def distill_stage(config: dict, out: Path, expert_dir: Path, seed: int | None = 
     save_dir = out / name
     stage = Stage(out, name.replace("/", "_"), flags, [save_dir], tail=[str(len(expert_files(expert_dir)))])
     final = save_dir / "distilled_last.pt"
-    iterations = int(setting_value(config, "distill", DistillSettings, "Iteration"))
+    iterations = int(setting_value(config, "distill", DistillSettings, "iterations"))
     if stage.unchanged() and final.is_file():
         reached = load_distilled_set(final)["iteration"]
         # finished: it reached its iterations, or stopped because its --time_budget was spent (timing.json says

@@ -54,7 +54,7 @@ def parse_args(argv=None):
 
 def variant_run(config: dict, name: str, size: int, seed: int, iterations: int) -> DistillRun:
     merged = method_config(config, name, size, f"variant {name}")
-    merged["distill"].update({"Iteration": iterations, "seed": seed})
+    merged["distill"].update({"iterations": iterations, "seed": seed})
     merged["distill"].pop("seeds", None)
     distill_settings(merged, f"variant {name}")
     return DistillRun(name, size, seed, merged, f"{name}-{size}-it{iterations}/seed{seed}",

@@ -3,7 +3,7 @@
 The protocol, used by distill.py during distillation and by evaluate.py afterwards: fresh models
 (each from its own seed) train for `epoch_eval_train` epochs with SGD (momentum 0.9, weight decay
 5e-4, one learning rate for the image side and the text head, ×0.1 half way through), batch
-`batch_train`, then retrieval is measured; every metric is reported as mean ± std over the models.
+`eval_batch`, then retrieval is measured; every metric is reported as mean ± std over the models.
 A distilled set judged at its own learned step sizes trains the image side at the one and the text head
 at the other (`lr_txt`), as LoRS and RepBlend evaluate theirs; a learning rate given or chosen from a grid
 is one rate for both.
@@ -210,9 +210,9 @@ def pair_batches(protocol: ProtocolSettings, model, inputs: ModelInputs, device:
         trunk_outputs = trunk_outputs_of(model, images, device)
     if trunk_outputs is not None:
         outputs = trunk_outputs.detach().cpu().unsqueeze(0)
-        return lambda s: FeatureBatches(outputs, torch.arange(len(texts)), texts, protocol.batch_train, s)
+        return lambda s: FeatureBatches(outputs, torch.arange(len(texts)), texts, protocol.eval_batch, s)
     images = images.detach().cpu()
-    return lambda s: _pairs_loader(images, texts, protocol.batch_train, s, strategy)
+    return lambda s: _pairs_loader(images, texts, protocol.eval_batch, s, strategy)
 
 
 def evaluate_pairs(settings: ModelSettings, protocol: ProtocolSettings, images: torch.Tensor, texts: torch.Tensor, lr: float, inputs: ModelInputs,

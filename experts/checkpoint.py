@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from experts.files import complete_numbers, used_numbers
+from settings.base import current_names
 from utils.cli import UserError
 from utils.io import atomic_torch_save, is_stale, owner_tag, remove_stale_temporaries, safe_torch_load
 from utils.rng import restore_rng, rng_state
@@ -175,9 +176,9 @@ class ExpertCheckpoint:
             _say(f"expert {self.number}: the interrupted run's partial expert cannot be continued ({path.name} or "
                  f"its snapshots {problem}); training it afresh")
             return None
-        if state.get("settings") != self.settings:
-            changed = sorted(k for k in {*state.get("settings", {}), *self.settings}
-                             if state.get("settings", {}).get(k) != self.settings.get(k))
+        made_with = current_names(state.get("settings", {}))  # (saved before a setting was renamed)
+        if made_with != self.settings:
+            changed = sorted(k for k in {*made_with, *self.settings} if made_with.get(k) != self.settings.get(k))
             _say(f"expert {self.number}: the interrupted run's partial expert was made with other settings "
                  f"({', '.join(changed[:4])}); training it afresh")
             return None

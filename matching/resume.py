@@ -15,6 +15,7 @@ import torch
 from data.distilled_set import learned_lr_problem, load_distilled_set, resume_state_problem
 from matching.distiller import Distiller
 from matching.streams import SegmentStreams, saved_streams, streams_entries
+from settings.base import current_names
 from settings.programs import DistillRunSettings
 from utils import distributed
 from utils.cli import UserError
@@ -22,7 +23,6 @@ from utils.distributed import ProcessGroupInfo
 
 # Settings a resumed run must share with the run that wrote the file.
 RESUME_KEYS = ("dataset", "image_encoder", "text_encoder", "text_identity", "image_size", "num_pairs")
-RESUME_ALIASES = {"num_queries": "num_pairs"}  # files written before the settings were renamed
 
 
 @dataclass
@@ -57,7 +57,7 @@ class ResumePoint:
 
 def check_resume(payload: dict, settings: DistillRunSettings, text_identity: str, path) -> None:
     """Refuse a --resume file that is no distill.py run of these settings, or one that cannot be continued."""
-    config = {RESUME_ALIASES.get(k, k): v for k, v in payload["config"].items()}
+    config = current_names(payload["config"])  # (a file written before a setting was renamed)
     source = config.get("source", "distilled")
     if source != "distilled":  # a coreset or feature-centroid set: nothing was learned, so nothing to continue
         raise UserError(f"--resume {path} is a {source} set written by evaluate.py, not a distill.py run: it holds "
@@ -75,8 +75,8 @@ def check_resume(payload: dict, settings: DistillRunSettings, text_identity: str
     problem = learned_lr_problem(payload)
     if problem:
         raise UserError(f"--resume {path} cannot be resumed: it {problem}")
-    if payload["iteration"] > settings.distill.Iteration:
-        raise UserError(f"--resume {path} is at iteration {payload['iteration']}, beyond --Iteration {settings.distill.Iteration}")
+    if payload["iteration"] > settings.distill.iterations:
+        raise UserError(f"--resume {path} is at iteration {payload['iteration']}, beyond --iterations {settings.distill.iterations}")
 
 
 def resume_point(payload: dict, path, distiller: Distiller, streams: SegmentStreams, say) -> ResumePoint:
@@ -104,9 +104,9 @@ def load_resume(settings: DistillRunSettings, text_identity: str, group: Process
         load_distilled_set(settings.distill.resume) if settings.distill.resume and group.is_main else None, group, device)
     if resume is not None:
         check_resume(resume, settings, text_identity, settings.distill.resume)
-        if resume["iteration"] == settings.distill.Iteration:
-            say(f"note: --resume {settings.distill.resume} is already at --Iteration {settings.distill.Iteration}: "
-                f"nothing is left to learn; give a larger --Iteration to continue it")
+        if resume["iteration"] == settings.distill.iterations:
+            say(f"note: --resume {settings.distill.resume} is already at --iterations {settings.distill.iterations}: "
+                f"nothing is left to learn; give a larger --iterations to continue it")
     return resume
 
 

@@ -25,6 +25,17 @@ from utils.cli import UserError, str2bool, suggestion
 
 Check = Callable[[Any], str | None]  # returns what is wrong with a value, or None
 
+# The names fields had in earlier versions of this project -> their names now. On the command line and in TOML
+# the old names are the fields' aliases; files written before a rename (a set's or a report's config, a partial
+# expert's settings, a pipeline stage's stamp) are read through this map (`current_names`).
+RENAMED = {"num_queries": "num_pairs", "Iteration": "iterations", "mom": "expert_momentum",
+           "l2": "expert_weight_decay", "batch_train": "eval_batch"}
+
+
+def current_names(config: Mapping[str, Any]) -> dict[str, Any]:
+    """A saved flat configuration with the keys renamed since it was written under their names now."""
+    return {RENAMED.get(key, key): value for key, value in config.items()}
+
 
 @dataclasses.dataclass(frozen=True)
 class Computed:

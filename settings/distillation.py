@@ -31,7 +31,7 @@ class DistillSettings(Settings):
     max_start_epoch: int = setting(25, "start epoch is drawn from 0..max_start_epoch-1", check=at_least(1))
     num_pairs: int = setting(100, "synthetic pairs N", aliases=("num_queries",), check=pair_count)
     mini_batch_size: int = setting(100, "synthetic pairs per student step", check=pair_count)
-    Iteration: int = setting(50000, "distillation iterations", aliases=("iterations",), check=at_least(1))
+    iterations: int = setting(50000, "distillation iterations", aliases=("Iteration",), check=at_least(1))
     lr_img: float = setting(1000, "learning rate of the synthetic images", check=positive_up_to(DATA_LR_MAX))
     lr_txt: float = setting(1000, "learning rate of the synthetic text embeddings",
                             check=positive_up_to(DATA_LR_MAX))

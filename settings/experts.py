@@ -20,6 +20,7 @@ class ExpertSettings(Settings):
     expert_batch: int = setting(128, "training batch size of the experts (real pairs; a training split "
                                                    "smaller than it is one batch per epoch)",
                                 aliases=("batch_train", "batch_size_train"), check=pair_count)
-    mom: float = setting(0.0, "SGD momentum", check=in_interval(0, 1, high_included=False))
-    l2: float = setting(0.0, "SGD weight decay", check=in_interval(0, 1))
+    expert_momentum: float = setting(0.0, "SGD momentum of the experts", aliases=("mom",),
+                                     check=in_interval(0, 1, high_included=False))
+    expert_weight_decay: float = setting(0.0, "SGD weight decay of the experts", aliases=("l2",), check=in_interval(0, 1))
     decay: bool = setting(False, "multiply both learning rates by 0.1 after epoch train_epochs // 2 + 1")

@@ -56,9 +56,9 @@ class CoresetSettings(Settings):
                                     "forgotten)", check=at_least(2))
     forgetting_batch: int = setting(128, "batch size of that expert", check=pair_count)
     forgetting_lr_img: float = setting(0.1, "image-side learning rate of the forgetting expert",
-                                       aliases=("lr_teacher_img",), check=positive_up_to(WEIGHT_LR_MAX))
+                                       check=positive_up_to(WEIGHT_LR_MAX))
     forgetting_lr_txt: float = setting(0.1, "text-head learning rate of the forgetting expert",
-                                       aliases=("lr_teacher_txt",), check=positive_up_to(WEIGHT_LR_MAX))
+                                       check=positive_up_to(WEIGHT_LR_MAX))
     coreset_file: str | None = setting(None, "where the selected coreset is saved (default runs/<dataset>/coresets/"
                                              "<method>_<N>_seed<seed>.pt); an existing file made with the same "
                                              "settings is reused", check=a_path)

@@ -14,8 +14,8 @@ class ProtocolSettings(Settings):
 
     num_eval: int = setting(5, "fresh models per evaluation (mean ± std over them)", check=at_least(1))
     epoch_eval_train: int = setting(50, "epochs each evaluation model trains", check=at_least(1))
-    batch_train: int = setting(64, "batch size when training evaluation models (a set smaller than it is one batch "
-                                           "per epoch)", check=pair_count)
+    eval_batch: int = setting(64, "batch size when training evaluation models (a set smaller than it is one batch "
+                                          "per epoch)", aliases=("batch_train",), check=pair_count)
     dsa: bool = setting(False, "differentiable augmentation of synthetic images in student steps and evaluation "
                                "training (the reference parses --dsa but never applies it; off by default as there)")
     dsa_strategy: str = setting("color_crop_cutout_flip_scale_rotate", "DSA operations, joined by _")

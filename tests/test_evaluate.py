@@ -126,7 +126,7 @@ def test_evaluate_reproduces_the_evaluation_distill_stored(run4, tmp_path):
     assert report["selection_split"] == "val" and report["selection_metrics"] == payload["metrics"]
     assert report["split"] == "test" and report["metrics"] != payload["metrics"]
     assert report["config"]["lr_used"] == payload["syn_lr_img"] and report["config"]["image_encoder"] == "convnet"
-    assert report["config"]["num_eval"] == 2 and report["config"]["batch_train"] == 4  # from the file
+    assert report["config"]["num_eval"] == 2 and report["config"]["eval_batch"] == 4  # from the file
 
 
 def test_flags_override_the_file_and_cross_architecture_runs(run4, tmp_path, capsys):

@@ -110,5 +110,5 @@ def test_resuming_a_finished_run_says_nothing_is_left_to_learn(tiny_shapes, cach
     last = run4 / "distilled_last.pt"
     assert distill.main(distill_flags(tiny_shapes, cache_dir, experts, tmp_path / "out", "--Iteration", "4",
                                       "--resume", str(last))) == 0
-    assert (f"note: --resume {last} is already at --Iteration 4: nothing is left to learn; give a larger --Iteration "
+    assert (f"note: --resume {last} is already at --iterations 4: nothing is left to learn; give a larger --iterations "
             f"to continue it\n") in capsys.readouterr().out

@@ -48,8 +48,8 @@ def test_reference_flag_names_are_aliases_of_the_names_that_say_what_they_mean()
     assert distill.distill.num_pairs == 8 and distill.distill.student_lr_img == 0.2
     buffer = programs.parse("buffer", "", ["--lr_teacher_img", "0.3", "--batch_train", "7"])
     assert buffer.experts.expert_lr_img == 0.3 and buffer.experts.expert_batch == 7
-    evaluate = programs.parse("evaluate", "", ["--coreset", "random", "--num_queries", "5", "--lr_teacher_txt", "2"])
-    assert evaluate.judging.coreset_size == 5 and evaluate.coreset.forgetting_lr_txt == 2
+    evaluate = programs.parse("evaluate", "", ["--coreset", "random", "--num_queries", "5", "--batch_train", "2"])
+    assert evaluate.judging.coreset_size == 5 and evaluate.protocol.eval_batch == 2
 
 
 def test_the_command_line_says_which_settings_it_gives_itself():
@@ -150,3 +150,44 @@ def test_the_default_cache_dir_follows_the_environment_when_the_settings_are_mad
     monkeypatch.delenv("VL_DISTILL_CACHE")
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     assert DataSettings().cache_dir == str(Path(tmp_path / "home" / ".cache" / "vl-distill"))
+
+
+# ---- renamed settings: the old names keep working everywhere a user or an old file gives them -----------------
+
+def test_every_renamed_setting_keeps_its_old_name_as_an_alias_of_the_new_one():
+    from settings.base import RENAMED
+
+    for program in ("buffer", "distill", "evaluate"):
+        keys = programs.known_keys(program)
+        for old, new in RENAMED.items():
+            if new in keys.values():
+                assert keys.get(old) == new, (program, old)
+    assert programs.parse("distill", "", ["--Iteration", "7", "--batch_train", "5"]).distill.iterations == 7
+    assert programs.parse("distill", "", ["--Iteration", "7", "--batch_train", "5"]).protocol.eval_batch == 5
+    experts = programs.parse("buffer", "", ["--mom", "0.5", "--l2", "0.1", "--batch_train", "9"]).experts
+    assert (experts.expert_momentum, experts.expert_weight_decay, experts.expert_batch) == (0.5, 0.1, 9)
+
+
+def test_the_reference_teacher_rates_are_not_the_forgetting_experts_rate():
+    """--lr_teacher_img means the experts' rate (buffer.py) and the student's first step size (distill.py), as in
+    the reference; evaluate.py's forgetting expert is another model and takes only its own flag."""
+    assert programs.parse("buffer", "", ["--lr_teacher_img", "0.3"]).experts.expert_lr_img == 0.3
+    assert programs.parse("distill", "", ["--lr_teacher_img", "0.3"]).distill.student_lr_img == 0.3
+    assert "lr_teacher_img" not in programs.known_keys("evaluate")
+
+
+def test_files_and_stamps_written_under_old_names_are_read_under_the_new_ones():
+    import evaluate
+    from comparison.stages import flag_values
+    from settings.base import current_names
+
+    old = {"Iteration": 200, "batch_train": 32, "mom": 0.0, "l2": 0.0, "num_queries": 100, "dataset": "flickr8k"}
+    assert current_names(old) == {"iterations": 200, "eval_batch": 32, "expert_momentum": 0.0,
+                                  "expert_weight_decay": 0.0, "num_pairs": 100, "dataset": "flickr8k"}
+    # evaluate.py takes a set's protocol from its file unless the command line gives it
+    assert evaluate.with_file_settings({"eval_batch": 64}, {"batch_train": 32}, frozenset())["eval_batch"] == 32
+    assert evaluate.with_file_settings({"eval_batch": 64}, {"batch_train": 32}, frozenset({"eval_batch"}))[
+        "eval_batch"] == 64
+    # a pipeline stage stamped before the rename is the same stage (reused, not redone)
+    assert flag_values(["--Iteration", "200", "--batch_train", "32"]) == \
+        flag_values(["--batch_train", "32", "--iterations", "200"]) == {"--iterations": ("200",), "--eval_batch": ("32",)}
