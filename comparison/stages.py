@@ -25,7 +25,7 @@ from settings.base import RENAMED
 from settings.choices import CENTROIDS, RANDOM
 from settings.distillation import DistillSettings
 from utils.cli import UserError
-from utils.io import atomic_write_json, read_json_if_present
+from utils.io import atomic_write_json
 from utils.paths import ensure_output_dir, refuse_outputs_over_inputs
 
 NOT_METRICS = ("epoch", "train_loss", "train_acc", "steps", "gradient_steps")  # buffer.py's epoch keys besides metrics
@@ -243,7 +243,7 @@ def distill_stage(config: dict, out: Path, expert_dir: Path, seed: int | None = 
 def distill_timing(distilled: Path) -> dict:
     """The timing.json that the distill.py run which wrote `distilled` keeps beside its sets ({"seconds",
     "iterations", "sync_seconds"}: matching only, evaluations excluded); {} when it has none."""
-    return read_json_if_present(Path(distilled).parent / "timing.json") or {}
+    return RunTiming.read(Path(distilled).parent)
 
 
 def seconds_per_iteration(distilled: Path, missing: float = float("nan")) -> float:

@@ -32,7 +32,7 @@ class RunTiming:
     def continued(cls, resume: str | None, main_process: bool) -> RunTiming:
         """A fresh record, or on rank 0 of a run with --resume the one beside the file it resumes from (without
         the mark of a budget stop: this run goes on from there)."""
-        record = read_json_if_present(Path(resume).parent / TIMING_NAME) if resume and main_process else None
+        record = cls.read(Path(resume).parent) if resume and main_process else None
         if record:
             record.pop(BUDGET_STOP, None)
         return cls(record)
@@ -58,9 +58,14 @@ class RunTiming:
         return stats, point
 
     @staticmethod
+    def read(folder: Path) -> dict:
+        """The record of the run that wrote `folder` ({} when it has none): the one reader of timing.json."""
+        return read_json_if_present(Path(folder) / TIMING_NAME) or {}
+
+    @staticmethod
     def budget_stop(folder: Path) -> int | None:
         """The iteration at which the run that wrote `folder` stopped on its --time_budget, if it did."""
-        return (read_json_if_present(Path(folder) / TIMING_NAME) or {}).get(BUDGET_STOP)
+        return RunTiming.read(folder).get(BUDGET_STOP)
 
     def write(self, folder: Path) -> None:
         atomic_write_json(self.record, folder / TIMING_NAME)

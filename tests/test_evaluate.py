@@ -102,7 +102,7 @@ def test_buffers_without_a_training_pair_count_still_serve(tiny_shapes, cache_di
 def test_a_saved_coreset_is_reused_and_evaluates_like_a_distilled_set(method, tiny_shapes, cache_dir, experts,
                                                                       tmp_path, capsys):
     _, by_coreset = coreset(tiny_shapes, cache_dir, experts, tmp_path, method, 10)
-    _, again = coreset(tiny_shapes, cache_dir, experts, tmp_path, method, 10, "--lr_teacher_txt", "0.3")
+    _, again = coreset(tiny_shapes, cache_dir, experts, tmp_path, method, 10, "--forgetting_lr_txt", "0.3")
     assert f"reusing the {method} coreset" in capsys.readouterr().out  # that lr does not enter the selection
     assert again["metrics"] == by_coreset["metrics"]
     out = tmp_path / "as_distilled.json"
