@@ -27,7 +27,7 @@ $(STAMP): requirements.txt requirements-offline-weights.txt pyproject.toml
 test: $(STAMP)
 	$(PY) -m pytest
 
-# the unit tests that run no program (about half a minute): while editing; `make test` before a commit
+# the unit tests that run no program (about 15 s): while editing; `make test` before a commit
 test-fast: $(STAMP)
 	$(PY) -m pytest -m fast
 
