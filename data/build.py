@@ -133,7 +133,7 @@ def load_retrieval_data(settings: DataSettings, model: ModelSettings, device: to
 
     def make_encoder():
         if not encoder:
-            encoder.append(FrozenTextEncoder(model.text_encoder, model.text_model, device))
+            encoder.append(FrozenTextEncoder(model.text_encoder, model.text_model, device, settings.cache_dir))
         return encoder[0]
 
     texts = {}

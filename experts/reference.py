@@ -21,7 +21,7 @@ from utils.io import safe_torch_load
 
 REFERENCE_FORMAT = 0  # the "format" of metadata derived from the files (buffer_meta.json says 1 and up)
 # Embedding sizes of the default text models (a --text_model of one's own is checked once loaded).
-TEXT_DIMS = {"bert": 768, "minilm": 384}
+TEXT_DIMS = {"bert": 768, "minilm": 384, "mpnet": 768}
 
 
 def _first_snapshot(path: Path) -> list[torch.Tensor]:

@@ -6,7 +6,7 @@ IMAGE_ENCODERS = ("nfnet", "nf_resnet50", "nf_regnet", "vit", "resnet18", "effic
                   "efficientnet_lite2", "convnet", "convnet_w64", "convnet_w32")
 NORMALIZATIONS = ("clip", "imagenet", "inception")
 IMAGE_NORMS = ("auto", *NORMALIZATIONS)
-TEXT_ENCODERS = ("bert", "minilm")
+TEXT_ENCODERS = ("bert", "minilm", "mpnet")
 LORA_ENCODERS = ("vit",)
 LOSS_TYPES = ("infonce", "wbce", "bce", "kl", "mse")
 SIM_TYPES = ("none", "full", "lowrank")

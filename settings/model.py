@@ -31,7 +31,8 @@ class ModelSettings(Settings):
     title = "model"
 
     image_encoder: str = setting("nfnet", "image encoder", choices=IMAGE_ENCODERS)
-    text_encoder: str = setting("bert", "frozen text encoder (bert = BERT-base; minilm = packaged all-MiniLM-L6-v2)",
+    text_encoder: str = setting("bert", "frozen text encoder (bert = BERT-base; minilm = packaged all-MiniLM-L6-v2; "
+                                        "mpnet = packaged all-mpnet-base-v2, assembled in --cache_dir on first use)",
                                 choices=TEXT_ENCODERS)
     text_model: str | None = setting(None, "hub id or local folder of the text model (bert default: "
                                            "bert-base-uncased, must already be on disk)", check=a_path)

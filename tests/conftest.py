@@ -34,6 +34,18 @@ def cache_dir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("cache")
 
 
+@pytest.fixture(scope="session")
+def mpnet_cache(tmp_path_factory):
+    """A cache folder in which the packaged all-mpnet-base-v2 is assembled once for the session (~420 MB, removed
+    at its end rather than left to pytest's kept temporary folders)."""
+    from networks.packaged_text import MPNET, packaged_model_folder
+
+    folder = tmp_path_factory.mktemp("mpnet_cache")
+    packaged_model_folder(MPNET, folder)
+    yield folder
+    shutil.rmtree(folder, ignore_errors=True)
+
+
 @pytest.fixture()
 def dataset_copy(tiny_shapes, tmp_path) -> Path:
     """A private copy of the tiny data set that a test may damage."""

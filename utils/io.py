@@ -12,6 +12,7 @@ import json
 import os
 import re
 import secrets
+import shutil
 import socket
 import time
 from pathlib import Path
@@ -64,9 +65,10 @@ def is_stale(path: Path, host: str | None, pid: int | None) -> bool:
 
 
 def remove_stale_temporaries(folder) -> list[Path]:
-    """Delete the temporary files (`.*.tmp`) in `folder` left by processes that no longer run; returns them.
+    """Delete the temporary files and folders (`.*.tmp`) in `folder` left by processes that no longer run;
+    returns them.
 
-    A live writer's temporary file is never touched; one whose writer cannot be asked is removed only
+    A live writer's temporary is never touched; one whose writer cannot be asked is removed only
     once older than STALE_AFTER_SECONDS.
     """
     removed = []
@@ -75,20 +77,28 @@ def remove_stale_temporaries(folder) -> list[Path]:
         host, pid = (owned["host"], int(owned["pid"])) if owned else (None, None)
         if is_stale(path, host, pid):
             try:
-                path.unlink()
+                if path.is_dir() and not path.is_symlink():
+                    shutil.rmtree(path)
+                else:
+                    path.unlink()
                 removed.append(path)
             except FileNotFoundError:  # another run cleaned it meanwhile
                 pass
     return removed
 
 
-def _temporary_sibling(path: Path) -> Path:
-    """Create an empty hidden temporary file beside `path`, named after its writer, with the umask's mode."""
+def temporary_sibling(path, folder: bool = False) -> Path:
+    """Create an empty hidden temporary file (or, with `folder`, an empty folder) beside `path`, named after its
+    writer (`remove_stale_temporaries` reads the name), with the umask's mode."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     while True:
         tmp = path.with_name(f".{path.name}~{owner_tag()}~{secrets.token_hex(4)}.tmp")
         try:
-            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            if folder:
+                tmp.mkdir()
+            else:
+                os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
             return tmp
         except FileExistsError:
             continue
@@ -101,7 +111,7 @@ def atomic_torch_save(obj, path, *, overwrite: bool = True) -> Path:
     `overwrite=False` an existing file is never replaced (`FileExistsError` instead).
     """
     path = Path(path)
-    tmp = _temporary_sibling(path)
+    tmp = temporary_sibling(path)
     try:
         with open(tmp, "wb") as handle:  # through a handle: the archive inside is named "archive", not
             torch.save(obj, handle)      # after the random temporary name, so equal data gives equal bytes
@@ -123,7 +133,7 @@ def atomic_torch_save(obj, path, *, overwrite: bool = True) -> Path:
 def atomic_write_text(text: str, path) -> Path:
     """Write a text file atomically (temporary file, then rename)."""
     path = Path(path)
-    tmp = _temporary_sibling(path)
+    tmp = temporary_sibling(path)
     try:
         tmp.write_text(text)
         os.replace(tmp, path)
