@@ -20,7 +20,11 @@ value; --epoch_scales 0.5 1 2 chooses the number of epochs jointly (multiples of
 present, e.g. flickr8k_test.json beside the others, else --eval_split; the output says which).
 --eval_image_encoder (or --image_encoder) trains another image encoder than the set was made with
 (cross-architecture transfer); the label, the printed lines and the JSON name the encoder used. Another
---dataset or text encoder than the set's is refused: its text embeddings mean nothing elsewhere.
+--dataset or --text_encoder than the set's is refused: its text embeddings mean nothing elsewhere.
+--eval_text_encoder NAME judges the set with another text encoder (text-side transfer): a distilled set's
+synthetic texts go over as their nearest real training captions (cosine, in the set's own text space), a
+coreset's as its own captions, each re-encoded with NAME; the evaluation models take NAME's width, every split is
+embedded by NAME, and the label, the printed lines and the JSON ("text_transfer") say so.
 --out writes every metric, its runs, the choices and the full configuration as JSON; it (and
 --coreset_file) are checked for writability before any work.
 """
@@ -40,6 +44,7 @@ from data.build import load_retrieval_data
 from data.distilled_set import load_distilled_set
 from data.model_inputs import inputs_for
 from evaluation import coreset_files, set_files
+from evaluation.text_transfer import transfer_texts
 from evaluation.grid import scaled_epochs
 from evaluation.metrics import format_table
 from evaluation.protocol import judge, lr_label, pair_batches, reported_split, untrained_warning
@@ -86,6 +91,8 @@ def check_settings(settings: EvaluateSettings) -> None:
         raise UserError("--coreset needs --coreset_size N (how many real pairs to select; --num_queries is the same)")
     if not coreset and size is not None:
         raise UserError("--coreset_size only applies to --coreset (a distilled set has its own size)")
+    if settings.judging.eval_text_encoder and settings.target.full:
+        raise UserError("--eval_text_encoder re-encodes a set's texts; --full has no set: give --text_encoder instead")
     if settings.judging.eval_image_encoder:  # the encoder that trains
         check_image_size(settings.judging.eval_image_encoder, settings.model.image_size, "eval_image_encoder")
     else:
@@ -157,7 +164,7 @@ def training_model(settings: EvaluateSettings, data, device: torch.device, model
 
 
 def training_pairs(settings: EvaluateSettings, payload: dict | None, set_path: Path | None, model, inputs,
-                   device: torch.device, made_with: str | None):
+                   device: torch.device, made_with: str | None, text_transfer=None):
     """The row's label, what trains (in words) and its batches by seed: the set's pairs, or the training split."""
     if payload is None:
         pairs = len(inputs.data.train.captions)
@@ -165,6 +172,7 @@ def training_pairs(settings: EvaluateSettings, payload: dict | None, set_path: P
         return f"full-{pairs}", f"full-data training ({pairs} pairs)", partial(inputs.train_batches, settings.protocol.eval_batch)
     pairs, source = len(payload["text_syn"]), payload["config"].get("source", "distilled")
     label = f"{source}-{pairs}" + (f" on {settings.model.image_encoder}" if settings.model.image_encoder != made_with else "")
+    label += f" ({text_transfer.phrase})" if text_transfer else ""
     make_loader = pair_batches(settings.protocol, model, inputs, device, payload["text_syn"],
                                **set_files.set_inputs(settings.model, payload, set_path, model, device))
     batch_note("--eval_batch", settings.protocol.eval_batch, pairs, "the set")
@@ -199,7 +207,7 @@ def print_result(settings: EvaluateSettings, result: dict, label: str, report_sp
 
 def write_report(settings: EvaluateSettings, result: dict, label: str, report_split: str, warning: str | None,
                  seconds: float, payload: dict | None, set_path: Path | None, data, made_with: str | None,
-                 device: torch.device, argv) -> None:
+                 device: torch.device, argv, text_transfer=None) -> None:
     """--out: every metric with its runs, the choices and the full configuration."""
     config = settings.flat_config()
     config.update(set_file=str(set_path) if set_path else None, set_config=payload["config"] if payload else None,
@@ -214,6 +222,7 @@ def write_report(settings: EvaluateSettings, result: dict, label: str, report_sp
                        "selection_split": settings.data.eval_split,
                        "selection_metrics": result["selection_metrics"], "config": config,
                        "untrained_models": result["untrained_models"], "warning": warning,
+                       "text_transfer": text_transfer.report() if text_transfer else None,
                        "seconds": round(seconds, 1)}, Path(settings.judging.out))
     print(f"wrote {settings.judging.out}")
 
@@ -231,6 +240,11 @@ def main(argv=None) -> int:
                             need_train=model.has_trunk and coreset_files.needs_train_outputs(settings.target.coreset))
         payload, set_path = coreset_files.coreset_set(settings, inputs, model, device)
     set_files.check_text_dim(payload, set_path, data.text_dim)
+    text_transfer = None
+    if settings.judging.eval_text_encoder:  # the set's texts go over to another text encoder (docstring)
+        settings, payload, data, text_transfer = transfer_texts(settings, payload, set_path, data, device,
+                                                                (report_split,))
+        model = inputs = None  # built for the set's text width
     # The encoder the set was made with (a coreset: the one this run selected with).
     made_with = payload["config"].get("image_encoder", settings.model.image_encoder) if payload else None
     settings, model, inputs = training_model(settings, data, device, model, inputs)
@@ -239,9 +253,12 @@ def main(argv=None) -> int:
     learned = settings.target.distilled and settings.judging.lr_eval is None and not settings.judging.lr_grid
     lrs = settings.judging.lr_grid or [settings.judging.lr_eval or (payload["syn_lr_img"] if settings.target.distilled else DEFAULT_REAL_LR)]
     lr_txt = payload["syn_lr_txt"] if learned else None
-    label, what, make_loader = training_pairs(settings, payload, set_path, model, inputs, device, made_with)
+    label, what, make_loader = training_pairs(settings, payload, set_path, model, inputs, device, made_with,
+                                              text_transfer)
     epochs = scaled_epochs(settings.protocol.epoch_eval_train, settings.judging.epoch_scales)
     transfer = f" (the set was made with {made_with})" if made_with and made_with != settings.model.image_encoder else ""
+    if text_transfer:
+        transfer += f" ({text_transfer.phrase}; the set's text encoder is {text_transfer.from_identity})"
     print(f"evaluating {what} with {settings.protocol.num_eval} x {settings.model.image_encoder}{transfer}: "
           f"{choices_line(settings, lrs, lr_txt, epochs)}; reporting on {report_split}"
           + (f" (no {settings.data.dataset} test split beside the others: the split used for choices)"
@@ -259,7 +276,7 @@ def main(argv=None) -> int:
     warning = print_result(settings, result, label, report_split, seconds)
     if settings.judging.out:
         write_report(settings, result, label, report_split, warning, seconds, payload, set_path, data, made_with,
-                     device, argv)
+                     device, argv, text_transfer)
     return 0
 
 

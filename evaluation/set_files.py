@@ -29,7 +29,8 @@ def check_set_origin(data_settings: DataSettings, model_settings: ModelSettings,
     if made_with and made_with != asked:
         raise UserError(f"{set_path} holds embeddings of text model {made_with}, but this run would embed the "
                         f"captions with {asked}; embeddings of two text models are not comparable: drop "
-                        f"--text_encoder/--text_model or pass the ones the set was made with")
+                        f"--text_encoder/--text_model or pass the ones the set was made with (--eval_text_encoder NAME judges "
+                        f"it with another encoder through real captions)")
 
 
 def check_learned_lrs(judging: JudgingSettings, payload: dict, set_path: Path) -> None:

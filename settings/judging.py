@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from settings.base import WEIGHT_LR_MAX, Settings, a_path, at_least, each, pair_count, positive_up_to, setting
-from settings.choices import CENTROIDS, CORESET_METHODS, IMAGE_ENCODERS
+from settings.choices import CENTROIDS, CORESET_METHODS, IMAGE_ENCODERS, TEXT_ENCODERS
 from utils.cli import UserError
 
 # The evaluation learning rate of real sets (coresets, full data) when neither --lr_eval nor --lr_grid is given.
@@ -35,6 +35,11 @@ class JudgingSettings(Settings):
                                         "file exists, else --eval_split", choices=("auto", "val", "test"))
     eval_image_encoder: str | None = setting(None, "train this image encoder instead of the one the set was made "
                                                    "with", choices=IMAGE_ENCODERS)
+    eval_text_encoder: str | None = setting(None, "embed the captions with this text encoder instead of the one the "
+                                                  "set was made with: a distilled set's texts go over as their nearest "
+                                                  "real training captions (cosine, in the set's own text space), a "
+                                                  "coreset's as its own captions, re-encoded with this encoder",
+                                            choices=TEXT_ENCODERS)
     out: str | None = setting(None, "write the metrics and configuration to this JSON file", check=a_path)
     overwrite: bool = setting(False, "let --out replace an existing file that is not an evaluate.py report (a "
                                      "report it wrote before is always replaced)")

@@ -26,10 +26,17 @@ def save_image_grids(image_syn: torch.Tensor, directory: Path, tag: str) -> dict
     return paths
 
 
+def nearest_caption_indices(text_syn: torch.Tensor, real_text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For each synthetic text embedding, the index of the real caption embedding with the highest cosine
+    similarity, and that similarity."""
+    sims = F.normalize(text_syn.detach().float().cpu(), dim=1) @ F.normalize(real_text.float().cpu(), dim=1).t()
+    best, index = sims.max(dim=1)
+    return index, best
+
+
 def nearest_captions(text_syn: torch.Tensor, real_text: torch.Tensor, captions: list[str]) -> list[tuple[str, float]]:
     """For each synthetic text embedding, the real training caption with the highest cosine similarity."""
-    sims = F.normalize(text_syn.detach().float().cpu(), dim=1) @ F.normalize(real_text.float(), dim=1).t()
-    best, index = sims.max(dim=1)
+    index, best = nearest_caption_indices(text_syn, real_text)
     return [(captions[i], float(s)) for i, s in zip(index.tolist(), best.tolist())]
 
 
