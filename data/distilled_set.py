@@ -218,6 +218,16 @@ def load_distilled_set(path) -> dict:
     return payload
 
 
+def coreset_source(method: str) -> str:
+    """The `source` of a coreset file selected by `method`."""
+    return f"coreset:{method}"
+
+
+def coreset_method(source: str | None) -> str | None:
+    """The selection method of a coreset file's `source` ("coreset:<method>"); None for any other set."""
+    return source.removeprefix("coreset:") if isinstance(source, str) and source.startswith("coreset:") else None
+
+
 def set_source(path) -> str | None:
     """What made the set file at `path` (its config's `source`: "distilled", "coreset:<method>"; "distilled" in
     files from before the key), read without loading its tensors; None when it is not a distilled-set file."""

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from data.build import RetrievalData
-from data.distilled_set import load_distilled_set, save_distilled_set, set_source
+from data.distilled_set import coreset_method, coreset_source, load_distilled_set, save_distilled_set, set_source
 from data.model_inputs import ModelInputs
 from evaluation import coresets, set_files
 from evaluation.training import batch_note
@@ -74,7 +74,7 @@ def check_saved_files(coreset_file: Path | None, forgetting: Path | None) -> Non
     """An existing coreset file or forgetting-counts file is replaced only when evaluate.py wrote it."""
     if coreset_file is not None and coreset_file.exists():
         source = set_source(coreset_file)
-        if not (source or "").startswith("coreset:"):
+        if coreset_method(source) is None:
             made = f"a set made by {source}" if source else "not a set file"
             raise UserError(f"--coreset_file {coreset_file} exists and is not a coreset written by evaluate.py "
                             f"({made}); it is never replaced: give --coreset_file another path")
@@ -91,7 +91,7 @@ def check_saved_files(coreset_file: Path | None, forgetting: Path | None) -> Non
 
 def selection_config(settings: EvaluateSettings, data: RetrievalData) -> dict:
     config = settings.flat_config()
-    config.update(source=f"coreset:{settings.target.coreset}", text_identity=data.text_identity,
+    config.update(source=coreset_source(settings.target.coreset), text_identity=data.text_identity,
                   num_train_pairs=len(data.train.captions), image_norm=image_norm(settings.model))
     if settings.target.coreset != "random":  # the model that counts forgetting events or embeds the pairs
         derive = forgetting_seed if settings.target.coreset == "forgetting" else coreset_probe_seed

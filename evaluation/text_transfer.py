@@ -12,6 +12,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from data.build import RetrievalData, load_retrieval_data
+from data.distilled_set import coreset_method
 from settings.choices import CENTROIDS
 from utils.cli import UserError
 from utils.visualize import nearest_caption_indices
@@ -41,8 +42,7 @@ class TextTransfer:
 
 def own_captions(payload: dict) -> bool:
     """Whether the set's texts are real captions of its own (a coreset of real pairs), not synthetic ones."""
-    source = payload["config"].get("source", "distilled")
-    return source.startswith("coreset:") and source != f"coreset:{CENTROIDS}"
+    return coreset_method(payload["config"].get("source")) not in (None, CENTROIDS)
 
 
 def caption_choice(payload: dict, set_path, data: RetrievalData) -> tuple[torch.Tensor, list[float] | None, str]:
