@@ -5,7 +5,9 @@ embeddings) trained with plain SGD for --train_epochs epochs; a snapshot of all 
 parameters is taken before training and after every epoch, and every epoch ends with retrieval
 evaluation on --eval_split. Experts are written one per file pair,
 <buffer_path>/<dataset>/<image_encoder>/<text_encoder>/{img,txt}_replay_buffer_<n>.pt, numbering
-from the lowest free n, so re-running adds experts.
+from the lowest free n, so re-running adds experts. `--buffer_format safetensors` writes one
+expert_<n>.safetensors per expert and the index buffer_index.json instead (read memory-mapped);
+distill.py and evaluate.py read either, and a folder holds one of the two.
 
 Interruptions: the expert in training is kept in a hidden partial folder after every epoch
 (experts/checkpoint.py); simply rerunning the command removes what the killed run left (temporary
@@ -32,7 +34,7 @@ from settings import programs
 from settings.programs import BufferSettings
 from utils import distributed
 from experts.checkpoint import ExpertCheckpoint, numbers_to_train, tidy
-from experts.files import buffer_dir, claim_metadata, describe_experts, save_expert, save_expert_metrics
+from experts.files import buffer_dir, claim_metadata, describe_experts, save_expert, save_expert_metrics, saved_files
 from utils.cli import run_cli
 from utils.device import pick_device, seed_everything
 from utils.io import owner_tag
@@ -62,8 +64,8 @@ def snapshot(module: torch.nn.Module) -> list[torch.Tensor]:
 
 
 # Settings that do not change an expert's training (left out when a partial expert is continued).
-NOT_SHAPING_AN_EXPERT = ("num_experts", "buffer_path", "cache_dir", "wandb_mode", "wandb_project", "wandb_entity",
-                         "name", "progress")
+NOT_SHAPING_AN_EXPERT = ("num_experts", "buffer_path", "buffer_format", "cache_dir", "wandb_mode", "wandb_project",
+                         "wandb_entity", "name", "progress")
 
 
 def expert_settings(settings: BufferSettings, device, seed: int) -> dict:
@@ -148,7 +150,8 @@ def main(argv=None) -> int:
     with distributed.main_process_first(group):
         if group.is_main:
             claim_metadata(directory, describe_experts(settings.data, model_settings, probe, data.text_identity,
-                                                       data.text_dim, len(data.train.captions)))
+                                                       data.text_dim, len(data.train.captions)),
+                           settings.experts.buffer_format)
             tidy(directory)
     # Rank 0 claims every number, each in the name of the process that trains it (my_share's round robin), so
     # that another buffer.py started on this folder at the same time takes other numbers.
@@ -172,7 +175,7 @@ def main(argv=None) -> int:
         image_traj, text_traj, history, seconds = train_expert(settings, inputs, device, seed, label, run,
                                                                checkpoint, resumed)
         problem = untrained_problem(image_traj, text_traj, history)
-        saved = save_expert(directory, number, image_traj, text_traj)
+        saved = save_expert(directory, number, image_traj, text_traj, settings.experts.buffer_format)
         untrained = {"did_not_train": problem} if problem else {}
         save_expert_metrics(directory, saved, history, {"eval_split": settings.data.eval_split,
                                                         "seconds": round(seconds, 1), **untrained})
@@ -183,7 +186,7 @@ def main(argv=None) -> int:
                   file=sys.stderr)
         checkpoint.remove()
         finals.append({k: v for k, v in history[-1].items() if k not in NOT_METRICS})
-        print(f"saved {label} -> {directory}/{{img,txt}}_replay_buffer_{saved}.pt")
+        print(f"saved {label} -> {saved_files(directory, saved, settings.experts.buffer_format)}")
     if finals:
         print(f"[rank {group.rank}] {len(finals)} experts in {time.time() - start:.0f}s; final retrieval "
               f"on {settings.data.eval_split} (mean ± std over experts): {format_summary(summarize_runs(finals))}"

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from experts.files import complete_numbers, used_numbers
+from experts.files import complete_numbers, tidy_index, used_numbers
 from settings.base import current_names
 from utils.cli import UserError
 from utils.io import atomic_torch_save, is_stale, owner_tag, remove_stale_temporaries, safe_torch_load
@@ -56,7 +56,8 @@ def _say(message: str) -> None:
 def tidy(directory: Path) -> None:
     """Remove what killed runs left in a buffer folder: temporary files, the partial folders of experts
     that were written after all, and the image file of a pair whose text file never came (its partial
-    folder is kept, so the expert is written again from it)."""
+    folder is kept, so the expert is written again from it); in the safetensors layout, bring the index
+    up to date with the expert files."""
     directory = Path(directory)
     for path in remove_stale_temporaries(directory):
         _say(f"removed {path.name} (left by an interrupted run)")
@@ -79,6 +80,7 @@ def tidy(directory: Path) -> None:
             half.unlink()
             _say(f"removed {half.name}: its text file was never written; expert {number} is written again "
                  f"from {folder.name}")
+    tidy_index(directory)  # safetensors: list the experts a killed run wrote but did not list
 
 
 def numbers_to_train(directory: Path, count: int, owners: list[str] | None = None) -> list[int]:

@@ -3,7 +3,10 @@
 Layout: `<buffer_path>/<dataset>/<image_encoder>/<text_encoder>/` holds `img_replay_buffer_<n>.pt`
 and `txt_replay_buffer_<n>.pt` (each a list of trajectories; a trajectory is a list of snapshots;
 a snapshot is a list of CPU tensors in `module.parameters()` order) and `buffer_meta.json`, which
-says what produced them so that later scripts can refuse an incompatible buffer.
+says what produced them so that later scripts can refuse an incompatible buffer. The safetensors layout
+(`expert_<n>.safetensors` and `buffer_index.json`, experts/safetensors_buffer.py) holds the same; a folder
+holds one layout, and the functions here (listing, numbering, metadata, saving, `load_expert_weights`) serve
+both, telling them apart by the files present.
 """
 from __future__ import annotations
 
@@ -15,15 +18,21 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from experts import safetensors_buffer
+from experts.safetensors_buffer import INDEX_NAME, is_expert_file, open_expert
 from networks import image_norm, trainable_parameters, trainable_parts
+from settings.choices import BUFFER_FORMATS, check_registry
 from settings.data import DataSettings
 from settings.model import ModelSettings
 from utils.cli import UserError
+from utils.errors import SettingError
 from experts.reference import REFERENCE_FORMAT, derived_metadata, shape_problem
 from utils.io import (MAX_ABS_VALUE, as_float32, atomic_torch_save, atomic_write_json, read_json_if_present,
                       safe_torch_load, tensor_problem)
 
 META_NAME = "buffer_meta.json"
+PT, SAFETENSORS = "pt", "safetensors"  # the layouts (--buffer_format)
+check_registry("buffer formats", BUFFER_FORMATS, (PT, SAFETENSORS))
 MODEL_KEY = "model_settings"  # in `expected_metadata`: the settings that build the model
 FORMAT_VERSION = 1
 # Metadata entries that must agree for two sets of experts to share a folder or be matched against.
@@ -38,6 +47,11 @@ def buffer_dir(buffer_path, dataset: str, image_encoder: str, text_encoder: str)
 
 def parameter_shapes(module: nn.Module) -> list[list[int]]:
     return [list(p.shape) for p in trainable_parameters(module)]
+
+
+def parameter_names(module: nn.Module) -> list[str]:
+    """The names of the trainable parameters, in the order of `parameter_shapes`."""
+    return [name for name, p in module.named_parameters() if p.requires_grad]
 
 
 def feature_views(data: DataSettings, settings: ModelSettings) -> int | None:
@@ -65,6 +79,8 @@ def describe_experts(data: DataSettings, settings: ModelSettings, model, text_id
         "loss_type": settings.loss_type,
         "image_param_shapes": parameter_shapes(model.image_part),
         "text_param_shapes": parameter_shapes(model.text_projection),
+        "image_param_names": parameter_names(model.image_part),
+        "text_param_names": parameter_names(model.text_projection),
         "image_param_count": sum(p.numel() for p in trainable_parameters(model.image_part)),
         "text_param_count": sum(p.numel() for p in trainable_parameters(model.text_projection)),
     }
@@ -83,10 +99,41 @@ def _read_meta_file(directory: Path) -> dict | None:
 
 def read_metadata(directory: Path) -> dict | None:
     """The folder's buffer_meta.json; for expert files without one (the reference implementation's
-    format) what their tensors tell (`reference_metadata`); None for a folder without experts."""
+    format) what their tensors tell (`reference_metadata`); None for a folder without experts. In the
+    safetensors layout it must agree with buffer_index.json, whose copy stands in for a missing one."""
     found = _read_meta_file(directory)
+    if buffer_layout(directory) == SAFETENSORS:
+        return _indexed_metadata(directory, found)
     if found is None and expert_files(directory):
         return reference_metadata(directory)
+    return found
+
+
+def _indexed_metadata(directory: Path, found) -> dict | None:
+    """`found` (buffer_meta.json) checked against the copy and the shapes in the folder's index."""
+    index = safetensors_buffer.read_index(directory)
+    if index is None:
+        return found
+    path = Path(directory) / INDEX_NAME
+    if found is None and index["meta"] is None:
+        raise UserError(f"{directory} holds safetensors experts but no {META_NAME}, and {path} keeps no copy of it: "
+                        f"restore the {META_NAME} the experts were made with")
+    if found is None:
+        found = index["meta"]
+    elif not isinstance(found, dict):
+        raise UserError(f"buffer metadata {Path(directory) / META_NAME} is not a JSON object")
+    elif index["meta"] is not None:
+        problems = [f"{key}: {index['meta'].get(key)!r} there, {found.get(key)!r} in {META_NAME}"
+                    for key in COMPATIBILITY_KEYS if index["meta"].get(key) != found.get(key)]
+        if problems:
+            raise UserError(f"expert index {path} disagrees with {META_NAME} beside it ({'; '.join(problems[:2])}); "
+                            f"one of them was replaced: delete the index and let buffer.py rebuild it, or restore "
+                            f"the {META_NAME} the experts were made with")
+    for number, entry in sorted(index["experts"].items()):
+        for part, key in safetensors_buffer.PARTS.items():
+            if entry[part]["shapes"] != found.get(key):
+                raise UserError(f"expert index {path}: expert {number}'s {part} parameter shapes disagree with "
+                                f"{key} in {META_NAME} (experts of another model?)")
     return found
 
 
@@ -109,7 +156,7 @@ def mismatches(found: dict, expected: dict) -> list[str]:
 def locate_buffer(buffer_path, dataset: str, image_encoder: str, text_encoder: str) -> Path:
     """`--buffer_path` may be the folder holding the files or the buffer root (then the layout is appended)."""
     given = Path(buffer_path)
-    if (given / META_NAME).is_file() or any(given.glob("img_replay_buffer_*.pt")):
+    if (given / META_NAME).is_file() or any(given.glob("img_replay_buffer_*.pt")) or safetensors_buffer.present(given):
         return given
     return buffer_dir(given, dataset, image_encoder, text_encoder)
 
@@ -147,7 +194,9 @@ def check_buffer_matches(meta: dict | None, directory: Path, expected: dict) -> 
     """Refuse a buffer made with other encoders, image size, text dimension or data set than asked."""
     if meta is None:
         half = [p.name for p in unpaired_files(directory)] if Path(directory).is_dir() else []
+        unlisted = [p.name for p in safetensors_buffer.unlisted_files(directory)] if Path(directory).is_dir() else []
         found = (f"only {', '.join(half[:3])} without its partner (an interrupted write)" if half else
+                 f"only {', '.join(unlisted[:3])}, not listed in {INDEX_NAME} (an interrupted write)" if unlisted else
                  "no img_replay_buffer_<n>.pt / txt_replay_buffer_<n>.pt pair" if Path(directory).is_dir() else
                  "no such folder")
         raise UserError(f"no experts in {directory} ({found}): run buffer.py with the same --dataset, "
@@ -200,8 +249,13 @@ def adopt_reference_buffer(meta: dict, directory: Path, expected: dict) -> None:
           f"loss and feature views the experts were trained with cannot be checked", file=sys.stderr)
 
 
-def claim_metadata(directory: Path, meta: dict) -> None:
-    """Write `meta` beside new experts, or check it agrees with the experts already there."""
+def claim_metadata(directory: Path, meta: dict, layout: str = PT) -> None:
+    """Write `meta` beside new experts in `layout`, or check it and the layout agree with the experts already there."""
+    held = buffer_layout(directory)
+    if held not in (None, layout):
+        raise SettingError("buffer_format", layout, f"{directory} holds experts in the {held} layout, and a folder "
+                                                    f"holds one layout: write {held} there, choose another folder, or "
+                                                    f"convert this one first (export.py buffer)", ("buffer_path",))
     found = _read_meta_file(directory)
     if found is None:
         if used_numbers(directory):
@@ -214,6 +268,20 @@ def claim_metadata(directory: Path, meta: dict) -> None:
                         f"use another --buffer_path or the same settings")
 
 
+def buffer_layout(directory: Path) -> str | None:
+    """The layout of the experts in `directory` (PT or SAFETENSORS; None: no experts), refusing a folder that
+    mixes the two."""
+    pt = sorted(p.name for p in [*_numbered(directory, "img").values(), *_numbered(directory, "txt").values()])
+    if not safetensors_buffer.present(directory):
+        return PT if pt else None
+    if pt:
+        numbered = safetensors_buffer.numbered_files(directory)
+        other = safetensors_buffer.file_name(min(numbered)) if numbered else INDEX_NAME
+        raise UserError(f"{directory} mixes the two expert layouts ({pt[0]} and {other}): a folder holds one; "
+                        f"move one set to a folder of its own (export.py buffer converts a folder to the other)")
+    return SAFETENSORS
+
+
 def _numbered(directory: Path, prefix: str) -> dict[int, Path]:
     found = {}
     for path in Path(directory).glob(f"{prefix}_replay_buffer_*.pt"):
@@ -224,18 +292,24 @@ def _numbered(directory: Path, prefix: str) -> dict[int, Path]:
 
 
 def expert_files(directory: Path) -> list[tuple[int, Path, Path]]:
-    """(n, image file, text file) for every complete numbered pair, in order of n."""
+    """(n, image file, text file) for every complete numbered pair, in order of n; in the safetensors layout
+    every expert the index lists, its one file standing for both."""
+    if buffer_layout(directory) == SAFETENSORS:
+        return [(n, path, path) for n, path in safetensors_buffer.listed_experts(directory)]
     images, texts = _numbered(directory, "img"), _numbered(directory, "txt")
     return [(n, images[n], texts[n]) for n in sorted(images.keys() & texts.keys())]
 
 
 def complete_numbers(directory: Path) -> set[int]:
-    return {n for n, _, _ in expert_files(directory)}
+    """Numbers of the experts written completely: pairs, or safetensors files (listed in the index or not yet)."""
+    images, texts = _numbered(directory, "img"), _numbered(directory, "txt")
+    return (images.keys() & texts.keys()) | safetensors_buffer.numbered_files(directory).keys()
 
 
 def used_numbers(directory: Path) -> set[int]:
-    """Numbers with an image or a text file (a complete pair or half of one)."""
-    return _numbered(directory, "img").keys() | _numbered(directory, "txt").keys()
+    """Numbers with an image or a text file (a complete pair or half of one), or a safetensors file."""
+    return (_numbered(directory, "img").keys() | _numbered(directory, "txt").keys()
+            | safetensors_buffer.numbered_files(directory).keys())
 
 
 def unpaired_files(directory: Path) -> list[Path]:
@@ -252,21 +326,50 @@ def next_free_index(directory: Path) -> int:
     return n
 
 
-def save_expert(directory: Path, n: int, image_trajectory, text_trajectory) -> int:
-    """Write one expert as file pair `n` (or the next free number if taken meanwhile); returns the number.
+def save_expert(directory: Path, n: int, image_trajectory, text_trajectory, layout: str = PT) -> int:
+    """Write one expert as number `n` (or the next free number if taken meanwhile) in `layout`; returns the number.
 
-    The image file is created without overwriting (it claims the number), then the text file; a
-    reader only counts complete pairs, so an interruption never exposes half an expert.
+    .pt: the image file is created without overwriting (it claims the number), then the text file; a
+    reader only counts complete pairs. safetensors: the file is created without overwriting, then the
+    index lists it; a reader only counts listed experts. So an interruption never exposes half an expert.
     """
     directory.mkdir(parents=True, exist_ok=True)
+    meta = _read_meta_file(directory)
     while True:
         try:
-            atomic_torch_save([image_trajectory], directory / f"img_replay_buffer_{n}.pt", overwrite=False)
+            if layout == SAFETENSORS:
+                safetensors_buffer.write_expert(directory / safetensors_buffer.file_name(n), [image_trajectory],
+                                                [text_trajectory], meta, overwrite=False)
+            else:
+                atomic_torch_save([image_trajectory], directory / f"img_replay_buffer_{n}.pt", overwrite=False)
             break
         except FileExistsError:
             n = next_free_index(directory)
-    atomic_torch_save([text_trajectory], directory / f"txt_replay_buffer_{n}.pt")
+    if layout == SAFETENSORS:
+        safetensors_buffer.update_index(directory, meta)
+    else:
+        atomic_torch_save([text_trajectory], directory / f"txt_replay_buffer_{n}.pt")
     return n
+
+
+def write_pt_pair(directory: Path, n: int, image_trajectories: list, text_trajectories: list) -> None:
+    """File pair `n` holding these trajectories (several in a reference-format file), replacing any there."""
+    atomic_torch_save(image_trajectories, Path(directory) / f"img_replay_buffer_{n}.pt")
+    atomic_torch_save(text_trajectories, Path(directory) / f"txt_replay_buffer_{n}.pt")
+
+
+def saved_files(directory: Path, n: int, layout: str) -> str:
+    """Where expert `n` was written, for a message."""
+    if layout == SAFETENSORS:
+        return str(Path(directory) / safetensors_buffer.file_name(n))
+    return f"{directory}/{{img,txt}}_replay_buffer_{n}.pt"
+
+
+def tidy_index(directory: Path) -> None:
+    """List in a safetensors folder's index the experts a killed run wrote but did not list, and drop the
+    entries of files gone."""
+    if buffer_layout(directory) == SAFETENSORS:
+        safetensors_buffer.update_index(directory, _read_meta_file(directory))
 
 
 def save_expert_metrics(directory: Path, n: int, history: list[dict], info: dict) -> Path:
@@ -304,10 +407,12 @@ def _check_trajectories(trajectories, shapes: list[list[int]], path: Path) -> No
                                     f"again, or move its file pair out of the folder")
 
 
-def load_expert_pair(image_path: Path, text_path: Path, meta: dict) -> list[tuple[list, list]]:
-    """The (image trajectory, text trajectory) pairs stored in one numbered file pair, validated."""
-    image_trajs = as_float32(safe_torch_load(image_path, "buffer file"))  # float16/64 files are used in float32
-    text_trajs = as_float32(safe_torch_load(text_path, "buffer file"))
+def load_expert_pair(image_path: Path, text_path: Path, meta: dict, raw: bool = False) -> list[tuple[list, list]]:
+    """The (image trajectory, text trajectory) pairs stored in one numbered file pair, validated, as float32
+    (`raw`: in the files' dtype)."""
+    image_trajs, text_trajs = safe_torch_load(image_path, "buffer file"), safe_torch_load(text_path, "buffer file")
+    if not raw:  # float16/64 files are used in float32
+        image_trajs, text_trajs = as_float32(image_trajs), as_float32(text_trajs)
     _check_trajectories(image_trajs, meta["image_param_shapes"], image_path)
     _check_trajectories(text_trajs, meta["text_param_shapes"], text_path)
     if len(image_trajs) != len(text_trajs) or any(len(a) != len(b) for a, b in zip(image_trajs, text_trajs)):
@@ -325,7 +430,10 @@ def load_expert_weights(model, directory: Path, meta: dict, number: int | None =
     number = min(files) if number is None else number
     if number not in files:
         raise UserError(f"no expert file pair number {number} in {directory} (have {sorted(files)})")
-    image_traj, text_traj = load_expert_pair(*files[number], meta)[0]
+    image_path, text_path = files[number]
+    pairs = (open_expert(image_path, meta) if is_expert_file(image_path)  # one snapshot read, not the trajectory
+             else load_expert_pair(image_path, text_path, meta))
+    image_traj, text_traj = pairs[0]
     epoch = len(image_traj) - 1 if epoch is None else epoch
     if not 0 <= epoch < len(image_traj):
         raise UserError(f"expert {number} has snapshots 0..{len(image_traj) - 1}, asked for epoch {epoch}")

@@ -18,6 +18,7 @@ CORESET_METHODS = (RANDOM, "herding", "kcenter", "forgetting", "kmeans")
 CENTROIDS = "centroids"
 SPLITS = ("val", "test")
 WANDB_MODES = ("online", "offline", "disabled")
+BUFFER_FORMATS = ("pt", "safetensors")  # the layouts of an expert buffer (experts/files.py)
 
 
 def check_registry(kind: str, names, registered) -> None:

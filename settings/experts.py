@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from settings.base import WEIGHT_LR_MAX, Settings, a_path, at_least, in_interval, pair_count, positive_up_to, setting
+from settings.choices import BUFFER_FORMATS
 
 
 @dataclass
@@ -11,6 +12,10 @@ class ExpertSettings(Settings):
     title = "experts"
 
     buffer_path: str = setting("./buffers", "root folder of the expert buffers", check=a_path)
+    buffer_format: str = setting("pt", "layout of the expert files written: pt (img/txt_replay_buffer_<n>.pt pairs, "
+                                       "the reference's) or safetensors (expert_<n>.safetensors and "
+                                       "buffer_index.json, read memory-mapped); a folder holds one layout",
+                                 choices=BUFFER_FORMATS)
     num_experts: int = setting(100, "experts to train (added to those present)", check=at_least(1))
     train_epochs: int = setting(50, "epochs per expert (snapshots = epochs + 1)", check=at_least(1))
     expert_lr_img: float = setting(0.1, "SGD learning rate of the experts' image side", aliases=("lr_teacher_img",),

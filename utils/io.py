@@ -15,6 +15,7 @@ import secrets
 import shutil
 import socket
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -104,23 +105,20 @@ def temporary_sibling(path, folder: bool = False) -> Path:
             continue
 
 
-def atomic_torch_save(obj, path, *, overwrite: bool = True) -> Path:
-    """Write `obj` with `torch.save` to a temporary file, then move it into place in one step.
-
-    An interrupted run therefore never leaves a half-written file under the final name. With
-    `overwrite=False` an existing file is never replaced (`FileExistsError` instead).
-    """
+def atomic_write(path, write, *, overwrite: bool = True) -> Path:
+    """Create `path` by calling `write(temporary_path)` on a hidden temporary file beside it, then moving that
+    into place in one step, so an interrupted run never leaves a half-written file under the final name. With
+    `overwrite=False` an existing file is never replaced (`FileExistsError` instead). A full disk is a UserError."""
     path = Path(path)
     tmp = temporary_sibling(path)
     try:
-        with open(tmp, "wb") as handle:  # through a handle: the archive inside is named "archive", not
-            torch.save(obj, handle)      # after the random temporary name, so equal data gives equal bytes
+        write(tmp)
         if overwrite:
             os.replace(tmp, path)
         else:
             os.link(tmp, path)  # fails if `path` exists, atomically
-    except (OSError, RuntimeError) as err:  # torch.save reports a failed write as RuntimeError
-        full = disk_full_message(err if isinstance(err, OSError) else _os_error_in(err), path)
+    except Exception as err:  # writers report a failed write as OSError, RuntimeError (torch) or their own type
+        full = disk_full_message(_os_error_in(err), path)
         if full:
             raise UserError(full) from None
         raise
@@ -128,24 +126,26 @@ def atomic_torch_save(obj, path, *, overwrite: bool = True) -> Path:
         if tmp.exists():
             tmp.unlink()
     return path
+
+
+def _torch_save_to(obj, tmp: Path) -> None:
+    with open(tmp, "wb") as handle:  # through a handle: the archive inside is named "archive", not
+        torch.save(obj, handle)      # after the random temporary name, so equal data gives equal bytes
+
+
+def atomic_torch_save(obj, path, *, overwrite: bool = True) -> Path:
+    """Write `obj` with `torch.save` atomically (`atomic_write`)."""
+    return atomic_write(path, partial(_torch_save_to, obj), overwrite=overwrite)
 
 
 def atomic_write_text(text: str, path) -> Path:
     """Write a text file atomically (temporary file, then rename)."""
-    path = Path(path)
-    tmp = temporary_sibling(path)
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    except OSError as err:
-        full = disk_full_message(err, path)
-        if full:
-            raise UserError(full) from None
-        raise
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
+    return atomic_write(path, lambda tmp: tmp.write_text(text))
+
+
+def atomic_write_bytes(data: bytes, path, *, overwrite: bool = True) -> Path:
+    """Write a binary file atomically (temporary file, then rename)."""
+    return atomic_write(path, lambda tmp: tmp.write_bytes(data), overwrite=overwrite)
 
 
 def _os_error_in(err: BaseException) -> OSError | None:
