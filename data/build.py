@@ -112,12 +112,13 @@ def report_left_out(parsed: CaptionedImages, ann_path: Path) -> None:
 
 
 def load_retrieval_data(settings: DataSettings, model: ModelSettings, device: torch.device, progress: bool = True,
-                        extra_splits: tuple[str, ...] = ()) -> RetrievalData:
+                        extra_splits: tuple[str, ...] = (), train_only: bool = False) -> RetrievalData:
     """Parse the train split, `--eval_split` and `extra_splits` and attach cached text embeddings of
-    `model`'s text encoder."""
+    `model`'s text encoder; `train_only`: the training split alone (its `splits` is empty), e.g. for the nearest
+    real captions of a set."""
     image_root, ann_root = dataset_roots(settings, progress)
     splits = {}
-    roles = [("train", "train"), ("eval", settings.eval_split)]
+    roles = [("train", "train")] + ([] if train_only else [("eval", settings.eval_split)])
     roles += [(name, name) for name in extra_splits if name != settings.eval_split]
     for role, split in roles:
         limit = settings.max_train_images if role == "train" else None

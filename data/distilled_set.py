@@ -207,7 +207,11 @@ def resume_state_problem(state) -> str | None:
 
 
 def load_distilled_set(path) -> dict:
-    """Load and check a distilled-set file; a clear error naming the file for anything else."""
+    """Load and check a distilled-set file, or a folder export.py wrote (data/exported_set.py); a clear error
+    naming the file for anything else."""
+    if Path(path).is_dir():
+        from data.exported_set import load_exported_set  # the folder format builds on this module's checks
+        return load_exported_set(path)
     payload = safe_torch_load(path, "distilled set")
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise UserError(f"{path} is not a vl-distill distilled set (no '{FORMAT}' format tag)")

@@ -9,6 +9,7 @@ import re
 from pathlib import Path
 
 from data.distilled_set import set_source
+from data.exported_set import is_exported_folder
 from experts.files import locate_buffer
 from matching.timing import TIMING_NAME
 from settings.programs import DistillRunSettings
@@ -41,6 +42,10 @@ def check_run_paths(settings: DistillRunSettings) -> None:
     """Before any work: the folder this run writes is none of the paths it reads, and the files of its names
     there (sets, timing.json) are distill.py's own, so that replacing them loses nothing of another kind."""
     save_dir, buffer = save_dir_of(settings), settings.distill.buffer_path
+    if settings.distill.resume and is_exported_folder(settings.distill.resume):
+        raise UserError(f"--resume {settings.distill.resume} is an exported set folder, which holds no optimiser "
+                        f"state or random streams: resume from the distilled_<...>.pt file distill.py wrote (an "
+                        f"export serves evaluate.py --distilled and other code)")
     located = locate_buffer(buffer, settings.data.dataset, settings.model.image_encoder, settings.model.text_encoder)
     refuse_outputs_over_inputs({"--save_dir": save_dir, "--cache_dir": settings.data.cache_dir},
                                {"--buffer_path": buffer, "the expert folder of --buffer_path": located,

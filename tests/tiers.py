@@ -2,7 +2,7 @@
 
 A test runs a program when its body, a function of its module it calls (at any depth) or a fixture it uses
 (its own module's or conftest.py's, at any depth) does one of:
-- calls `main` of a program module (buffer, distill, evaluate, the pipeline) or anything of
+- calls `main` of a program module (buffer, distill, evaluate, the pipeline, export) or anything of
   comparison's pipeline, programs, methods, regimes or sweep (their stages and launcher run programs);
 - uses `run_program` (conftest: a program through its command-line boundary), `subprocess` or `runpy`.
 The rule errs on the side of `e2e` (a test that only reads comparison.pipeline.load_config counts as one),
@@ -16,7 +16,7 @@ import ast
 from functools import lru_cache
 from pathlib import Path
 
-PROGRAM_MODULES = {"buffer", "distill", "evaluate", "pipeline"}  # `pipeline` is comparison.pipeline in tests
+PROGRAM_MODULES = {"buffer", "distill", "evaluate", "pipeline", "export"}  # `pipeline` is comparison.pipeline in tests
 RUNNER_MODULES = {"pipeline", "programs", "methods", "regimes", "sweep"}  # comparison/: these run programs
 RUNNER_NAMES = {"run_program", "subprocess", "runpy"}
 HAND_TIERS = ("e2e", "slow", "distributed")
