@@ -35,7 +35,7 @@ PROGRAM_SECTIONS = {"buffer": ("buffer", ()), "distill": ("distill", ("seeds",))
 # The [compare] keys that are lists of values of an evaluate.py flag, and that flag's settings field.
 COMPARE_LISTS = {"ladder": (JudgingSettings, "coreset_size"), "coreset_sizes": (JudgingSettings, "coreset_size"),
                  "coreset_methods": (TargetSettings, "coreset"), "budgets": (DistillSettings, "num_pairs")}
-COMPARE_KEYS = (*COMPARE_LISTS, "centroids", "full", "epochs_per_size", "methods", "default_experts")
+COMPARE_KEYS = (*COMPARE_LISTS, "centroids", "full", "epochs_per_size", "methods", "default_experts", "export")
 FULL_MODES = ("train", "experts")
 BASE = "base"  # the paper's method: [distill] as it is
 BASE_ROWS = "distilled"  # what the base method's rows are called: distilled-<size>; another method's: <method>-<size>
@@ -44,10 +44,10 @@ BASE_ROWS = "distilled"  # what the base method's rows are called: distilled-<si
 # trains when [buffer] leaves num_experts out: a default of the pipeline's own, on purpose not buffer.py's (100, the
 # papers' count, days of training on a CPU), and a [compare] key a config may set like any other.
 COMPARE_DEFAULTS = {"coreset_methods": [], "centroids": False, "full": "train", "epochs_per_size": {},
-                    "methods": [BASE], "default_experts": 3}
+                    "methods": [BASE], "default_experts": 3, "export": True}
 # The [compare] keys that change what the distillations or experts are, not which real-data rows are built: the
 # evaluation stage's stamp leaves them out.
-NOT_ROWS = ("budgets", "methods", "default_experts")
+NOT_ROWS = ("budgets", "methods", "default_experts", "export")
 DEFAULT_OUT_DIR = "outputs/pipeline"  # where a config without out_dir writes (when no --out_dir is given)
 
 
@@ -162,8 +162,9 @@ def check_compare(compare: dict, where: str) -> None:
                 compare_value(*COMPARE_LISTS[key], item, where, key)
     if "default_experts" in compare:
         compare_value(ExpertSettings, "num_experts", compare["default_experts"], where, "default_experts")
-    if not isinstance(compare.get("centroids", COMPARE_DEFAULTS["centroids"]), bool):
-        raise UserError(f"{where}: centroids must be true or false, got {compare['centroids']!r}")
+    for key in ("centroids", "export"):
+        if not isinstance(compare.get(key, COMPARE_DEFAULTS[key]), bool):
+            raise UserError(f"{where}: {key} must be true or false, got {compare[key]!r}")
     if compare.get("full", COMPARE_DEFAULTS["full"]) not in FULL_MODES:
         raise UserError(f"{where}: full must be 'train' (the evaluation protocol on all pairs) or 'experts', "
                         f"got {compare['full']!r}")

@@ -22,6 +22,9 @@ which rows to build:
   method (comparison/config.py: per-size `[budgets.<N>]` flags, per-method `[methods.<name>]` tables), then also
   write table.md in the papers' layout (sets as rows, sizes as column groups, r_mean with worth-N per size) and
   budgets.png (r_mean against the set size, log axis).
+- `export = true` (the default): export.py writes the base method's best set at the smallest size (the seed that
+  scored highest on the selection split) to out_dir/export, a folder that loads without this project (README
+  "Sharing a distilled set"), with the table on its card; false skips it.
 - `default_experts = 3`: how many experts are trained when `[buffer]` leaves `num_experts` out (the
   pipeline's own default, not buffer.py's 100: the papers' count, days on a CPU).
 
@@ -46,8 +49,8 @@ from pathlib import Path
 
 from comparison.config import distill_runs, load_config
 from comparison.report import write_outputs
-from comparison.stages import (MARKER, as_flags, distilled_row, empty_output_folder, experts_stage, holding,
-                               output_folder, real_data_rows, with_pooled)
+from comparison.stages import (MARKER, as_flags, distilled_row, empty_output_folder, experts_stage, export_stage,
+                               holding, output_folder, real_data_rows, with_pooled)
 from settings.programs import Parser
 
 
@@ -95,4 +98,5 @@ def run_stages(args, config: dict, out: Path) -> int:
         table[row.label] = row                     # coreset_methods) is one row: the later one, in the first's place
     write_outputs(out, out / "distill" / runs[0].folder / "distilled_best.pt", list(table.values()), times, config,
                   run_seconds)
+    export_stage(config, out, runs)
     return 0

@@ -1,4 +1,4 @@
-"""Running the three programs (buffer.py, distill.py, evaluate.py) from the comparison jobs.
+"""Running the programs (buffer.py, distill.py, evaluate.py, export.py) from the comparison jobs.
 
 Each program runs in a process of its own (`python -m buffer ...`), in the caller's working
 directory, so that relative paths mean what the user typed. One evaluate.py call per row writes
@@ -14,11 +14,11 @@ from pathlib import Path
 
 from utils.cli import UserError
 
-PROGRAMS = ("buffer", "distill", "evaluate")
+PROGRAMS = ("buffer", "distill", "evaluate", "export")
 
 
 def launch(program: str, flags: list[str], log=None) -> int:
-    """Run `program` (buffer, distill or evaluate; a trailing .py is accepted) with `flags`; its output goes
+    """Run `program` (buffer, distill, evaluate or export; a trailing .py is accepted) with `flags`; its output goes
     to `log` (an open file) or to this process's output. Returns the exit status."""
     module = program.removesuffix(".py")
     if module not in PROGRAMS:

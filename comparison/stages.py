@@ -13,7 +13,7 @@ import json
 import shutil
 from pathlib import Path
 
-from comparison.config import (DEFAULT_OUT_DIR, FULL, NOT_ROWS, PROGRAM_SECTIONS, DistillRun, compare_setting,
+from comparison.config import (BASE, DEFAULT_OUT_DIR, FULL, NOT_ROWS, PROGRAM_SECTIONS, DistillRun, compare_setting,
                                distill_settings, row_name, setting_value)
 from comparison.programs import run, run_configuration
 from comparison.rows import FULL_LABEL, FULL_REPORT, Kind, Row
@@ -33,7 +33,9 @@ NOT_METRICS = ("epoch", "train_loss", "train_acc", "steps", "gradient_steps")  #
 # deleted. A folder from before the marker existed is recognised by its stage stamps.
 MARKER = ".vl-distill-pipeline"
 # What the pipeline writes in its folder: a folder from before the marker holds nothing else.
-PIPELINE_WRITES = {"buffers", "distill", "results", "stamps", "methods", "sweep", "results.md", "results.json", "worth_n.png",
+EXPORT = "export"  # the shareable copy of the best distilled set (export.py set)
+PIPELINE_WRITES = {"buffers", "distill", "results", "stamps", "methods", "sweep", EXPORT, "results.md", "results.json",
+                   "worth_n.png",
                    "table.md", "budgets.png", "nearest_captions.txt", "synthetic_images_plain.png", "synthetic_images_clipped.png"}
 # The keys of any section that name something the programs read.
 INPUT_KEYS = ("image_root", "ann_root", "image_weights", "text_model")
@@ -335,3 +337,26 @@ def distilled_row(config: dict, item: DistillRun, out: Path, expert_dir: Path, e
     report = run_configuration(item.label, ["--distilled", str(final.parent / "distilled_best.pt")], evaluate_flags,
                                results)
     return Row(item.label, Kind.DISTILLED, report, item.method, item.size, item.seed, file=item.label)
+
+
+def shared_set(out: Path, runs: list[DistillRun]) -> Path:
+    """The distilled set the pipeline shares: of the base method's runs at its smallest size (else the first
+    method's), the seed whose best iteration scored highest on the selection split (ties: the first seed)."""
+    first = [item for item in runs if item.method == runs[0].method and item.size == runs[0].size]
+    base = [item for item in runs if item.method == BASE]
+    group = [item for item in base if item.size == base[0].size] if base else first
+    paths = [out / "distill" / item.folder / "distilled_best.pt" for item in group]
+    scores = [load_distilled_set(path)["metrics"].get("r_mean", {}).get("mean", float("-inf")) for path in paths]
+    return paths[scores.index(max(scores))]
+
+
+def export_stage(config: dict, out: Path, runs: list[DistillRun]) -> Path | None:
+    """export.py's folder of the shared set (`shared_set`) with the table on its card, rewritten on every run
+    (it takes seconds); none with [compare] export = false."""
+    if not compare_setting(config, "export"):
+        return None
+    chosen = shared_set(out, runs)
+    banner(f"export: {chosen} -> {out / EXPORT}")
+    run("export.py", ["set", str(chosen), "--out", str(out / EXPORT), "--results", str(out / "results.md"),
+                      "--overwrite", "True"])
+    return out / EXPORT

@@ -174,6 +174,20 @@ def test_every_artefact_is_written_and_reloads(toy_run):
         "distilled"
 
 
+def test_the_pipeline_exports_the_seed_that_scored_best_on_val_with_its_table(toy_run):
+    from data.exported_set import load_exported_set
+
+    _, out = toy_run
+    scores = {seed: load_distilled_set(out / "distill" / f"seed{seed}" / "distilled_best.pt")["metrics"]["r_mean"]["mean"]
+              for seed in (0, 1)}
+    best = max(scores, key=lambda seed: (scores[seed], -seed))
+    shared = load_exported_set(out / "export")
+    assert torch.equal(shared["image_syn"],
+                       load_distilled_set(out / "distill" / f"seed{best}" / "distilled_best.pt")["image_syn"])
+    card = (out / "export" / "README.md").read_text()
+    assert (out / "results.md").read_text().strip() in card and "## The comparison it comes from" in card
+
+
 def test_a_rerun_reuses_every_stage(toy_run, capsys):
     config, out = toy_run
     before = (out / "results" / "random-12.json").stat().st_mtime_ns
