@@ -95,6 +95,9 @@ def write_set_tensors(payload: dict, folder: Path, **described) -> dict:
 
 def read_index(folder: Path) -> dict:
     path = folder / INDEX
+    if not path.exists():
+        raise UserError(f"{folder} is a folder, neither a set file nor an exported set folder (no {INDEX}); give a "
+                        f".pt set or the folder export.py wrote")
     try:
         index = json.loads(path.read_text(encoding="utf-8"))
     except OSError as err:

@@ -285,3 +285,9 @@ def test_export_buffer_converts_a_buffer_both_ways_and_refuses_a_foreign_target(
     assert len(expert_files(converted)) == len(expert_files(source)) == 2
     error = run_program(export.main, ["buffer", str(source), str(back), "--to", "safetensors"])
     assert error is not None and str(back) in error
+
+
+def test_a_folder_that_is_no_export_is_named_as_such(cache_dir, tmp_path):
+    (tmp_path / "notes.txt").write_text("not a set")
+    error = run_program(evaluate.main, ["--distilled", str(tmp_path), "--cache_dir", str(cache_dir), *QUICK])
+    assert error is not None and f"{tmp_path} is a folder, neither a set file nor an exported set folder" in error
