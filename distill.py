@@ -36,6 +36,7 @@ from evaluation.training import batch_note
 from experts.cycler import ExpertCycler
 from experts.files import check_buffer_matches, check_data_matches, expected_metadata, locate_buffer, read_metadata
 from matching.distiller import Diverged, Distiller
+from matching.encoders import EncoderCyclers, arm_model_settings, build_arm, check_extra_encoders
 from matching.guard import after_divergence
 from matching.resume import ResumePoint, check_ranks_agree, load_resume, resume_point
 from matching.run_files import RunFiles, check_run_paths, save_dir_of
@@ -85,6 +86,7 @@ def main(argv=None) -> int:
     settings = parse_args(argv)
     check_run_paths(settings)
     check_image_size(settings.model.image_encoder, settings.model.image_size)
+    check_extra_encoders(settings)
     device = pick_device(settings.runtime.device)
     group = distributed.init_from_env(device)
     try:
@@ -97,28 +99,31 @@ def quiet(*args, **kwargs) -> None:
     """`say` on every process but rank 0: nothing."""
 
 
-def checked_buffer(settings: DistillRunSettings, text_identity: str) -> tuple[Path, dict]:
-    """The expert folder and its metadata, checked against this run (what depends on the data: once it is loaded)."""
-    directory = locate_buffer(settings.distill.buffer_path, settings.data.dataset, settings.model.image_encoder,
-                              settings.model.text_encoder)
+def checked_buffer(settings: DistillRunSettings, text_identity: str, encoder: str) -> tuple[Path, dict]:
+    """The expert folder of `encoder` and its metadata, checked against this run (what depends on the data: once
+    it is loaded)."""
+    model = arm_model_settings(settings.model, encoder)
+    directory = locate_buffer(settings.distill.buffer_path, settings.data.dataset, encoder, settings.model.text_encoder)
     meta = read_metadata(directory)
-    expected = expected_metadata(settings.data, settings.model, text_identity)
+    expected = expected_metadata(settings.data, model, text_identity)
     if settings.distill.sim_type != "none":  # LoRS: the loss against a learned similarity is the method's choice,
         expected.pop("loss_type")           # not the experts' (they trained against the identity)
     check_buffer_matches(meta, directory, expected)
     return directory, meta
 
 
-def expert_cycler(settings: DistillRunSettings, directory: Path, meta: dict, generator: torch.Generator) -> ExpertCycler:
-    """The experts a segment stream visits, in an order drawn from its `generator`."""
-    return ExpertCycler(directory, meta, generator, settings.distill.max_start_epoch + settings.distill.expert_epochs,
-                        settings.distill.max_files, settings.distill.max_experts, settings.distill.expert_epochs)
+def expert_cycler(settings: DistillRunSettings, buffers: list[tuple[Path, dict]], generator: torch.Generator):
+    """The experts a segment stream visits, in an order drawn from its `generator` (one cycler per encoder)."""
+    cyclers = [ExpertCycler(directory, meta, generator, settings.distill.max_start_epoch + settings.distill.expert_epochs,
+                            settings.distill.max_files, settings.distill.max_experts, settings.distill.expert_epochs)
+               for directory, meta in buffers]
+    return cyclers[0] if len(cyclers) == 1 else EncoderCyclers(cyclers)
 
 
-def fresh_stream(settings: DistillRunSettings, directory: Path, meta: dict, slot: int, iteration: int) -> SegmentStream:
+def fresh_stream(settings: DistillRunSettings, buffers: list[tuple[Path, dict]], slot: int, iteration: int) -> SegmentStream:
     """A new stream for segment slot `slot` (not 0, the run's own), first drawn from at `iteration`."""
     generator = torch.Generator().manual_seed(segment_stream_seed(settings.runtime.seed, slot, iteration))
-    return SegmentStream(slot, generator, expert_cycler(settings, directory, meta, generator))
+    return SegmentStream(slot, generator, expert_cycler(settings, buffers, generator))
 
 
 def prepare(settings: DistillRunSettings, device: torch.device,
@@ -132,13 +137,15 @@ def prepare(settings: DistillRunSettings, device: torch.device,
     seed_everything(settings.runtime.seed)
     generator = torch.Generator().manual_seed(settings.runtime.seed)
     text_identity = text_encoder_identity(settings.model.text_encoder, settings.model.text_model)
-    directory, meta = checked_buffer(settings, text_identity)
-    experts = expert_cycler(settings, directory, meta, generator)
+    encoders = [settings.model.image_encoder, *(settings.distill.extra_image_encoders or [])]
+    buffers = [checked_buffer(settings, text_identity, encoder) for encoder in encoders]
+    (directory, meta), experts = buffers[0], expert_cycler(settings, buffers, generator)
     experts.peek_check()
     resume = load_resume(settings, text_identity, group, device, say)
     with distributed.main_process_first(group):  # rank 0 builds the caches, the others read them
         data = load_retrieval_data(settings.data, settings.model, device, progress=progress)
-    check_data_matches(meta, directory, len(data.train.captions), data.text_dim)
+    for folder, found in buffers:
+        check_data_matches(found, folder, len(data.train.captions), data.text_dim)
     config = run_config(settings, text_identity)
     student_model = build_model(settings.model, data.text_dim).to(device).train()
     students = Students(ReparamModule(student_model.image_part), ReparamModule(student_model.text_projection),
@@ -147,9 +154,11 @@ def prepare(settings: DistillRunSettings, device: torch.device,
         chosen = kmeans_start(settings, data, student_model, directory, meta, device) if settings.distill.pix_init == "kmeans" else None
     images, texts = initial_synthetic_set(data, settings.distill.num_pairs, settings.model.image_size, settings.distill.pix_init, settings.distill.txt_init,
                                           settings.model.text_encoder, generator, image_norm(settings.model), chosen)
-    distiller = Distiller(settings, images, texts, device, students, group)
+    extra_arms = [build_arm(settings, encoder, data.text_dim, device, *found)[0]
+                  for encoder, found in zip(encoders[1:], buffers[1:])]
+    distiller = Distiller(settings, images, texts, device, students, group, extra_arms)
     streams = SegmentStreams(group, settings.distill.trajectories_per_iteration, SegmentStream(0, generator, experts),
-                             partial(fresh_stream, settings, directory, meta))
+                             partial(fresh_stream, settings, buffers))
     if resume is None:
         point = ResumePoint.capture(distiller, streams, 0)
     else:
@@ -161,8 +170,10 @@ def prepare(settings: DistillRunSettings, device: torch.device,
     with distributed.main_process_first(group):
         inputs = inputs_for(settings.data, settings.model, data, student_model, device, progress=progress, need_train=False)
     per_update = streams.total
+    also = f" (also for {', '.join(encoders[1:])}, --encoder_schedule {settings.distill.encoder_schedule})" * (len(encoders) > 1)
     say(f"distilling {settings.distill.num_pairs} pairs from {len(experts.files)} expert files in {directory} on {device}"
-        f"{f' x {group.world_size} processes' if group.distributed else ''}; {per_update} trajectory segment"
+        f"{f' x {group.world_size} processes' if group.distributed else ''}"
+        f"{also}; {per_update} trajectory segment"
         f"{'s' if per_update > 1 else ''} per update; saving to {files.dir}")
     if main_process:
         batch_note("--eval_batch", settings.protocol.eval_batch, settings.distill.num_pairs, "the synthetic set")

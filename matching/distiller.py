@@ -16,10 +16,12 @@ import time
 
 import torch
 
+from matching.encoders import Arm, scheduled_arms
 from matching.guard import StepGuard
 from matching.meta_gradient import matching_gradients
 from matching.streams import SegmentStream
 from matching.trajectory import Students, contrastive_step_loss, draw_blends, draw_minibatches, FrozenPass, pick_segment
+from networks import image_norm
 from networks.similarity import TargetSimilarity
 from settings.programs import DistillRunSettings
 from utils.cli import UserError
@@ -34,8 +36,11 @@ class Distiller:
     one trajectory-matching iteration on it."""
 
     def __init__(self, settings: DistillRunSettings, images: torch.Tensor, texts: torch.Tensor, device: torch.device,
-                 students: Students, group: ProcessGroupInfo | None = None):
+                 students: Students, group: ProcessGroupInfo | None = None, extra_arms: list[Arm] = ()):
         self.settings, self.device, self.students = settings, device, students
+        # the encoders the set is distilled for (matching/encoders.py): --image_encoder's student first
+        self.norm = image_norm(settings.model)  # the pixels' normalisation (--image_encoder's)
+        self.arms = [Arm(settings.model.image_encoder, students, self.norm), *extra_arms]
         self.group = group or ProcessGroupInfo()
         self.sync_seconds = 0.0  # time spent averaging the meta-gradients over the processes (torchrun)
         self.image_syn = images.to(device).requires_grad_(True)
@@ -76,7 +81,7 @@ class Distiller:
         state: each applies the same averaged gradient."""
         total, start_epochs = None, []
         for stream in streams:
-            start_epoch, parts = self._segment_gradient(stream)
+            start_epoch, parts = self._segment_gradient(stream, iteration)
             total = parts if total is None else [a + b for a, b in zip(total, parts)]
             start_epochs.append(start_epoch)
         began = time.perf_counter()
@@ -86,46 +91,56 @@ class Distiller:
         image_term, text_term, *gradients = [t / count for t in total]
         return self._apply(image_term, text_term, gradients, start_epochs[0], iteration, before)
 
-    def _segment_gradient(self, stream: SegmentStream) -> tuple[int, list[torch.Tensor]]:
+    def _segment_gradient(self, stream: SegmentStream, iteration: int) -> tuple[int, list[torch.Tensor]]:
         """The start epoch of the segment `stream` draws, and its matching loss's two terms and gradients (pixels,
-        texts, both step sizes, similarity). Every random number comes from the stream's generator: the global
-        streams (dropout in the students) are seeded from it for the step and put back after."""
+        texts, both step sizes, similarity); with several encoders, the mean over the arms the schedule gives
+        (matching/encoders.py). Every random number comes from the stream's generator: the global streams
+        (dropout in the students) are seeded from it for the step and put back after."""
         settings, generator = self.settings, stream.generator
-        image_traj, text_traj = stream.experts.next()
-        segment = pick_segment(image_traj, text_traj, settings.distill.max_start_epoch, settings.distill.expert_epochs, generator, self.device)
-        batches = draw_minibatches(settings.distill.num_pairs, settings.distill.mini_batch_size, settings.distill.syn_steps, generator)
-        augment = self.augment(int(torch.randint(0, 2**31 - 1, (1,), generator=generator)))
-        blends = draw_blends(settings.distill.syn_steps, settings.distill.mini_batch_size, settings.distill.blend_alpha, generator) \
-            if settings.distill.blend_alpha > 0 else None
-        streams_seed = int(torch.randint(0, 2**63 - 1, (1,), generator=generator))
-        with global_streams_seeded(streams_seed, self.device):
-            result, image_grad = self._meta_gradient(segment, batches, augment, blends)
-        _, text_grad, *sim_grads = result.learned_grads
-        return segment.start_epoch, [result.image_term, result.text_term, image_grad, text_grad, result.lr_img_grad,
-                                     result.lr_txt_grad, *sim_grads]
+        chosen = scheduled_arms(len(self.arms), settings.distill.encoder_schedule, iteration, stream.slot)
+        total, start_epoch = None, None
+        for index in chosen:
+            image_traj, text_traj = stream.experts.next(index) if len(self.arms) > 1 else stream.experts.next()
+            segment = pick_segment(image_traj, text_traj, settings.distill.max_start_epoch, settings.distill.expert_epochs, generator, self.device)
+            batches = draw_minibatches(settings.distill.num_pairs, settings.distill.mini_batch_size, settings.distill.syn_steps, generator)
+            augment = self.augment(int(torch.randint(0, 2**31 - 1, (1,), generator=generator)))
+            blends = draw_blends(settings.distill.syn_steps, settings.distill.mini_batch_size, settings.distill.blend_alpha, generator) \
+                if settings.distill.blend_alpha > 0 else None
+            streams_seed = int(torch.randint(0, 2**63 - 1, (1,), generator=generator))
+            with global_streams_seeded(streams_seed, self.device):
+                result, image_grad = self._meta_gradient(self.arms[index], segment, batches, augment, blends)
+            _, text_grad, *sim_grads = result.learned_grads
+            parts = [result.image_term, result.text_term, image_grad, text_grad, result.lr_img_grad, result.lr_txt_grad,
+                     *sim_grads]
+            total = parts if total is None else [a + b for a, b in zip(total, parts)]
+            start_epoch = segment.start_epoch if start_epoch is None else start_epoch
+        return start_epoch, total if len(chosen) == 1 else [t / len(chosen) for t in total]
 
-    def _meta_gradient(self, segment, batches, augment, blends):
-        """The matching loss's meta-gradient, with the pixels' part taken back through a frozen trunk."""
-        settings = self.settings
+    def _meta_gradient(self, arm: Arm, segment, batches, augment, blends):
+        """The matching loss's meta-gradient through `arm`'s student, with the pixels' part taken back through its
+        frozen trunk and its normalisation."""
+        settings, students = self.settings, arm.students
+        pixels = self.image_syn if arm.norm == self.norm else arm.pixels(self.image_syn, self.norm)
         # A frozen trunk runs once per iteration on the synthetic images this iteration's minibatches hold (one
         # augmentation draw when DSA is on); the student steps then see its outputs, and their gradient flows
-        # back through it at the end.
-        features_given = self.students.frozen_encoder is not None
+        # back through it (and the normalisation) at the end.
+        features_given = students.frozen_encoder is not None
         if features_given:
-            pixels = self.image_syn if augment is None else augment(self.image_syn, 0)
-            trunk = FrozenPass(self.students.frozen_encoder, pixels, batches)
+            trunk = FrozenPass(students.frozen_encoder, pixels if augment is None else augment(pixels, 0), batches)
             image_input = trunk.features.requires_grad_(True)
             augment = None
-        else:
-            image_input = self.image_syn
-        step_loss = contrastive_step_loss(self.students, batches, augment, self.similarity, settings.model.loss_type, blends,
+        else:  # the student takes the pixels; in another normalisation, as a leaf of their own
+            image_input = pixels if pixels is self.image_syn else pixels.detach().requires_grad_(True)
+        step_loss = contrastive_step_loss(students, batches, augment, self.similarity, settings.model.loss_type, blends,
                                           features_given)
-        result = matching_gradients(settings.distill.matching, self.students, step_loss, len(batches),
+        result = matching_gradients(settings.distill.matching, students, step_loss, len(batches),
                                     (image_input, self.text_syn, *self.sim_params), self.syn_lr_img,
                                     self.syn_lr_txt, segment)
         image_grad = result.learned_grads[0]
         if features_given:
             image_grad = trunk.pixel_gradient(self.image_syn, image_grad)
+        elif pixels is not self.image_syn:
+            image_grad = torch.autograd.grad(pixels, self.image_syn, image_grad)[0]
         return result, image_grad
 
     def _apply(self, image_term: torch.Tensor, text_term: torch.Tensor, gradients: list[torch.Tensor], start_epoch: int,

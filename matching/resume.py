@@ -22,7 +22,7 @@ from utils.cli import UserError
 from utils.distributed import ProcessGroupInfo
 
 # Settings a resumed run must share with the run that wrote the file.
-RESUME_KEYS = ("dataset", "image_encoder", "text_encoder", "text_identity", "image_size", "num_pairs")
+RESUME_KEYS = ("dataset", "image_encoder", "text_encoder", "text_identity", "image_size", "num_pairs", "extra_image_encoders")
 
 
 @dataclass

@@ -76,6 +76,12 @@ def described(check: Check, allowed: str) -> Check:
     return described_check
 
 
+def one_of(names: tuple[str, ...]) -> Check:
+    """A value among `names` (the check of a list's elements, where `choices` applies to a single value)."""
+    return described(lambda v: None if v is None or v in names else f"{v!r} is not one of {', '.join(names)}",
+                     f"one of {', '.join(names)}")
+
+
 def _check(allowed: str, ok: Callable[[Any], bool], problem: str) -> Check:
     return described(lambda v: None if v is None or ok(v) else problem, allowed)
 

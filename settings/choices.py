@@ -11,6 +11,7 @@ LORA_ENCODERS = ("vit",)
 LOSS_TYPES = ("infonce", "wbce", "bce", "kl", "mse")
 SIM_TYPES = ("none", "full", "lowrank")
 MATCHING_MODES = ("unroll", "exact_lowmem", "tesla")
+ENCODER_SCHEDULES = ("cycle", "mean")  # distill.py --extra_image_encoders: one encoder per update, or all of them
 PIX_INITS = ("real", "clean", "kmeans", "noise")
 TXT_INITS = ("real", "noise")
 RANDOM = "random"  # the coreset of pairs drawn at random: the worth-N ladder's rungs

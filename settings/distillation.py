@@ -3,9 +3,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from settings.base import (DATA_LR_MAX, WEIGHT_LR_MAX, Settings, a_path, at_least, in_interval, non_negative, pair_count,
-                           positive, positive_up_to, setting)
-from settings.choices import MATCHING_MODES, PIX_INITS, SIM_TYPES, TXT_INITS
+from settings.base import (DATA_LR_MAX, WEIGHT_LR_MAX, Settings, a_path, at_least, each, in_interval, non_negative,
+                           one_of, pair_count, positive, positive_up_to, setting)
+from settings.choices import ENCODER_SCHEDULES, IMAGE_ENCODERS, MATCHING_MODES, PIX_INITS, SIM_TYPES, TXT_INITS
 from utils.cli import UserError
 
 
@@ -27,6 +27,16 @@ class DistillSettings(Settings):
     sync_check_it: int = setting(20, "under torchrun, compare a checksum of every process's learned state every "
                                      "this many iterations (they must stay identical; a clear error if not)",
                                  check=at_least(1))
+    extra_image_encoders: list[str] | None = setting(
+        None, "distil for several image encoders: also match the experts of these (each in its own folder beside "
+              "--image_encoder's, <buffer_path>/<dataset>/<encoder>/<text_encoder>, trained with the same settings "
+              "but the encoder); the pixels are shared (kept in --image_encoder's normalisation, renormalised for "
+              "each encoder), the texts and step sizes too; evaluations use --image_encoder",
+        check=each(one_of(IMAGE_ENCODERS)), metavar="ENCODER")
+    encoder_schedule: str = setting("cycle", "with --extra_image_encoders: cycle = each segment is one encoder's, "
+                                             "in turn over the iterations (the cost of one encoder); mean = each "
+                                             "segment's meta-gradient is the mean over every encoder's segment (the "
+                                             "cost of all of them)", choices=ENCODER_SCHEDULES)
     expert_epochs: int = setting(3, "expert epochs between start and target", check=at_least(1))
     max_start_epoch: int = setting(25, "start epoch is drawn from 0..max_start_epoch-1", check=at_least(1))
     num_pairs: int = setting(100, "synthetic pairs N", aliases=("num_queries",), check=pair_count)
