@@ -142,7 +142,7 @@ def cost_table(out: Path, rows: list[Row], config: dict) -> str:
         judged = reports.get(item.label, {}).get("wall_seconds")
         lines.append([item.label, str(timing.get("iterations", "")),
                       f"{seconds_per_iteration(final):.2f}" if timing else "",
-                      f"{timing['seconds'] / 60:.1f}" if timing else "", f"{judged / 60:.1f}" if judged else ""])
+                      f"{timing['seconds'] / 60:.1f}" if timing else "", f"{judged / 60:.1f}" if judged is not None else ""])
     return markdown_table(["distillation", "iterations", "s / iteration", "matching, min", "row's evaluation, min"],
                           lines)
 
