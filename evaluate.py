@@ -19,8 +19,9 @@ value; --epoch_scales 0.5 1 2 chooses the number of epochs jointly (multiples of
 "at_edge" says where it still does). The reported numbers are on --report_split (auto: the test split when its annotation file is
 present, e.g. flickr8k_test.json beside the others, else --eval_split; the output says which).
 --eval_image_encoder (or --image_encoder) trains another image encoder than the set was made with
-(cross-architecture transfer); the label, the printed lines and the JSON name the encoder used. Another
---dataset or --text_encoder than the set's is refused: its text embeddings mean nothing elsewhere.
+(cross-architecture transfer; the set file's --image_weights stay with its own encoder); the label, the printed
+lines and the JSON name the encoder used. Another --dataset or --text_encoder than the set's is refused: its
+text embeddings mean nothing elsewhere.
 --eval_text_encoder NAME judges the set with another text encoder (text-side transfer): a distilled set's
 synthetic texts go over as their nearest real training captions (cosine, in the set's own text space), a
 coreset's as its own captions, each re-encoded with NAME; the evaluation models take NAME's width, every split is
@@ -78,7 +79,11 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, frozenset[str]]:
 def with_file_settings(values: dict, config: dict, given: frozenset[str]) -> dict:
     """The command line's values with a set file's data, encoder and protocol settings where it is silent."""
     config = current_names(config)  # (a set written before a setting was renamed)
-    values = {**values, **{key: config[key] for key in FILE_SETTINGS if key in config and key not in given}}
+    not_from_file = set(given)
+    trains = values.get("eval_image_encoder") or (values["image_encoder"] if "image_encoder" in given else None)
+    if trains and trains != config.get("image_encoder"):  # the set's weights fit its own encoder, not this one
+        not_from_file.add("image_weights")
+    values = {**values, **{key: config[key] for key in FILE_SETTINGS if key in config and key not in not_from_file}}
     if "image_norm" not in config and "image_norm" not in given:
         values["image_norm"] = "clip"  # sets written before the setting existed hold CLIP-normalised pixels
     return values

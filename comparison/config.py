@@ -28,7 +28,8 @@ from settings.protocol import ProtocolSettings
 from settings.runtime import RuntimeSettings, check_seed
 from utils.cli import UserError, os_error_reason, suggestion
 
-SECTIONS = ("common", "buffer", "distill", "evaluate", "compare", "methods", "budgets", "regimes")  # [regimes]: comparison/regimes.py
+SECTIONS = ("common", "buffer", "distill", "evaluate", "compare", "methods", "budgets", "regimes",  # [regimes]: comparison/regimes.py
+            "transfer")  # [transfer.<name>]: comparison/transfer.py (checked by the pipeline, which runs them)
 FULL = "all"  # the key of the full-data row in `epochs_per_size`
 # The sections whose keys are flags of a program, and the keys the pipeline itself reads there.
 PROGRAM_SECTIONS = {"buffer": ("buffer", ()), "distill": ("distill", ("seeds",)), "evaluate": ("evaluate", ())}

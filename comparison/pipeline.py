@@ -28,6 +28,11 @@ which rows to build:
 - `default_experts = 3`: how many experts are trained when `[buffer]` leaves `num_experts` out (the
   pipeline's own default, not buffer.py's 100: the papers' count, days on a CPU).
 
+`[transfer.<name>]` tables (any number) then judge every set with another encoder: `image_encoder = "..."` (with
+how much of it trains) or `text_encoder = "..."`, optionally `evaluate = {...}`, `ladder` and `epochs_per_size` of
+its own; each gets its own random ladder and full data, so worth-N is per encoder, and transfer.md holds the
+matrix of sets by encoder (comparison/transfer.py).
+
 Choices are made on the selection split (`--eval_split`, val): the distillation's best iteration and every
 row's learning rate and epochs; the table is on the report split (test when its annotation file is present).
 Each stage records the flags it ran with; re-running reuses every stage whose flags are unchanged and
@@ -51,6 +56,7 @@ from comparison.config import distill_runs, load_config
 from comparison.report import write_outputs
 from comparison.stages import (MARKER, as_flags, distilled_row, empty_output_folder, experts_stage, export_stage,
                                holding, output_folder, real_data_rows, with_pooled)
+from comparison.transfer import transfer_rows, transfer_targets
 from settings.programs import Parser
 
 
@@ -67,12 +73,13 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
     config = load_config(args.config, args.data)
+    targets = transfer_targets(config, f"config file {args.config}")
     out = output_folder(args.out_dir, config, args.config)
     with holding(out, "--out_dir" if args.out_dir is not None else "out_dir"):
-        return run_stages(args, config, out)
+        return run_stages(args, config, out, targets)
 
 
-def run_stages(args, config: dict, out: Path) -> int:
+def run_stages(args, config: dict, out: Path, targets=()) -> int:
     if args.fresh:
         empty_output_folder(out)
     started, times = time.time(), {}
@@ -99,4 +106,5 @@ def run_stages(args, config: dict, out: Path) -> int:
     write_outputs(out, out / "distill" / runs[0].folder / "distilled_best.pt", list(table.values()), times, config,
                   run_seconds)
     export_stage(config, out, runs)
+    transfer_rows(config, out, list(targets), list(table.values()), runs)  # after the table: it waits for none of them
     return 0

@@ -34,8 +34,8 @@ NOT_METRICS = ("epoch", "train_loss", "train_acc", "steps", "gradient_steps")  #
 MARKER = ".vl-distill-pipeline"
 # What the pipeline writes in its folder: a folder from before the marker holds nothing else.
 EXPORT = "export"  # the shareable copy of the best distilled set (export.py set)
-PIPELINE_WRITES = {"buffers", "distill", "results", "stamps", "methods", "sweep", EXPORT, "results.md", "results.json",
-                   "worth_n.png",
+PIPELINE_WRITES = {"buffers", "distill", "results", "stamps", "methods", "sweep", "transfer", EXPORT, "results.md",
+                   "results.json", "worth_n.png", "transfer.md",
                    "table.md", "budgets.png", "nearest_captions.txt", "synthetic_images_plain.png", "synthetic_images_clipped.png"}
 # The keys of any section that name something the programs read.
 INPUT_KEYS = ("image_root", "ann_root", "image_weights", "text_model")
