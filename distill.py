@@ -101,9 +101,11 @@ def quiet(*args, **kwargs) -> None:
 
 def checked_buffer(settings: DistillRunSettings, text_identity: str, encoder: str) -> tuple[Path, dict]:
     """The expert folder of `encoder` and its metadata, checked against this run (what depends on the data: once
-    it is loaded)."""
+    it is loaded); an extra encoder's folder lies beside --image_encoder's (<dataset>/<encoder>/<text_encoder>)."""
     model = arm_model_settings(settings.model, encoder)
-    directory = locate_buffer(settings.distill.buffer_path, settings.data.dataset, encoder, settings.model.text_encoder)
+    directory = locate_buffer(settings.distill.buffer_path, settings.data.dataset, settings.model.image_encoder,
+                              settings.model.text_encoder)
+    directory = directory if encoder == settings.model.image_encoder else directory.parent.parent / encoder / directory.name
     meta = read_metadata(directory)
     expected = expected_metadata(settings.data, model, text_identity)
     if settings.distill.sim_type != "none":  # LoRS: the loss against a learned similarity is the method's choice,

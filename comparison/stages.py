@@ -19,11 +19,13 @@ from comparison.programs import run, run_configuration
 from comparison.rows import FULL_LABEL, FULL_REPORT, Kind, Row
 from data.distilled_set import load_distilled_set
 from evaluation.metrics import summarize_runs
-from experts.files import expert_files, read_expert_metrics
+from experts.files import META_NAME, buffer_dir, expert_files, read_expert_metrics
 from matching.timing import RunTiming
 from settings.base import RENAMED
 from settings.choices import CENTROIDS, RANDOM
+from settings.data import DataSettings
 from settings.distillation import DistillSettings
+from settings.model import ModelSettings
 from utils.cli import UserError
 from utils.io import atomic_write_json
 from utils.paths import ensure_output_dir, refuse_outputs_over_inputs
@@ -180,25 +182,42 @@ def banner(text: str) -> None:
     print(f"\n=== {text} ===", flush=True)
 
 
-def experts_stage(config: dict, out: Path) -> Path:
+def experts_stage(config: dict, out: Path, encoder: str | None = None) -> Path:
+    """The folder of the config's experts under out/buffers, trained up to their count (reused when there): of
+    [common]'s image encoder, or with `encoder` of that one (the extra encoders a distillation matches; a stage of
+    its own, experts_<encoder>, whose outputs are that encoder's folder only)."""
     common, settings = as_flags(config["common"]), dict(config["buffer"])
     wanted = int(settings.pop("num_experts", compare_setting(config, "default_experts")))
     buffers = out / "buffers"
-    Stage(out, "experts", common + as_flags(settings), [buffers]).begin()
-    meta_dirs = [p.parent for p in buffers.glob("**/buffer_meta.json")]
-    have = len(expert_files(meta_dirs[0])) if meta_dirs else 0
-    banner(f"experts: {have} of {wanted} trained" + ("" if have < wanted else ", reusing them"))
+    folder = encoder_folder(config, buffers, encoder)
+    if encoder is None:
+        Stage(out, "experts", common + as_flags(settings), [buffers]).begin()
+    else:  # the last --image_encoder given is the one buffer.py takes
+        common += ["--image_encoder", encoder]
+        Stage(out, f"experts_{encoder}", common + as_flags(settings), [folder]).begin()
+    have = len(expert_files(folder)) if folder.is_dir() else 0
+    banner(f"experts{'' if encoder is None else ' of ' + encoder}: {have} of {wanted} trained"
+           + ("" if have < wanted else ", reusing them"))
     if have < wanted:
         run("buffer.py", common + as_flags(settings) + ["--buffer_path", str(buffers), "--num_experts",
                                                           str(wanted - have)])
-    return expert_folder(buffers)
+    return expert_folder(buffers, folder)
 
 
-def expert_folder(buffers: Path) -> Path:
-    """The folder of the experts buffer.py wrote under `buffers` (a clear error if it wrote none there)."""
-    found = next(buffers.glob("**/buffer_meta.json"), None)
+def encoder_folder(config: dict, buffers: Path, encoder: str | None = None) -> Path:
+    """Where buffer.py writes the experts of `encoder` (default: [common]'s) under `buffers`."""
+    return buffer_dir(buffers, setting_value(config, "common", DataSettings, "dataset"),
+                      encoder or setting_value(config, "common", ModelSettings, "image_encoder"),
+                      setting_value(config, "common", ModelSettings, "text_encoder"))
+
+
+def expert_folder(buffers: Path, folder: Path | None = None) -> Path:
+    """The folder of the experts buffer.py wrote under `buffers`: `folder` when given (a clear error if it holds
+    none), else the first found."""
+    found = (folder / META_NAME if (folder / META_NAME).is_file() else None) if folder is not None else \
+        next(buffers.glob("**/buffer_meta.json"), None)
     if found is None:
-        raise UserError(f"buffer.py finished but no experts are under {buffers} (no buffer_meta.json)")
+        raise UserError(f"buffer.py finished but no experts are in {folder or buffers} (no {META_NAME})")
     return found.parent
 
 
@@ -327,10 +346,14 @@ def distilled_row(config: dict, item: DistillRun, out: Path, expert_dir: Path, e
                   results: Path) -> Row:
     """Distill one run (reused when done), then judge its best iteration (the one chosen on the selection split)
     with the protocol: a method with its own [common] settings uses its own experts for both."""
+    owner = out  # the folder whose buffers/ holds the run's experts
     if item.config["common"] != config["common"]:  # other trainable parts or encoder: other experts
-        expert_dir = experts_stage(item.config, out / "methods" / item.method)
+        owner = out / "methods" / item.method
+        expert_dir = experts_stage(item.config, owner)
         evaluate_flags = as_flags(item.config["common"]) + as_flags(config["evaluate"]) + ["--buffer_path",
                                                                                           str(expert_dir)]
+    for encoder in item.config["distill"].get("extra_image_encoders") or []:  # beside the main encoder's
+        experts_stage(item.config, owner, encoder)
     final, remade = distill_stage(item.config, out, expert_dir, item.seed, f"distill/{item.folder}")
     if remade:
         (results / f"{item.label}.json").unlink(missing_ok=True)

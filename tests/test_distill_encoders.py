@@ -136,3 +136,32 @@ def test_the_pixels_gradient_goes_back_through_another_normalisation(experts, tr
     assert torch.allclose(loss_across, loss_direct, rtol=1e-5)
     assert torch.allclose(grad_across, grad_direct * slope, rtol=1e-4, atol=1e-7)
     assert not torch.allclose(grad_across, grad_direct, rtol=1e-3)  # the slope is not 1: the test can fail
+
+
+def test_buffer_path_may_be_the_main_encoders_folder(two_encoders, tiny_shapes, cache_dir, tmp_path, monkeypatch):
+    seen = encoders_used(monkeypatch)
+    leaf = two_encoders / "shapes" / "convnet" / "minilm"
+    assert distill.main(distill_flags(tiny_shapes, cache_dir, leaf, tmp_path / "run", "--Iteration", "2", "--eval_it",
+                                      "2", "--extra_image_encoders", "convnet_w32")) == 0
+    assert seen == ["convnet", "convnet_w32"]
+
+
+def test_the_pipeline_trains_the_extra_encoders_experts_beside_the_main_ones(tiny_shapes, cache_dir, tmp_path,
+                                                                             monkeypatch):
+    from comparison import pipeline, programs
+    from tests.test_pipeline import TOY, launch_in_process
+
+    monkeypatch.setattr(programs, "launch", launch_in_process)
+    text = TOY.format(out=tmp_path / "run", root=tiny_shapes, cache=cache_dir).replace("seeds = [0, 1]", "seeds = [0]")
+    text = text.replace('coreset_methods = ["kmeans"]', 'coreset_methods = []\nmethods = ["base", "two"]')
+    config = tmp_path / "two.toml"
+    config.write_text(text + '[methods.two]\ndistill = {extra_image_encoders = ["convnet_w32"]}\n')
+    assert pipeline.main([str(config)]) == 0
+    out = tmp_path / "run"
+    assert len(expert_files(out / "buffers" / "shapes" / "convnet_w32" / "minilm")) == \
+        len(expert_files(out / "buffers" / "shapes" / "convnet" / "minilm")) > 0
+    two = load_distilled_set(out / "distill" / "two-6" / "seed0" / "distilled_last.pt")
+    assert two["config"]["extra_image_encoders"] == ["convnet_w32"]
+    assert "two-6 (seed 0)" in (out / "results.md").read_text()
+    stamps = sorted(p.name for p in (out / "stamps").iterdir())
+    assert "experts_convnet_w32.json" in stamps and "experts.json" in stamps
