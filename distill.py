@@ -86,7 +86,7 @@ def main(argv=None) -> int:
     settings = parse_args(argv)
     check_run_paths(settings)
     check_image_size(settings.model.image_encoder, settings.model.image_size)
-    check_extra_encoders(settings)
+    check_extra_encoders(settings.model, settings.distill)
     device = pick_device(settings.runtime.device)
     group = distributed.init_from_env(device)
     try:

@@ -18,11 +18,13 @@ import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
+from matching.encoders import check_extra_encoders
 from settings.base import Settings, coerce, path_problem, value_problem
 from settings.data import DataSettings
 from settings.distillation import DistillSettings
 from settings.experts import ExpertSettings
 from settings.judging import JudgingSettings, TargetSettings
+from settings.model import ModelSettings
 from settings.programs import check_section, check_together
 from settings.protocol import ProtocolSettings
 from settings.runtime import RuntimeSettings, check_seed
@@ -123,6 +125,12 @@ def check_sections(config: dict, where: str) -> dict:
         config[section] = check_section(program, config[section], f"{where} [{section}]", extra)
         flags = {key: value for key, value in config[section].items() if key not in extra}
         check_together(program, {**config["common"], **flags}, f"{where} [common] with [{section}]")
+    given = {**config["common"], **config["distill"]}
+    try:  # the rules between distill.py's groups that its sections alone do not show
+        check_extra_encoders(*(cls(**{k: v for k, v in given.items() if k in cls.names()})
+                               for cls in (ModelSettings, DistillSettings)))
+    except UserError as err:
+        raise UserError(f"{where} [common] with [distill]: {err}") from None
     distill_settings(config, where)
     check_expert_length(config, where)
     check_compare(config["compare"], f"{where} [compare]")

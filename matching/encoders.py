@@ -22,6 +22,7 @@ from experts.cycler import ExpertCycler
 from matching.trajectory import Students
 from networks import build_model, check_image_size, image_norm
 from reparam_module import ReparamModule
+from settings.distillation import DistillSettings
 from settings.model import ModelSettings
 from settings.programs import DistillRunSettings
 from utils.cli import UserError
@@ -47,11 +48,11 @@ def arm_model_settings(model: ModelSettings, encoder: str) -> ModelSettings:
     return replace(model, image_encoder=encoder)
 
 
-def check_extra_encoders(settings: DistillRunSettings) -> None:
-    """Before any work: the extra encoders differ from --image_encoder and each other, take --image_size, and
-    come with settings that can apply to every encoder."""
-    extras = settings.distill.extra_image_encoders or []
-    model = settings.model
+def check_extra_encoders(model: ModelSettings, distill: DistillSettings) -> None:
+    """Before any work (distill.py, and the pipeline for each distillation it will run): the extra encoders differ
+    from --image_encoder and each other, take --image_size, and come with settings that can apply to every
+    encoder."""
+    extras = distill.extra_image_encoders or []
     if not extras:
         return
     named = [model.image_encoder, *extras]

@@ -165,3 +165,18 @@ def test_the_pipeline_trains_the_extra_encoders_experts_beside_the_main_ones(tin
     assert "two-6 (seed 0)" in (out / "results.md").read_text()
     stamps = sorted(p.name for p in (out / "stamps").iterdir())
     assert "experts_convnet_w32.json" in stamps and "experts.json" in stamps
+
+
+@pytest.mark.parametrize("extra", ['["convnet"]', '["convnet_w32", "convnet_w32"]'])
+def test_a_pipeline_method_with_bad_extra_encoders_is_refused_before_any_work(tiny_shapes, cache_dir, tmp_path,
+                                                                              extra):
+    from comparison import pipeline
+    from tests.test_pipeline import TOY
+
+    text = TOY.format(out=tmp_path / "run", root=tiny_shapes, cache=cache_dir)
+    text = text.replace('coreset_methods = ["kmeans"]', 'coreset_methods = ["kmeans"]\nmethods = ["base", "two"]')
+    config = tmp_path / "two.toml"
+    config.write_text(text + f'[methods.two]\ndistill = {{extra_image_encoders = {extra}}}\n')
+    error = run_program(pipeline.main, [str(config)])
+    assert error is not None and "twice" in error and "[methods.two]" in error
+    assert not (tmp_path / "run").exists()
