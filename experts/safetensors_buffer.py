@@ -21,7 +21,6 @@ import fcntl
 import json
 import os
 import re
-import shutil
 import sys
 from collections.abc import Sequence
 from functools import partial
@@ -33,7 +32,7 @@ from safetensors.torch import save_file
 
 from utils.cli import UserError, os_error_reason
 from utils.io import (MAX_ABS_VALUE, as_float32, atomic_write, atomic_write_bytes, atomic_write_json,
-                      temporary_sibling, tensor_problem)
+                      staged_folder, tensor_problem)
 
 INDEX_NAME = "buffer_index.json"
 FILE_FORMAT = "vl-distill/expert-trajectories"  # in each file's header, under HEADER_KEY
@@ -389,26 +388,20 @@ def convert_buffer(source_dir, target_dir, to: str = "safetensors") -> list[int]
     _refuse_target(target)
     meta = files.read_metadata(source)
     try:
-        work = temporary_sibling(target, folder=True)
-    except OSError as err:
-        raise UserError(f"cannot create the target {target}: {os_error_reason(err)}") from None
-    try:
-        for number, image_path, text_path in experts:  # one expert in memory at a time, in its own dtype
+        with staged_folder(target) as work:
+            for number, image_path, text_path in experts:  # one expert in memory at a time, in its own dtype
+                if to == "safetensors":
+                    pairs = files.load_expert_pair(image_path, text_path, meta, raw=True)
+                    write_expert(work / file_name(number), [i for i, _ in pairs], [t for _, t in pairs], meta)
+                else:
+                    pairs = open_expert(image_path, meta, raw=True)
+                    files.write_pt_pair(work, number, [list(i) for i, _ in pairs], [list(t) for _, t in pairs])
+            numbers = [number for number, _, _ in experts]
+            for name in [files.META_NAME, *(f"metrics_{n}.json" for n in numbers)]:
+                if (source / name).is_file():
+                    atomic_write_bytes((source / name).read_bytes(), work / name)
             if to == "safetensors":
-                pairs = files.load_expert_pair(image_path, text_path, meta, raw=True)
-                write_expert(work / file_name(number), [i for i, _ in pairs], [t for _, t in pairs], meta)
-            else:
-                pairs = open_expert(image_path, meta, raw=True)
-                files.write_pt_pair(work, number, [list(i) for i, _ in pairs], [list(t) for _, t in pairs])
-        numbers = [number for number, _, _ in experts]
-        for name in [files.META_NAME, *(f"metrics_{n}.json" for n in numbers)]:
-            if (source / name).is_file():
-                atomic_write_bytes((source / name).read_bytes(), work / name)
-        if to == "safetensors":
-            update_index(work, meta)
-        work.rename(target)  # replaces an empty folder; anything else was refused above
+                update_index(work, meta)
     except OSError as err:  # (a full disk is a UserError already)
         raise UserError(f"cannot write the target {target}: {os_error_reason(err)}") from None
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
     return numbers

@@ -5,18 +5,15 @@ data_dir=FOLDER)`: `images/NNNNN.png` (the pixels de-normalised to 8 bits: for l
 the exact pixels are in pixels.safetensors) and `metadata.jsonl` (per image its file, index, caption and the
 nearest real training captions with their cosine similarity), beside the exact tensors and the index that
 data/exported_set.py writes and reads, a picture of the whole set (`grid.png`) and the dataset card (README.md,
-sharing/card.py). The folder appears whole or not at all: it is written beside the target under a temporary name
-and moved into place.
+sharing/card.py). The folder appears whole or not at all (utils/io.staged_folder).
 """
 from __future__ import annotations
 
 import json
 import os
-import shutil
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torchvision.utils import make_grid, save_image
 
 from data.build import RetrievalData
@@ -24,7 +21,8 @@ from data.exported_set import INDEX, is_exported_folder, write_set_tensors
 from networks.normalization import NORMALIZATIONS
 from sharing.card import dataset_card
 from utils.cli import UserError
-from utils.io import atomic_write_text, temporary_sibling
+from utils.visualize import nearest_caption_indices
+from utils.io import atomic_write_text, staged_folder
 
 IMAGES = "images"
 METADATA = "metadata.jsonl"
@@ -44,11 +42,10 @@ def caption_rows(payload: dict, data: RetrievalData, count: int) -> list[dict]:
     """metadata.jsonl's rows: per pair its image file, its caption (a coreset's own; a synthetic text's nearest
     real caption) and the `count` nearest real training captions by cosine similarity in the text encoder's
     space."""
-    sims = F.normalize(payload["text_syn"].float(), dim=1) @ F.normalize(data.train_text.float(), dim=1).t()
-    best, nearest = sims.topk(min(count, sims.shape[1]), dim=1)
+    nearest, best = nearest_caption_indices(payload["text_syn"], data.train_text, count)
     own = payload.get("caption_indices")
     rows = []
-    for i in range(len(sims)):
+    for i in range(len(nearest)):
         neighbours = [data.train.captions[j] for j in nearest[i].tolist()]
         caption = data.train.captions[int(own[i])] if own is not None else neighbours[0]
         rows.append({"file_name": f"{IMAGES}/{i:05d}.png", "index": i, "caption": caption,
@@ -88,8 +85,7 @@ def export_set(payload: dict, data: RetrievalData, out: Path, *, captions: int =
     claimed as `claim_export_folder` says (`inputs`: what the export reads)."""
     out = Path(out).resolve()
     claim_export_folder(out, list(inputs), overwrite)
-    staging = temporary_sibling(out, folder=True)
-    try:
+    with staged_folder(out) as staging:
         index = write_set_tensors(payload, staging, exported_from=made_from)
         (staging / IMAGES).mkdir()
         pixels = to_8bit(payload["image_syn"], payload["config"].get("image_norm", "clip"))
@@ -100,20 +96,5 @@ def export_set(payload: dict, data: RetrievalData, out: Path, *, captions: int =
         grid = pixels[:GRID_IMAGES].float() / 255
         save_image(make_grid(grid, nrow=min(10, len(grid)), padding=2, pad_value=1.0), staging / GRID)
         atomic_write_text(dataset_card(index, rows, results), staging / CARD)
-        replace_folder(staging, out)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging)
     return out
 
-
-def replace_folder(staging: Path, out: Path) -> None:
-    """Move the finished `staging` folder to `out`; an earlier export there is moved aside first and deleted
-    after, so an interruption leaves either export whole (the old one under a temporary name at worst)."""
-    old = None
-    if out.exists():
-        old = temporary_sibling(out, folder=True)  # an empty folder: a folder may be renamed over it
-        os.replace(out, old)
-    os.replace(staging, out)
-    if old is not None:
-        shutil.rmtree(old)

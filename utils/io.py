@@ -7,6 +7,7 @@ are created with the user's umask, like any other tool's.
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -131,6 +132,28 @@ def atomic_write(path, write, *, overwrite: bool = True) -> Path:
 def _torch_save_to(obj, tmp: Path) -> None:
     with open(tmp, "wb") as handle:  # through a handle: the archive inside is named "archive", not
         torch.save(obj, handle)      # after the random temporary name, so equal data gives equal bytes
+
+
+@contextlib.contextmanager
+def staged_folder(target):
+    """A new temporary folder beside `target` to fill; when the block ends without an error it becomes `target` in
+    one rename (what was there, an empty folder or one the caller chose to replace, is moved aside first and deleted
+    after), else it is deleted: a reader never sees a half-written folder, and an interruption leaves the old one
+    whole (under a temporary name at worst)."""
+    target = Path(target)
+    staging = temporary_sibling(target, folder=True)
+    try:
+        yield staging
+        old = None
+        if target.exists():
+            old = temporary_sibling(target, folder=True)  # an empty folder: a folder may be renamed over it
+            os.replace(target, old)
+        os.replace(staging, target)
+        if old is not None:
+            shutil.rmtree(old)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
 
 
 def atomic_torch_save(obj, path, *, overwrite: bool = True) -> Path:

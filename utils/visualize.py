@@ -26,11 +26,12 @@ def save_image_grids(image_syn: torch.Tensor, directory: Path, tag: str) -> dict
     return paths
 
 
-def nearest_caption_indices(text_syn: torch.Tensor, real_text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def nearest_caption_indices(text_syn: torch.Tensor, real_text: torch.Tensor,
+                            count: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """For each synthetic text embedding, the index of the real caption embedding with the highest cosine
-    similarity, and that similarity."""
+    similarity, and that similarity; with `count`, the `count` nearest ([N, count], nearest first)."""
     sims = F.normalize(text_syn.detach().float().cpu(), dim=1) @ F.normalize(real_text.float().cpu(), dim=1).t()
-    best, index = sims.max(dim=1)
+    best, index = sims.max(dim=1) if count is None else sims.topk(min(count, sims.shape[1]), dim=1)
     return index, best
 
 
