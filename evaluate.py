@@ -10,6 +10,7 @@ Exactly one of:
                           `centroids` (frozen trunk only) is the k-means feature-centroid set instead:
                           per cluster the mean trunk output and the mean text embedding of its pairs.
   --full                  train on the whole training split (the upper bound), same protocol.
+  --subset FILE           train on the training pairs an annotation file lists (e.g. reduce.py's output), as --full.
 --num_eval fresh models (seeds --seed, --seed+1, ...) train --epoch_eval_train epochs (SGD, momentum
 0.9, weight decay 5e-4, lr x0.1 half way); the table shows mean ± std over them. --lr_eval LR trains both
 the image side and the text head at LR (coresets and --full: at 0.1 by default). With --lr_grid one
@@ -41,7 +42,8 @@ from pathlib import Path
 import utils.cli  # noqa: F401 (first: a Ctrl-C while the libraries below load is one line, not a traceback)
 import torch
 
-from data.build import load_retrieval_data
+from data.build import dataset_roots, load_retrieval_data
+from data.annotations import pairs_listed_in, with_pairs
 from data.distilled_set import load_distilled_set
 from data.model_inputs import inputs_for
 from evaluation import coreset_files, set_files
@@ -96,8 +98,9 @@ def check_settings(settings: EvaluateSettings) -> None:
         raise UserError("--coreset needs --coreset_size N (how many real pairs to select; --num_queries is the same)")
     if not coreset and size is not None:
         raise UserError("--coreset_size only applies to --coreset (a distilled set has its own size)")
-    if settings.judging.eval_text_encoder and settings.target.full:
-        raise UserError("--eval_text_encoder re-encodes a set's texts; --full has no set: give --text_encoder instead")
+    if settings.judging.eval_text_encoder and (settings.target.full or settings.target.subset):
+        raise UserError("--eval_text_encoder re-encodes a set's texts; --full and --subset train on real captions: "
+                        "give --text_encoder instead")
     if settings.judging.eval_image_encoder:  # the encoder that trains
         check_image_size(settings.judging.eval_image_encoder, settings.model.image_size, "eval_image_encoder")
     else:
@@ -113,7 +116,8 @@ def check_paths(settings: EvaluateSettings) -> None:
     experts = settings.coreset.buffer_path if coreset in ("herding", "kcenter", "kmeans") else None
     refuse_outputs_over_inputs({"--out": settings.judging.out, "--coreset_file": coreset_file,
                                 "the forgetting counts": forgetting, "--cache_dir": settings.data.cache_dir},
-                               {"--distilled": settings.target.distilled, "--buffer_path": experts,
+                               {"--distilled": settings.target.distilled, "--subset": settings.target.subset,
+                                "--buffer_path": experts,
                                 **settings.data_paths()})
     out = Path(settings.judging.out) if settings.judging.out else None
     if out is not None and out.is_file() and not settings.judging.overwrite:
@@ -152,6 +156,14 @@ def checked_settings(argv) -> tuple[EvaluateSettings, dict | None, Path | None]:
     return settings, payload, set_path
 
 
+def subset_of(data, path: str, data_settings):
+    """`data` training on the pairs that annotation file `path` lists (every one a pair of its training split)."""
+    image_root, _ = dataset_roots(data_settings, progress=False)
+    indices = pairs_listed_in(Path(path), data.train, image_root)
+    check_pair_count(len(indices), f"--subset {path}")
+    return replace(data, train=with_pairs(data.train, indices), train_text=data.train_text[torch.tensor(indices)])
+
+
 def training_model(settings: EvaluateSettings, data, device: torch.device, model=None, inputs=None):
     """The settings, model and inputs the evaluation trains with: --eval_image_encoder may replace the encoder
     that made (or, for a coreset, selected) the set; a model and inputs of that encoder are kept."""
@@ -161,7 +173,7 @@ def training_model(settings: EvaluateSettings, data, device: torch.device, model
         model = inputs = None
     if model is None:
         model = build_model(settings.model, data.text_dim)
-    full_over_trunk = settings.target.full and model.has_trunk
+    full_over_trunk = (settings.target.full or settings.target.subset) and model.has_trunk
     if inputs is None or (full_over_trunk and not inputs.cached):
         inputs = inputs_for(settings.data, settings.model, data, model, device, settings.runtime.progress,
                             need_train=full_over_trunk)
@@ -172,9 +184,11 @@ def training_pairs(settings: EvaluateSettings, payload: dict | None, set_path: P
                    device: torch.device, made_with: str | None, text_transfer=None):
     """The row's label, what trains (in words) and its batches by seed: the set's pairs, or the training split."""
     if payload is None:
-        pairs = len(inputs.data.train.captions)
-        batch_note("--eval_batch", settings.protocol.eval_batch, pairs, "the training split")
-        return f"full-{pairs}", f"full-data training ({pairs} pairs)", partial(inputs.train_batches, settings.protocol.eval_batch)
+        pairs, subset = len(inputs.data.train.captions), settings.target.subset
+        batch_note("--eval_batch", settings.protocol.eval_batch, pairs, "the training pairs")
+        label, what = (f"subset-{pairs}", f"{pairs} training pairs listed in {subset}") if subset else (
+            f"full-{pairs}", f"full-data training ({pairs} pairs)")
+        return label, what, partial(inputs.train_batches, settings.protocol.eval_batch)
     pairs, source = len(payload["text_syn"]), payload["config"].get("source", "distilled")
     label = f"{source}-{pairs}" + (f" on {settings.model.image_encoder}" if settings.model.image_encoder != made_with else "")
     label += f" ({text_transfer.phrase})" if text_transfer else ""
@@ -238,6 +252,8 @@ def main(argv=None) -> int:
     device = pick_device(settings.runtime.device)
     report_split = reported_split(settings.data, settings.judging.report_split)
     data = load_retrieval_data(settings.data, settings.model, device, progress=settings.runtime.progress, extra_splits=(report_split,))
+    if settings.target.subset:
+        data = subset_of(data, settings.target.subset, settings.data)
     model = inputs = None
     if payload is None and settings.target.coreset:
         model = build_model(settings.model, data.text_dim)

@@ -31,7 +31,8 @@ from settings.runtime import RuntimeSettings, check_seed
 from utils.cli import UserError, os_error_reason, suggestion
 
 SECTIONS = ("common", "buffer", "distill", "evaluate", "compare", "methods", "budgets", "regimes",  # [regimes]: comparison/regimes.py
-            "transfer")  # [transfer.<name>]: comparison/transfer.py (checked by the pipeline, which runs them)
+            "transfer",  # [transfer.<name>]: comparison/transfer.py (checked by the pipeline, which runs them)
+            "reduce")  # [reduce]: comparison/reduced.py (checked by the pipeline, which runs it)
 FULL = "all"  # the key of the full-data row in `epochs_per_size`
 # The sections whose keys are flags of a program, and the keys the pipeline itself reads there.
 PROGRAM_SECTIONS = {"buffer": ("buffer", ()), "distill": ("distill", ("seeds",)), "evaluate": ("evaluate", ())}
@@ -320,10 +321,10 @@ def check_budgets(config: dict, where: str) -> None:
             raise UserError(f"{where} [budgets.{key}]: only a distill = {{...}} table of distill.py flags is "
                             f"allowed, got {table!r}")
     names = compare_setting(config, "methods")
-    if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names) \
-            or len(set(names)) != len(names):
-        raise UserError(f"{where} [compare]: methods must be a non-empty list of method names, each once, "
-                        f"got {names!r}")
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names) or len(set(names)) != len(names) \
+            or not (names or config.get("reduce")):
+        raise UserError(f"{where} [compare]: methods must be a non-empty list of method names, each once (empty only "
+                        f"in a config that reduces: [reduce]), got {names!r}")
     for name in names:
         allowed = method_table(config, name, where).get("budgets")
         if allowed is not None and not (isinstance(allowed, list) and allowed and set(allowed) <= set(sizes)):

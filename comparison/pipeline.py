@@ -33,6 +33,12 @@ how much of it trains) or `text_encoder = "..."`, optionally `evaluate = {...}`,
 its own; each gets its own random ladder and full data, so worth-N is per encoder, and transfer.md holds the
 matrix of sets by encoder (comparison/transfer.py).
 
+`[reduce]` (methods = [...], keep = [fractions], reduce = {reduce.py flags}) adds the reduction comparison: each
+method keeps each fraction of the training pairs (reduce.py, with the pipeline's experts as the aligned space) and
+each kept set is judged like full data (evaluate.py --subset; round(E / keep) epochs, E full data's); the rows join
+the table, and reduce.md / reduce.png show them as methods × fractions (comparison/reduced.py). A config that only
+reduces sets [compare] methods = [] (no distillation).
+
 Choices are made on the selection split (`--eval_split`, val): the distillation's best iteration and every
 row's learning rate and epochs; the table is on the report split (test when its annotation file is present).
 Each stage records the flags it ran with; re-running reuses every stage whose flags are unchanged and
@@ -52,10 +58,12 @@ import argparse
 import time
 from pathlib import Path
 
-from comparison.config import distill_runs, load_config
+from comparison.config import distill_runs, load_config, selection_split
 from comparison.report import write_outputs
 from comparison.stages import (MARKER, as_flags, distilled_row, empty_output_folder, experts_stage, export_stage,
                                holding, output_folder, real_data_rows, with_pooled)
+from comparison.reduced import reduce_section, reduction_rows, write_reduction
+from comparison.report import full_row, worth_column
 from comparison.transfer import transfer_rows, transfer_targets
 from settings.programs import Parser
 
@@ -74,12 +82,13 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     config = load_config(args.config, args.data)
     targets = transfer_targets(config, f"config file {args.config}")
+    reduction = reduce_section(config, f"config file {args.config}")
     out = output_folder(args.out_dir, config, args.config)
     with holding(out, "--out_dir" if args.out_dir is not None else "out_dir"):
-        return run_stages(args, config, out, targets)
+        return run_stages(args, config, out, targets, reduction)
 
 
-def run_stages(args, config: dict, out: Path, targets=()) -> int:
+def run_stages(args, config: dict, out: Path, targets=(), reduction: dict | None = None) -> int:
     if args.fresh:
         empty_output_folder(out)
     started, times = time.time(), {}
@@ -93,6 +102,9 @@ def run_stages(args, config: dict, out: Path, targets=()) -> int:
     evaluate_flags = as_flags(config["common"]) + as_flags(config["evaluate"]) + ["--buffer_path", str(expert_dir)]
     real = real_data_rows(config, out, expert_dir, evaluate_flags)
     times["ladder, coresets, full data"] = time.time() - started - sum(times.values())
+    reduced = reduction_rows(config, out, expert_dir, evaluate_flags, reduction) if reduction else []
+    if reduction:
+        times["reduction"] = time.time() - started - sum(times.values())
 
     distilled, run_seconds = [], {}
     for item in runs:
@@ -101,10 +113,14 @@ def run_stages(args, config: dict, out: Path, targets=()) -> int:
         run_seconds[item.label] = round(time.time() - began, 1)
     times["distillation + its evaluation"] = time.time() - started - sum(times.values())
     table = {}
-    for row in [*with_pooled(distilled), *real]:  # a label asked for twice (random-N on the ladder and among
+    for row in [*with_pooled(distilled), *real, *reduced]:  # a label asked for twice (random-N on the ladder and among
         table[row.label] = row                     # coreset_methods) is one row: the later one, in the first's place
-    write_outputs(out, out / "distill" / runs[0].folder / "distilled_best.pt", list(table.values()), times, config,
+    rows = list(table.values())
+    write_outputs(out, out / "distill" / runs[0].folder / "distilled_best.pt" if runs else None, rows, times, config,
                   run_seconds)
+    if reduction:
+        write_reduction(out, reduced, worth_column(rows), full_row(rows), reduction,
+                        full_row(rows).report.get("split", "?"), selection_split(config))
     export_stage(config, out, runs)
     transfer_rows(config, out, list(targets), list(table.values()), runs)  # after the table: it waits for none of them
     return 0

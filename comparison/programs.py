@@ -14,11 +14,11 @@ from pathlib import Path
 
 from utils.cli import UserError
 
-PROGRAMS = ("buffer", "distill", "evaluate", "export")
+PROGRAMS = ("buffer", "distill", "evaluate", "export", "reduce")
 
 
 def launch(program: str, flags: list[str], log=None) -> int:
-    """Run `program` (buffer, distill, evaluate or export; a trailing .py is accepted) with `flags`; its output goes
+    """Run `program` (buffer, distill, evaluate, export or reduce; a trailing .py is accepted) with `flags`; its output goes
     to `log` (an open file) or to this process's output. Returns the exit status."""
     module = program.removesuffix(".py")
     if module not in PROGRAMS:

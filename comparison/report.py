@@ -48,7 +48,7 @@ def worth_column(rows: list[Row]) -> dict[str, dict | None]:
             for row in rows}
 
 
-def write_outputs(out: Path, distilled: Path, rows: list[Row], times: dict[str, float], config: dict,
+def write_outputs(out: Path, distilled: Path | None, rows: list[Row], times: dict[str, float], config: dict,
                   run_seconds: dict[str, float] | None = None) -> None:
     """Everything the pipeline writes from the judged `rows` (in the table's order); `distilled`: the set whose
     images and nearest captions are copied beside the table."""
@@ -82,7 +82,7 @@ def write_outputs(out: Path, distilled: Path, rows: list[Row], times: dict[str, 
     if budgets_of(config) is not None:
         budgets_plot = write_budget_table(out, rows, worth, points, full, split, config)
         print(f"wrote {out / 'table.md'}, {budgets_plot}")
-    if distilled.is_file():
+    if distilled is not None and distilled.is_file():
         tag = f"{load_distilled_set(distilled)['iteration']:06d}"
         for name in (f"synthetic_images_plain_{tag}.png", f"synthetic_images_clipped_{tag}.png",
                      f"nearest_captions_{tag}.txt"):

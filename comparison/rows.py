@@ -27,6 +27,7 @@ class Kind(str, Enum):
     CENTROIDS = "centroids"  # the k-means feature centroids (frozen trunk only)
     DISTILLED = "distilled"  # a distilled set of any method: one seed's, or pooled over the seeds
     FULL = "full"            # training on every pair (or the experts' last epoch): the curve's top rung
+    REDUCED = "reduced"      # the real pairs reduce.py kept of the training split ([reduce], comparison/reduced.py)
 
 
 FULL_LABEL = "full data"  # the full-data row's label; with full = "experts" it says how many experts and epochs

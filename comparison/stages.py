@@ -376,7 +376,7 @@ def shared_set(out: Path, runs: list[DistillRun]) -> Path:
 def export_stage(config: dict, out: Path, runs: list[DistillRun]) -> Path | None:
     """export.py's folder of the shared set (`shared_set`) with the table on its card, rewritten on every run
     (it takes seconds); none with [compare] export = false."""
-    if not compare_setting(config, "export"):
+    if not compare_setting(config, "export") or not runs:  # (a config that only reduces has no set to share)
         return None
     chosen = shared_set(out, runs)
     banner(f"export: {chosen} -> {out / EXPORT}")

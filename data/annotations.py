@@ -40,7 +40,9 @@ class CaptionedImages:
 
     `skipped` counts the images left out by --skip_bad_images, by kind of problem; `empty_captions` the
     captions left out because nothing remained after cleaning, and `captionless_images` the images left
-    out because all their captions were empty."""
+    out because all their captions were empty. `origins` says where each caption came from in the annotation
+    file: (entry index, index in the entry's caption list or 0), so that a subset of pairs can be written back
+    in the file's own layout (reduce.py)."""
 
     image_paths: list[Path]
     captions: list[str]
@@ -49,6 +51,7 @@ class CaptionedImages:
     skipped: dict[str, int] = field(default_factory=dict)
     empty_captions: int = 0
     captionless_images: int = 0
+    origins: list[tuple[int, int]] = field(default_factory=list)
 
     def __post_init__(self):
         if not self.img2txt:
@@ -176,6 +179,7 @@ def read_split(dataset: str, split: str, ann_root, image_root, skip_bad_images: 
     image_index: dict[str, int] = {}
     image_names: list[str] = []
     pairs: list[tuple[int, str]] = []
+    origins: list[tuple[int, int]] = []
     empty = 0
     for k, entry in enumerate(entries):
         name = _entry_field(entry, "image", str, path, k)
@@ -193,6 +197,7 @@ def read_split(dataset: str, split: str, ann_root, image_root, skip_bad_images: 
         cleaned = [clean_caption(c, max_words) for c in captions]
         empty += sum(not c for c in cleaned)
         pairs.extend((image_index[name], c) for c in cleaned if c)
+        origins.extend((k, j) for j, c in enumerate(cleaned) if c)
     if not pairs:
         raise UserError(f"annotation file {path}: all its {empty} captions are empty (nothing is left after "
                         f"cleaning); it needs a caption text for each image")
@@ -207,11 +212,71 @@ def read_split(dataset: str, split: str, ann_root, image_root, skip_bad_images: 
     if not keep:
         raise UserError(f"no usable image in {path} (all {len(captioned)} skipped: {kinds_phrase(counts)})")
     new_index = {old: new for new, old in enumerate(keep)}
-    kept = [(new_index[img], cap) for img, cap in pairs if img in new_index]
-    return CaptionedImages([paths[i] for i in keep], [c for _, c in kept], [i for i, _ in kept],
+    kept = [(new_index[img], cap, origin) for (img, cap), origin in zip(pairs, origins) if img in new_index]
+    return CaptionedImages([paths[i] for i in keep], [c for _, c, _ in kept], [i for i, _, _ in kept],
                            skipped=counts, empty_captions=empty,
-                           captionless_images=len(paths) - len(captioned))
+                           captionless_images=len(paths) - len(captioned), origins=[o for _, _, o in kept])
 
 
 def _digest(folder: Path) -> str:
     return hashlib.sha1(str(folder.resolve()).encode()).hexdigest()[:12]
+
+
+def entries_of_pairs(path: Path, origins: list[tuple[int, int]]) -> list:
+    """The entries of annotation file `path` that hold exactly the pairs at `origins` (`CaptionedImages.origins`),
+    in the file's own layout and order: an entry with one caption is copied whole (every field kept), an entry
+    with a list of captions keeps the listed ones only. What reduce.py writes, so that any trainer reads it."""
+    entries = _read_json_list(Path(path))
+    wanted: dict[int, set[int]] = {}
+    for k, j in origins:
+        wanted.setdefault(k, set()).add(j)
+    out = []
+    for k in sorted(wanted):
+        entry = entries[k]
+        if isinstance(entry.get("caption"), list):
+            out.append({**entry, "caption": [c for j, c in enumerate(entry["caption"]) if j in wanted[k]]})
+        else:
+            out.append(entry)
+    return out
+
+
+def pairs_listed_in(path: Path, split: CaptionedImages, image_root, max_words: int = 30) -> list[int]:
+    """The indices of `split`'s pairs that annotation file `path` lists (a file in the annotation layout whose
+    every caption is one of the split's pairs, e.g. reduce.py's output), in the file's order. A pair is matched by
+    its image path and its cleaned caption; a pair listed twice counts twice only if the split holds it twice."""
+    entries = _read_json_list(Path(path))
+    image_root = Path(image_root)
+    available: dict[tuple[Path, str], list[int]] = {}
+    for index in range(len(split.captions) - 1, -1, -1):  # popped from the end: the first occurrence first
+        available.setdefault((split.image_paths[split.txt2img[index]], split.captions[index]), []).append(index)
+    chosen = []
+    for k, entry in enumerate(entries):
+        name = _entry_field(entry, "image", str, path, k)
+        caption = entry.get("caption")
+        captions = caption if isinstance(caption, list) else [caption]
+        if not captions or not all(isinstance(c, str) for c in captions):
+            raise UserError(f"annotation file {path}, entry {k}: 'caption' must be a string or a non-empty list of "
+                            f"strings, got {caption!r:.120}")
+        for text in captions:
+            cleaned = clean_caption(text, max_words)
+            if not cleaned:
+                continue
+            matches = available.get((image_root / name, cleaned))
+            if not matches:
+                raise UserError(f"annotation file {path}, entry {k}: the pair (image {name!r:.120}, caption "
+                                f"{text!r:.80}) is not a pair of the training split (or is listed more often than "
+                                f"the split holds it); a subset file lists pairs of the training split only")
+            chosen.append(matches.pop())
+    if not chosen:
+        raise UserError(f"annotation file {path} lists no pair with a caption")
+    return chosen
+
+
+def with_pairs(split: CaptionedImages, indices: list[int]) -> CaptionedImages:
+    """`split` training on the pairs at `indices` only (in that order). Every image stays listed, also those
+    left without a caption (never drawn), so that the split's images, and with them the trunk-output caches
+    keyed by them, are the full split's."""
+    return CaptionedImages(split.image_paths, [split.captions[i] for i in indices], [split.txt2img[i] for i in indices],
+                           skipped=dict(split.skipped), empty_captions=split.empty_captions,
+                           captionless_images=split.captionless_images,
+                           origins=[split.origins[i] for i in indices] if split.origins else [])

@@ -8,6 +8,7 @@
     distill     DistillSettings    trajectory matching                               distill.py
     judging     JudgingSettings    what evaluate.py reports and how it chooses       evaluate.py
     coreset     CoresetSettings    how evaluate.py selects real coresets             evaluate.py
+    reduction   ReductionSettings  which real pairs reduce.py keeps                  reduce.py
 """
 from settings.base import Settings, flatten, setting
 from settings.data import DataSettings, default_cache_dir

@@ -19,6 +19,8 @@ CORESET_METHODS = (RANDOM, "herding", "kcenter", "forgetting", "kmeans")
 CENTROIDS = "centroids"
 SPLITS = ("val", "test")
 WANDB_MODES = ("online", "offline", "disabled")
+# reduce.py's selection methods (reduction/select.py); a combination joins them with "+", e.g. semdedup+balanced
+REDUCE_METHODS = ("random", "alignment", "prototype_hard", "prototype_easy", "semdedup", "balanced", "density")
 BUFFER_FORMATS = ("pt", "safetensors")  # the layouts of an expert buffer (experts/files.py)
 
 

@@ -77,9 +77,12 @@ class TargetSettings(Settings):
     coreset: str | None = setting(None, "select real pairs with this method (centroids: the k-means feature-centroid "
                                         "set)", choices=(*CORESET_METHODS, CENTROIDS))
     full: bool = setting(False, "train on the whole training split")
+    subset: str | None = setting(None, "train on the training pairs listed in this annotation file (the training "
+                                       "split's layout, e.g. reduce.py's output; each of its pairs must be one of the "
+                                       "training split's), as --full does", check=a_path)
 
     def check(self) -> None:
-        given = [f"--{name}" for name in ("distilled", "coreset", "full") if getattr(self, name)]
+        given = [f"--{name}" for name in ("distilled", "coreset", "full", "subset") if getattr(self, name)]
         if len(given) != 1:
-            raise UserError("give exactly one of --distilled PATH, --coreset METHOD, --full" +
+            raise UserError("give exactly one of --distilled PATH, --coreset METHOD, --full, --subset FILE" +
                             (f" (got {' and '.join(given)})" if given else ""))

@@ -20,6 +20,7 @@ from settings.experts import ExpertSettings
 from settings.judging import CoresetSettings, JudgingSettings, TargetSettings
 from settings.model import ModelSettings
 from settings.protocol import ProtocolSettings
+from settings.reduction import ReductionSettings
 from settings.runtime import RuntimeSettings
 from utils.cli import UserError, suggestion
 
@@ -74,8 +75,16 @@ class EvaluateSettings(ProgramSettings):
     runtime: RuntimeSettings
 
 
+@dataclass
+class ReduceSettings(ProgramSettings):
+    reduction: ReductionSettings
+    data: DataSettings
+    model: ModelSettings
+    runtime: RuntimeSettings
+
+
 PROGRAMS: dict[str, type[ProgramSettings]] = {"buffer": BufferSettings, "distill": DistillRunSettings,
-                                              "evaluate": EvaluateSettings}
+                                              "evaluate": EvaluateSettings, "reduce": ReduceSettings}
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):

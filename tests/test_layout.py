@@ -8,8 +8,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 # Lowest first; a package may import itself and anything listed before it.
 LAYERS = ["utils", "settings", "networks", "reparam_module", "data", "experts", "evaluation", "matching", "sharing",
-          "comparison", "buffer", "distill", "evaluate", "pipeline", "export", "bench"]
-PROGRAMS = ("buffer", "distill", "evaluate", "pipeline", "export")
+          "reduction", "comparison", "buffer", "distill", "evaluate", "pipeline", "export", "reduce", "bench"]
+PROGRAMS = ("buffer", "distill", "evaluate", "pipeline", "export", "reduce")
 
 
 def project_imports(path: Path) -> set[str]:

@@ -24,8 +24,10 @@ from hypothesis import strategies as st
 import buffer
 import distill
 import evaluate
+import reduce
 from comparison import config as pipeline_config, pipeline
 from experts import cycler
+from reduction import webdata
 from experts.files import buffer_dir, claim_metadata, describe_experts, load_expert_pair, save_expert
 from networks import build_model, trainable_parameters
 from networks.text_encoders import text_encoder_identity
@@ -35,7 +37,7 @@ from utils.cli import UserError
 
 pytestmark = pytest.mark.props
 
-MAINS = {"buffer": buffer.main, "distill": distill.main, "evaluate": evaluate.main}
+MAINS = {"buffer": buffer.main, "distill": distill.main, "evaluate": evaluate.main, "reduce": reduce.main}
 TARGET = {"evaluate": ["--full"]}  # evaluate.py needs something to judge before its other flags matter
 TEXT_DIM = 384  # minilm
 PROPERTY = settings(max_examples=300, deadline=None, derandomize=True, database=None,
@@ -111,7 +113,8 @@ def base_flags(sandbox, fake_experts) -> dict[str, list[str]]:
             "distill": tiny_flags(data, cache, "--buffer_path", str(fake_experts), "--max_start_epoch", "1",
                                   "--expert_epochs", "1", "--num_pairs", "8", "--mini_batch_size", "4",
                                   "--batch_train", "4", "--save_dir", "run_out"),
-            "evaluate": tiny_flags(data, cache, "--full")}
+            "evaluate": tiny_flags(data, cache, "--full"),
+            "reduce": tiny_flags(data, cache, "--method", "random", "--keep", "0.5", "--out", "reduced.json")}
 
 
 @functools.cache
@@ -131,6 +134,8 @@ def up_to_work(monkeypatch, sandbox):
         raise ReachedWork
     for module in (buffer, distill, evaluate):
         monkeypatch.setattr(module, "load_retrieval_data", reached)
+    monkeypatch.setattr(reduce, "annotated_features", reached)
+    monkeypatch.setattr(webdata, "reduce_shards", reached)
     monkeypatch.setattr(cycler, "load_expert_pair", cached_expert_pair)
     monkeypatch.chdir(sandbox)
 

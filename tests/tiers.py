@@ -16,8 +16,8 @@ import ast
 from functools import lru_cache
 from pathlib import Path
 
-PROGRAM_MODULES = {"buffer", "distill", "evaluate", "pipeline", "export"}  # `pipeline` is comparison.pipeline in tests
-RUNNER_MODULES = {"pipeline", "programs", "methods", "regimes", "sweep"}  # comparison/: these run programs
+PROGRAM_MODULES = {"buffer", "distill", "evaluate", "pipeline", "export", "reduce"}  # `pipeline` is comparison.pipeline in tests
+RUNNER_MODULES = {"pipeline", "programs", "methods", "regimes", "sweep", "reduced"}  # comparison/: these run programs
 RUNNER_NAMES = {"run_program", "subprocess", "runpy"}
 HAND_TIERS = ("e2e", "slow", "distributed")
 

@@ -1,0 +1,196 @@
+"""reduce.py end to end on the tiny data set (a frozen ConvNet trunk and its experts): the kept pairs in the input's
+own layout, their report, evaluate.py --subset training on them, the same program over webdataset shards, and bad
+input refused in one line before any work."""
+from __future__ import annotations
+
+import io
+import json
+import math
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings as hsettings, strategies as st
+from torch.nn import functional as F
+
+import evaluate
+import reduce
+from conftest import run_program, trunk_flags
+from data.annotations import read_split
+from data.feature_cache import cached_trunk_outputs, trunk_key
+from experts.files import load_expert_weights, locate_buffer, read_metadata
+from networks import build_model, image_norm
+from reduction.pairs import annotated_features
+from reduction.shards import read_kept_keys
+from settings import programs
+
+
+def train_entries(root: Path) -> list:
+    return json.loads((root / "annotations" / "shapes_train.json").read_text())
+
+
+def flags(tiny_shapes, cache_dir, convnet_weights, *extra) -> list[str]:
+    return trunk_flags(tiny_shapes, cache_dir, convnet_weights, "--progress", "False", *extra)
+
+
+@pytest.fixture(scope="module")
+def reduced(tiny_shapes, cache_dir, convnet_weights, trunk_experts, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("reduced") / "shapes_train_half.json"
+    reduce.main(flags(tiny_shapes, cache_dir, convnet_weights, "--buffer_path", str(trunk_experts), "--method",
+                      "semdedup+balanced", "--keep", "0.5", "--clusters", "4", "--out", str(out)))
+    return out
+
+
+def test_the_kept_pairs_are_entries_of_the_input_in_its_own_layout(reduced, tiny_shapes):
+    entries, source = json.loads(reduced.read_text()), train_entries(tiny_shapes)
+    assert len(entries) == round(0.5 * len(source))  # the training file holds one caption per entry
+    assert all(entry in source for entry in entries)
+    positions = [source.index(entry) for entry in entries]
+    assert positions == sorted(positions)  # in the file's own order
+    report = json.loads(reduced.with_name(reduced.name + ".report.json").read_text())
+    assert report["kept"] == len(entries) and report["pairs"] == len(source)
+    assert [stage["method"] for stage in report["stages"]] == ["semdedup", "balanced"]
+    assert sum(report["clusters"]["kept"]) == len(entries)
+    assert reduced.with_name(reduced.name + ".report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_evaluate_trains_on_exactly_the_kept_pairs(reduced, tiny_shapes, cache_dir, convnet_weights, tmp_path):
+    out = tmp_path / "subset.json"
+    evaluate.main(flags(tiny_shapes, cache_dir, convnet_weights, "--subset", str(reduced), "--num_eval", "1",
+                        "--epoch_eval_train", "1", "--out", str(out)))
+    report = json.loads(out.read_text())
+    assert report["label"] == f"subset-{len(json.loads(reduced.read_text()))}"
+    assert report["config"]["set_size"] == len(json.loads(reduced.read_text()))
+
+
+def test_the_alignment_is_the_cosine_of_the_experts_heads(tiny_shapes, cache_dir, convnet_weights, trunk_experts):
+    """Independently: the expert's snapshot in a fresh model, the trunk outputs of the shared cache, its forward
+    pass; the features' alignment must be the cosine of its two outputs per pair."""
+    settings = programs.parse("reduce", "", flags(tiny_shapes, cache_dir, convnet_weights, "--keep", "0.5", "--out", "x"))
+    features, data, info = annotated_features(settings.data, settings.model, str(trunk_experts), None,
+                                              torch.device("cpu"), progress=False)
+    model = build_model(settings.model, data.text_dim).eval()
+    directory = locate_buffer(trunk_experts, "shapes", "convnet", "minilm")
+    load_expert_weights(model, directory, read_metadata(directory))
+    key = trunk_key("convnet", model.trunk, model.train_stages, 16, image_norm(settings.model))
+    outputs = cached_trunk_outputs(model.trunk, key, data.train, "shapes", "train", [0], cache_dir,
+                                   torch.device("cpu"), progress=False)[0]
+    with torch.no_grad():
+        images, texts = model(outputs[torch.tensor(data.train.txt2img)], data.train_text, from_trunk=True)
+    expected = F.cosine_similarity(images, texts).numpy()
+    np.testing.assert_allclose(features.alignment, expected, rtol=0, atol=1e-5)
+    assert info["expert"]["epoch"] == 3 and len(features.embedding) == len(data.train.captions)
+    np.testing.assert_allclose(np.linalg.norm(features.embedding, axis=1), 1.0, atol=1e-5)
+
+
+def test_alignment_keeps_the_best_aligned_pairs(tiny_shapes, cache_dir, convnet_weights, trunk_experts, tmp_path):
+    out = tmp_path / "aligned.json"
+    reduce.main(flags(tiny_shapes, cache_dir, convnet_weights, "--buffer_path", str(trunk_experts), "--method",
+                      "alignment", "--keep", "0.25", "--out", str(out)))
+    settings = programs.parse("reduce", "", flags(tiny_shapes, cache_dir, convnet_weights, "--keep", "0.5", "--out", "x"))
+    features, data, _ = annotated_features(settings.data, settings.model, str(trunk_experts), None,
+                                           torch.device("cpu"), progress=False)
+    best = np.argsort(-features.alignment, kind="stable")[:round(0.25 * len(features.alignment))]
+    source = train_entries(tiny_shapes)
+    assert json.loads(out.read_text()) == [source[data.train.origins[i][0]] for i in sorted(best)]
+
+
+def test_a_second_run_replaces_its_own_output_with_the_same_pairs(reduced, tiny_shapes, cache_dir, convnet_weights,
+                                                                  trunk_experts):
+    first = reduced.read_bytes()
+    reduce.main(flags(tiny_shapes, cache_dir, convnet_weights, "--buffer_path", str(trunk_experts), "--method",
+                      "semdedup+balanced", "--keep", "0.5", "--clusters", "4", "--out", str(reduced)))
+    assert reduced.read_bytes() == first
+
+
+def test_bad_input_is_one_line_before_any_work(tiny_shapes, cache_dir, convnet_weights, trunk_experts, tmp_path):
+    base = flags(tiny_shapes, cache_dir, convnet_weights, "--method", "random")
+    other = tmp_path / "notes.json"
+    other.write_text("[]")
+    train_file = tiny_shapes / "annotations" / "shapes_train.json"
+    cases = {
+        ("--keep", "0.5"): "--out FILE is needed",
+        ("--out", str(tmp_path / "a.json")): "--keep FRACTION is needed",
+        ("--keep", "0.5", "--out", str(train_file)): "the training annotation file",
+        ("--keep", "0.5", "--out", str(other)): f"--out {other} exists and was not written by reduce.py",
+        ("--keep", "0.5", "--out", str(tmp_path / "b.json"), "--method", "balanced"): "needs an aligned space",
+        ("--keep", "0.5", "--out", str(tmp_path / "b.json"), "--method", "dedup"): "'dedup' is not a method",
+        ("--keep", "0.5", "--out", str(tmp_path / "b.json"), "--method", "random+alignment"): "random can only be",
+        ("--keep", "0.5", "--out", str(tmp_path / "b.json"), "--write_shards", str(tmp_path)): "needs --shards",
+        ("--keep", "0.5", "--out", str(tmp_path / "b.json"), "--method", "prototype_easy", "--clusters", "500"):
+            "clusters (500) is more than the 200 pairs",
+    }
+    for extra, message in cases.items():
+        line = run_program(reduce.main, [*base, *extra])
+        assert line is not None and message in line, (extra, line)
+    assert other.read_text() == "[]"
+
+
+@hsettings(max_examples=25, deadline=None)
+@given(st.one_of(st.floats(max_value=0.0), st.floats(min_value=1.0, exclude_min=True), st.just(math.nan)))
+@pytest.mark.props
+def test_any_fraction_outside_0_1_is_refused_naming_keep(tiny_shapes, cache_dir, convnet_weights, tmp_path_factory,
+                                                         fraction):
+    out = tmp_path_factory.getbasetemp() / "never.json"
+    line = run_program(reduce.main, [*flags(tiny_shapes, cache_dir, convnet_weights), f"--keep={fraction!r}",
+                                     "--out", str(out)])
+    assert line is not None and line.startswith("error: --keep") and not out.exists()
+
+
+def test_evaluate_refuses_a_subset_with_a_pair_outside_the_training_split(tiny_shapes, cache_dir, convnet_weights,
+                                                                          tmp_path):
+    entries = train_entries(tiny_shapes)[:4] + [{"image": train_entries(tiny_shapes)[0]["image"],
+                                                 "caption": "a caption nobody wrote", "image_id": "x"}]
+    path = tmp_path / "subset.json"
+    path.write_text(json.dumps(entries))
+    line = run_program(evaluate.main, [*flags(tiny_shapes, cache_dir, convnet_weights), "--subset", str(path)])
+    assert line is not None and "entry 4" in line and "is not a pair of the training split" in line
+
+
+# ---- webdataset shards -----------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def shards(tiny_shapes, tmp_path_factory) -> Path:
+    """The tiny training split as 3 shards in img2dataset's layout: {key}.png + {key}.txt (the first caption)."""
+    folder = tmp_path_factory.mktemp("shards")
+    split = read_split("shapes", "train", tiny_shapes / "annotations", tiny_shapes)
+    firsts = [texts[0] for texts in split.img2txt]
+    for shard in range(3):
+        with tarfile.open(folder / f"{shard:05d}.tar", "w") as tar:
+            for i in range(shard, len(split.image_paths), 3):
+                for name, data in ((f"{i:06d}.png", split.image_paths[i].read_bytes()),
+                                   (f"{i:06d}.txt", split.captions[firsts[i]].encode())):
+                    info = tarfile.TarInfo(name)
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+    return folder
+
+
+def test_shards_are_reduced_to_kept_keys_and_new_shards(shards, tiny_shapes, cache_dir, convnet_weights,
+                                                       trunk_experts, tmp_path):
+    out, new = tmp_path / "kept.json", tmp_path / "new_shards"
+    reduce.main(flags(tiny_shapes, cache_dir, convnet_weights, "--shards", str(shards / "{00000..00002}.tar"),
+                      "--buffer_path", str(trunk_experts), "--method", "balanced", "--keep", "0.25", "--clusters", "3",
+                      "--out", str(out), "--write_shards", str(new), "--features_dir", str(tmp_path / "features")))
+    kept = read_kept_keys(out)
+    keys = [key for listed in kept.values() for key in listed]
+    assert len(keys) == len(set(keys)) == round(0.25 * 40) == json.loads(out.read_text())["total"]
+    for shard, listed in kept.items():
+        with tarfile.open(new / Path(shard).name) as tar:
+            assert sorted({name.split(".")[0] for name in tar.getnames()}) == sorted(listed)
+    # a second run reuses the features (no new part) and keeps the same pairs
+    again = tmp_path / "again.json"
+    reduce.main(flags(tiny_shapes, cache_dir, convnet_weights, "--shards", str(shards / "{00000..00002}.tar"),
+                      "--buffer_path", str(trunk_experts), "--method", "balanced", "--keep", "0.25", "--clusters", "3",
+                      "--out", str(again), "--features_dir", str(tmp_path / "features")))
+    assert read_kept_keys(again) == kept
+    assert json.loads(again.with_name(again.name + ".report.json").read_text())["features"]["written_parts"] == 0
+
+
+def test_a_missing_shard_is_one_line(tiny_shapes, cache_dir, convnet_weights, shards, tmp_path):
+    line = run_program(reduce.main, [*flags(tiny_shapes, cache_dir, convnet_weights), "--shards",
+                                     str(shards / "{00000..00004}.tar"), "--keep", "0.5", "--method", "random", "--out",
+                                     str(tmp_path / "k.json")])
+    assert line is not None and "00003.tar" in line and "missing" in line
