@@ -39,11 +39,24 @@ def take_rows(features: np.ndarray, index: np.ndarray | None, start: int, stop: 
     return l2_normalize(features[index[start:stop]])
 
 
+class Pca:
+    """A fitted PCA: `apply(rows)` = (rows - mean) @ matrix, [n, d_in] -> [n, d_out] float32 (the matrix's columns
+    are the leading eigenvectors, scaled by eigenvalue ** -1/2 when whitening)."""
+
+    def __init__(self, mean: np.ndarray, matrix: np.ndarray):
+        self.mean = mean.astype(np.float32)
+        self.matrix = np.ascontiguousarray(matrix, dtype=np.float32)
+        self.d_out = matrix.shape[1]
+
+    def apply(self, rows: np.ndarray) -> np.ndarray:
+        return (rows - self.mean) @ self.matrix
+
+
 class RowTransform:
     """Maps raw feature rows to the clustering space: L2-normalise, apply the (whitening) PCA if any,
     L2-normalise again. Callable on any [n, d] array; returns float32 [n, d']."""
 
-    def __init__(self, pca: faiss.VectorTransform | None, d_in: int):
+    def __init__(self, pca: Pca | None, d_in: int):
         self.pca = pca
         self.d_in = d_in
         self.d_out = pca.d_out if pca is not None else d_in
@@ -89,17 +102,26 @@ def _progress(iterable, total: int, desc: str, progress: bool):
     return tqdm(iterable, total=total, desc=desc, unit="chunk")
 
 
-def _fit_pca(sample: np.ndarray, d_out: int, whiten: bool) -> faiss.PCAMatrix:
-    """PCA to d_out dimensions trained on unit rows; with whiten, eigenvalues ** -1/2 with a small floor."""
-    pca = faiss.PCAMatrix(sample.shape[1], d_out, -0.5 if whiten else 0.0, False)
+def _fit_pca(sample: np.ndarray, d_out: int, whiten: bool, chunk: int = 8192) -> Pca:
+    """PCA to d_out dimensions trained on unit rows; with whiten, eigenvalues ** -1/2 with a small floor.
+
+    The covariance is summed in float64 chunk by chunk and decomposed by numpy (LAPACK): faiss's PCAMatrix does the
+    same sums with OpenMP threads, which on a machine busy with other work can take minutes instead of seconds."""
+    n, d = sample.shape
+    mean = sample.mean(axis=0, dtype=np.float64)
+    covariance = np.zeros((d, d), dtype=np.float64)
+    for start in range(0, n, chunk):
+        centred = sample[start:start + chunk].astype(np.float64) - mean
+        covariance += centred.T @ centred
+    values, vectors = np.linalg.eigh(covariance / max(n, 1))
+    order = np.argsort(values)[::-1][:d_out]
+    values, vectors = np.clip(values[order], 0.0, None), vectors[:, order]
     if whiten:
-        # total variance of unit rows = 1 - |mean|^2; floor each eigenvalue at a small share of the mean one so
+        # total variance of unit rows = 1 - |mean|^2; each eigenvalue gets a small share of the mean one added so
         # that directions the sample does not span are not blown up by the inverse square root
-        mean = sample.mean(axis=0, dtype=np.float64)
         trace = max(1.0 - float(mean @ mean), 1e-12)
-        pca.epsilon = WHITEN_FLOOR * trace / sample.shape[1]
-    pca.train(np.ascontiguousarray(sample))
-    return pca
+        vectors = vectors / np.sqrt(values + WHITEN_FLOOR * trace / d)
+    return Pca(mean, vectors)
 
 
 def cluster(features: np.ndarray, k: int, seed: int, *, pca_dim: int | None = None, whiten: bool = True,
