@@ -194,3 +194,30 @@ def test_a_missing_shard_is_one_line(tiny_shapes, cache_dir, convnet_weights, sh
                                      str(shards / "{00000..00004}.tar"), "--keep", "0.5", "--method", "random", "--out",
                                      str(tmp_path / "k.json")])
     assert line is not None and "00003.tar" in line and "missing" in line
+
+
+@pytest.mark.distributed
+def test_reduce_under_torchrun_keeps_what_one_process_keeps(shards, tiny_shapes, cache_dir, convnet_weights,
+                                                             trunk_experts, tmp_path):
+    """Two torchrun processes split the shards' extraction, rank 0 chooses: the same features (every file byte for
+    byte) and the same kept keys as one process."""
+    import os
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+    common = flags(tiny_shapes, cache_dir, convnet_weights, "--shards", str(shards / "{00000..00002}.tar"),
+                   "--buffer_path", str(trunk_experts), "--method", "semdedup+balanced", "--keep", "0.5",
+                   "--clusters", "3")
+    reduce.main([*common, "--out", str(tmp_path / "one.json"), "--features_dir", str(tmp_path / "one")])
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(repo)}
+    for variable in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(variable, None)
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(repo / "reduce.py"), *common, "--out", str(tmp_path / "two.json"), "--features_dir",
+                           str(tmp_path / "two")], cwd=repo, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+    assert read_kept_keys(tmp_path / "two.json") == read_kept_keys(tmp_path / "one.json")
+    stored = {name: {p.relative_to(tmp_path / name): p.read_bytes() for p in (tmp_path / name).rglob("*.npy")
+                     if "pairs-" not in str(p)} for name in ("one", "two")}
+    assert len(stored["one"]) == 2 * 3 and stored["one"] == stored["two"]
