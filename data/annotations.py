@@ -25,6 +25,7 @@ ANNOTATION_PREFIX = {
     "coco": "coco_karpathy",
     "flickr8k": "flickr8k",
     "shapes": "shapes",
+    "webdata": "webdata",  # webdataset shards unpacked by `export.py shards` (reduction/shards.unpack_shards)
 }
 
 WHERE_TO_GET = (

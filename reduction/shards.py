@@ -423,3 +423,35 @@ def write_shards(source_shards: Iterable[str], kept: dict[str, list[str]], out_d
     finally:
         writer.abandon()
     return writer.written
+
+
+def unpack_shards(shards: list[str], out_dir, split: str, annotation: Path, *, kept: dict[str, list[str]] | None = None,
+                  skip_bad: bool = False, progress: bool = True) -> tuple[int, dict[str, int]]:
+    """Shards (or only their `kept` keys) as an image folder and an annotation file that every program reads
+    (`--dataset webdata`): images/<shard>/<key>.<ext> under `out_dir`, byte for byte, and `annotation` in the
+    training layout (one entry per caption) for the train split, in the evaluation layout (one entry per image with
+    its caption list) for val and test. Each image is written whole or not at all and the annotation file last,
+    so an interrupted unpack leaves no annotation file naming a missing image. Returns (pairs, skipped by kind)."""
+    out_dir = Path(out_dir)
+    names = {shard: output_stem(shard) for shard in shards}
+    entries, counts = [], {}
+    wanted = {shard: set(keys) for shard, keys in kept.items()} if kept is not None else None
+    for shard in tqdm(shards, desc=f"unpacking ({split})", unit="shard", disable=not progress):
+        for sample in iter_shard(shard, skip_bad=skip_bad, counts=counts):
+            if wanted is not None and sample.key not in wanted.get(shard, ()):
+                continue
+            relative = Path("images") / names[shard] / f"{sample.key}.{sample.image_ext}"
+            target = out_dir / relative
+            if not (target.is_file() and target.stat().st_size == len(sample.image_bytes)):
+                target.parent.mkdir(parents=True, exist_ok=True)
+                tmp = temporary_sibling(target)
+                tmp.write_bytes(sample.image_bytes)
+                os.replace(tmp, target)
+            name = relative.as_posix()
+            entries.append({"image": name, "caption": sample.caption, "image_id": f"{names[shard]}/{sample.key}"}
+                           if split == "train" else {"image": name, "caption": [sample.caption]})
+    if not entries:
+        raise UserError(f"no sample to unpack from {len(shards)} shards" + (" (none of the kept keys was found)"
+                                                                             if kept is not None else ""))
+    atomic_write_json(entries, annotation)
+    return len(entries), counts

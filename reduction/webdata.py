@@ -128,7 +128,9 @@ def pair_features(view, folder: Path, model, shape: list[int], device: torch.dev
                     shape = (rows, width) if width else (rows,)
                     temporary[name] = target / f".{name}.partial.npy"
                     np.lib.format.open_memmap(temporary[name], mode="w+", dtype=np.float32, shape=shape).flush()
-            for name, values in (("embedding", joint), ("cluster", image), ("alignment", (image * text).sum(dim=1))):
+            # (without an expert the image and text spaces differ: no alignment, the file holds zeros)
+            agreement = (image * text).sum(dim=1) if expert is not None else torch.zeros(len(image))
+            for name, values in (("embedding", joint), ("cluster", image), ("alignment", agreement)):
                 array = np.load(temporary[name], mmap_mode="r+")
                 array[chunk:stop] = values.numpy()
                 array.flush()

@@ -1,7 +1,7 @@
 """The names a setting may take, in one place: the packages that implement them register under these
 names (networks/, data/, matching/, evaluation/) and check at import time that they cover exactly these."""
 
-DATASETS = ("flickr", "coco", "flickr8k", "shapes")
+DATASETS = ("flickr", "coco", "flickr8k", "shapes", "webdata")  # webdata: shards unpacked by export.py shards
 IMAGE_ENCODERS = ("nfnet", "nf_resnet50", "nf_regnet", "vit", "resnet18", "efficientnet_lite0", "efficientnet_lite1",
                   "efficientnet_lite2", "convnet", "convnet_w64", "convnet_w32")
 NORMALIZATIONS = ("clip", "imagenet", "inception")

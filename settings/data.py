@@ -26,8 +26,9 @@ MAX_FEATURE_VIEWS = 100
 class DataSettings(Settings):
     title = "data"
 
-    dataset: str = setting("flickr", "flickr = Flickr30K, coco = COCO (Karpathy split), flickr8k, or shapes (embedded, "
-                                     "generated on first use, no download)", choices=DATASETS)
+    dataset: str = setting("flickr", "flickr = Flickr30K, coco = COCO (Karpathy split), flickr8k, shapes (embedded, "
+                                     "generated on first use, no download), or webdata (webdataset shards unpacked "
+                                     "by export.py shards)", choices=DATASETS)
     image_root: str | None = setting(None, "folder the annotation 'image' paths are relative to (shapes: generated "
                                            "in --cache_dir)", check=a_path)
     ann_root: str | None = setting(None, "folder of the annotation JSON files (IMAGE_ROOT/annotations when not given)",

@@ -22,6 +22,8 @@ DATA_TERMS = {
               "educational use under Flickr's terms",
     "coco": "MS COCO (Lin et al., ECCV 2014): annotations CC BY 4.0; the images are under Flickr's terms of use",
     "shapes": "the shapes data set that vl-distill generates (no third-party images or text)",
+    "webdata": "image-text pairs unpacked from webdataset shards: their terms are those of their source (state them "
+               "before publishing)",
 }
 LOAD_EXAMPLE = """```python
 from datasets import load_dataset

@@ -221,3 +221,39 @@ def test_reduce_under_torchrun_keeps_what_one_process_keeps(shards, tiny_shapes,
     stored = {name: {p.relative_to(tmp_path / name): p.read_bytes() for p in (tmp_path / name).rglob("*.npy")
                      if "pairs-" not in str(p)} for name in ("one", "two")}
     assert len(stored["one"]) == 2 * 3 and stored["one"] == stored["two"]
+
+
+def test_unpacked_shards_are_a_data_set_every_program_reads(shards, tiny_shapes, cache_dir, convnet_weights,
+                                                             trunk_experts, tmp_path):
+    """export.py shards: the kept samples of a reduce.py --shards run (and a val split) unpacked as --dataset webdata,
+    whose training split holds exactly the kept pairs, byte for byte, and which reduce.py and evaluate.py read."""
+    import export
+
+    kept_file = tmp_path / "kept.json"
+    reduce.main(flags(tiny_shapes, cache_dir, convnet_weights, "--shards", str(shards / "{00000..00002}.tar"),
+                      "--method", "random", "--keep", "0.5", "--out", str(kept_file),
+                      "--features_dir", str(tmp_path / "features")))
+    folder = tmp_path / "webdata"
+    export.main(["shards", str(shards / "{00000..00002}.tar"), "--out", str(folder), "--keys", str(kept_file),
+                 "--progress", "False"])
+    export.main(["shards", str(shards / "00000.tar"), "--out", str(folder), "--split", "val", "--progress", "False"])
+    kept = read_kept_keys(kept_file)
+    train = json.loads((folder / "annotations" / "webdata_train.json").read_text())
+    assert sorted(entry["image_id"] for entry in train) == sorted(f"{Path(shard).name.removesuffix('.tar')}/{key}"
+                                                                  for shard, keys in kept.items() for key in keys)
+    with tarfile.open(shards / "00000.tar") as tar:
+        first = next(e for e in train if e["image_id"].startswith("00000/"))
+        member = tar.extractfile(first["image_id"].split("/")[1] + ".png").read()
+    assert (folder / first["image"]).read_bytes() == member
+    split = read_split("webdata", "train", folder / "annotations", folder)
+    assert len(split.captions) == 20
+    webdata = ["--dataset", "webdata", "--image_root", str(folder)]
+    line = run_program(export.main, ["shards", str(shards / "00000.tar"), "--out", str(folder), "--split", "val"])
+    assert line is not None and "exists; give --overwrite True" in line
+    out = tmp_path / "subset.json"
+    reduce.main([*flags(tiny_shapes, cache_dir, convnet_weights, "--method", "random", "--keep", "0.5", "--out",
+                        str(out)), *webdata])
+    report = tmp_path / "eval.json"
+    evaluate.main([*flags(tiny_shapes, cache_dir, convnet_weights, "--subset", str(out), "--num_eval", "1",
+                          "--epoch_eval_train", "1", "--out", str(report)), *webdata])
+    assert json.loads(report.read_text())["config"]["set_size"] == 10
