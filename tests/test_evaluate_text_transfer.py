@@ -97,7 +97,7 @@ def test_bad_text_transfers_get_one_line(run4, tiny_shapes, cache_dir, tmp_path)
     with pytest.raises(UserError, match="invalid choice: 'gpt9'") as caught:
         evaluate.main(["--distilled", str(path), "--eval_text_encoder", "gpt9"])
     assert "\n" not in str(caught.value)
-    with pytest.raises(UserError, match="--full has no set"):
+    with pytest.raises(UserError, match="--full and --subset train on real captions"):
         evaluate.main(tiny_flags(tiny_shapes, cache_dir, *QUICK, "--full", "--eval_text_encoder", "minilm"))
     payload = load_distilled_set(path)
     config = {**payload["config"], "source": "coreset:random"}
