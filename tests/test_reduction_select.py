@@ -267,3 +267,42 @@ def test_chunked_assignment_equals_one_chunk_and_memmap_and_rows_work(tmp_path):
     subset = cluster(mapped, 5, seed=2, rows=rows, chunk=64)
     direct = cluster(x[rows], 5, seed=2)
     assert (subset.assignment == direct.assignment).all() and len(subset.assignment) == 200
+
+
+# ---- the class of inputs: any method, any fraction, any small feature set ----------------------------------------
+
+COMBINATIONS = ["random", "alignment", "prototype_hard", "prototype_easy", "semdedup", "balanced", "density",
+                "semdedup+balanced", "alignment+prototype_easy", "semdedup+random"]
+
+
+@settings(max_examples=40, deadline=None)
+@given(method=st.sampled_from(COMBINATIONS), n=st.integers(6, 60), d=st.integers(2, 6),
+       keep=st.floats(0.0, 1.0, exclude_min=True), seed=st.integers(0, 2**31 - 1), clusters=st.integers(1, 6),
+       data=st.data())
+@pytest.mark.props
+def test_every_method_keeps_round_keep_n_distinct_pairs_reproducibly(method, n, d, keep, seed, clusters, data):
+    """Whatever the method, the fraction and the features: exactly round(keep · N) (at least 1) distinct sorted
+    indices into the N pairs, the same ones again for the same seed, scores and clusters one per pair; the only
+    refusal allowed is SemDeDup leaving fewer pairs than asked."""
+    rng = np.random.default_rng(data.draw(st.integers(0, 2**32 - 1), label="features"))
+    embedding = rng.standard_normal((n, d)).astype(np.float32)
+    if data.draw(st.booleans(), label="duplicates"):
+        embedding[n // 2:] = embedding[: n - n // 2]  # exact copies: SemDeDup's case
+    features = PairFeatures(embedding, alignment=rng.uniform(-1, 1, n).astype(np.float32),
+                            image_of_pair=np.arange(n) // 2)
+    options = SelectOptions(seed=seed, clusters=min(clusters, n))
+    try:
+        chosen = select(method, keep, features, options)
+    except UserError as err:
+        assert "semdedup" in method and "fewer than the" in str(err), err
+        return
+    target = max(1, math.floor(keep * n + 0.5))
+    kept = chosen.kept
+    assert len(kept) == target and kept.dtype == np.int64
+    assert (np.diff(kept) > 0).all() and kept.min() >= 0 and kept.max() < n
+    assert np.array_equal(select(method, keep, features, options).kept, kept)
+    for per_pair in (chosen.scores, chosen.clusters):
+        assert per_pair is None or len(per_pair) == n
+    assert sum(stage["pairs_out"] <= stage["pairs_in"] for stage in chosen.stages) == len(chosen.stages)
+    assert chosen.stages[-1]["pairs_out"] == target
+    json.dumps(chosen.options)  # what the report writes
