@@ -28,6 +28,7 @@ import utils.cli  # noqa: F401 (first: a Ctrl-C while the libraries below load i
 from data.annotations import annotation_file, entries_of_pairs
 from data.build import dataset_roots
 from reduction.keep import choose
+from reduction.shards import expand_shards
 from reduction.select import NEEDS_ALIGNMENT
 from reduction.pairs import annotated_features
 from reduction.report import summary, write_report
@@ -64,7 +65,17 @@ def check_paths(settings: ReduceSettings) -> None:
     reduction = settings.reduction
     out = ensure_output_file(reduction.out, "--out")  # (a folder, or no file name at all, is refused here)
     inputs = settings.data_paths()
-    if not reduction.shards:
+    if reduction.shards:  # every shard is there, and no output is one of them (before any model loads)
+        try:
+            shards = expand_shards(reduction.shards)
+        except UserError as err:
+            raise UserError(f"--shards: {err}") from None
+        inputs.update({f"the shard {shard}": shard for shard in shards})
+        if reduction.write_shards and any(Path(shard).resolve().parent == Path(reduction.write_shards).resolve()
+                                          for shard in shards):
+            raise UserError(f"--write_shards {reduction.write_shards} holds input shards; write the reduced shards "
+                            f"to another folder")
+    else:
         _, ann_root = dataset_roots(settings.data, progress=False)
         inputs["the training annotation file"] = annotation_file(settings.data.dataset, "train", ann_root)
     refuse_outputs_over_inputs({"--out": out, "its report": out.with_name(out.name + REPORT_SUFFIX)},

@@ -193,7 +193,14 @@ def test_a_missing_shard_is_one_line(tiny_shapes, cache_dir, convnet_weights, sh
     line = run_program(reduce.main, [*flags(tiny_shapes, cache_dir, convnet_weights), "--shards",
                                      str(shards / "{00000..00004}.tar"), "--keep", "0.5", "--method", "random", "--out",
                                      str(tmp_path / "k.json")])
-    assert line is not None and "00003.tar" in line and "missing" in line
+    assert line is not None and line.startswith("error: --shards") and "00003.tar" in line and "missing" in line
+    for extra, message in ((["--out", str(shards / "00001.tar")], "--out"),
+                           (["--out", str(tmp_path / "k.json"), "--write_shards", str(shards)], "holds input shards")):
+        line = run_program(reduce.main, [*flags(tiny_shapes, cache_dir, convnet_weights), "--shards",
+                                         str(shards / "{00000..00002}.tar"), "--keep", "0.5", "--method", "random",
+                                         *extra])
+        assert line is not None and message in line, line
+    assert sorted(p.name for p in shards.iterdir()) == ["00000.tar", "00001.tar", "00002.tar"]
 
 
 @pytest.mark.distributed
