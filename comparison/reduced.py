@@ -166,6 +166,7 @@ def plot_reduction(by_cell: dict, section: dict, full: dict, path: Path, title: 
             ax.errorbar([100 * k for k, _ in points], [s["mean"] for _, s in points],
                         yerr=[s["std"] for _, s in points], marker="o", capsize=3, label=method)
     finish_r_mean_plot(fig, ax, path, "pairs kept (% of the training split)", title, full)
+    ax.minorticks_off()  # (the log axis's minor labels, 2×10^1 ..., would crowd the fractions' own)
     ax.set_xticks([100 * k for k in section["keep"]], [f"{100 * k:g}" for k in section["keep"]])
     fig.savefig(path, format="png", dpi=DPI)
     plt.close(fig)
