@@ -124,9 +124,11 @@ def extrapolate(result: dict, pairs: int, to: int) -> tuple[float, float]:
 
 def report(results: list[dict], args: argparse.Namespace) -> None:
     print(f"\n{args.pairs:,} pairs x {args.dim} float32, keep {args.keep}, {args.clusters} clusters "
-          f"(times on a shared machine: upper bounds)\n")
+          f"(wall times: other work on the machine makes them longer)\n")
     print(f"| {'method':<20} | {'seconds':>8} | {'of which k-means':>16} | {'peak RSS MiB':>12} | {'kept':>9} |"
           f" {'10 M s (lin / sq)':>19} | {'100 M s (lin / sq)':>20} |")
+    print("(the last two columns keep the clusters at --clusters for every N: lin counts semdedup's pass as linear,\n"
+          " sq as quadratic in the cluster size; docs/reduction.md has the arithmetic with k grown to about sqrt(N))")
     print(f"|{'-' * 22}|{'-' * 10}|{'-' * 18}|{'-' * 14}|{'-' * 11}|{'-' * 21}|{'-' * 22}|")
     for r in results:
         if "error" in r:
