@@ -60,9 +60,11 @@ def check_settings(settings: ReduceSettings) -> None:
         raise UserError("--write_shards writes new webdataset shards: it needs --shards")
 
 
-def check_paths(settings: ReduceSettings) -> None:
-    """No output over an input; an existing --out is replaced only when reduce.py wrote it, or with --overwrite."""
+def check_paths(settings: ReduceSettings) -> list[str]:
+    """No output over an input; an existing --out is replaced only when reduce.py wrote it, or with --overwrite.
+    Returns the shards --shards names, each checked to exist (none without --shards)."""
     reduction = settings.reduction
+    shards: list[str] = []
     out = ensure_output_file(reduction.out, "--out")  # (a folder, or no file name at all, is refused here)
     inputs = settings.data_paths()
     if reduction.shards:  # every shard is there, and no output is one of them (before any model loads)
@@ -84,18 +86,19 @@ def check_paths(settings: ReduceSettings) -> None:
     if out.exists() and not reduction.overwrite and not (report and "method" in report and "kept" in report):
         raise UserError(f"--out {out} exists and was not written by reduce.py; give --out another path, or "
                         f"--overwrite True to replace it")
+    return shards
 
 
 def main(argv=None) -> int:
     started = time.time()
     settings = programs.parse("reduce", __doc__, argv)
     check_settings(settings)
-    check_paths(settings)
+    shards = check_paths(settings)
     reduction = settings.reduction
-    if reduction.shards:
+    if shards:
         from reduction.webdata import reduce_shards  # (webdataset is read only here)
 
-        return reduce_shards(settings, started)
+        return reduce_shards(settings, shards, started)
     device = pick_device(settings.runtime.device)
     features, data, info = annotated_features(settings.data, settings.model, reduction.buffer_path,
                                               reduction.expert_number, device, settings.runtime.progress)

@@ -209,11 +209,16 @@ def count_forgetting(lr_img: float, lr_txt: float, data: RetrievalData, model, d
     return counter
 
 
+def pooled_trunk_outputs(trunk_outputs: torch.Tensor) -> torch.Tensor:
+    """[items, D]: a frozen trunk's outputs, average-pooled over space when they are feature maps."""
+    return trunk_outputs.flatten(2).mean(dim=2) if trunk_outputs.dim() > 2 else trunk_outputs
+
+
 def frozen_pair_features(trunk_outputs: torch.Tensor, data: RetrievalData) -> torch.Tensor:
     """[pairs, D_trunk + D_text] joint features without any training: each pair's image as the frozen
-    trunk sees it (its plain-view output, average-pooled over space when it is a feature map) beside its
-    raw text-encoder embedding, each part L2-normalised."""
-    images = trunk_outputs.flatten(2).mean(dim=2) if trunk_outputs.dim() > 2 else trunk_outputs
+    trunk sees it (its plain-view output, pooled) beside its raw text-encoder embedding, each part
+    L2-normalised."""
+    images = pooled_trunk_outputs(trunk_outputs)
     txt2img = torch.tensor(data.train.txt2img, dtype=torch.long)
     return joint_features(images[txt2img], data.train_text)
 

@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import torch
 from torch.nn import functional as F
 
 from data.build import RetrievalData, load_retrieval_data
 from data.feature_cache import cached_trunk_outputs, trunk_key
+from evaluation.coresets import joint_features, pooled_trunk_outputs
 from experts.files import check_buffer_matches, expected_metadata, load_expert_weights, locate_buffer, read_metadata
 from networks import build_model, image_norm
 from reduction.select import PairFeatures
@@ -25,11 +25,6 @@ from settings.model import ModelSettings
 from utils.errors import SettingError
 
 CHUNK = 65_536  # rows per pass through the heads: bounded memory at any data size
-
-
-def pooled(trunk_outputs: torch.Tensor) -> torch.Tensor:
-    """[items, D]: a trunk's outputs average-pooled over space when they are feature maps."""
-    return trunk_outputs.flatten(2).mean(dim=2) if trunk_outputs.dim() > 2 else trunk_outputs
 
 
 def frozen_model(model_settings: ModelSettings, text_dim: int):
@@ -66,10 +61,10 @@ def aligned(model, image_rows: torch.Tensor, text_rows: torch.Tensor, device: to
     return images, texts
 
 
-def side_by_side(images: torch.Tensor, texts: torch.Tensor) -> np.ndarray:
-    """[pairs, Di + Dt] float32: each pair's unit image row and unit text row, scaled together to unit length."""
-    joint = torch.cat([F.normalize(images.float(), dim=1), F.normalize(texts.float(), dim=1)], dim=1)
-    return (joint / math.sqrt(2.0)).numpy()
+def side_by_side(images: torch.Tensor, texts: torch.Tensor) -> torch.Tensor:
+    """[pairs, Di + Dt] float32: the coresets' joint features (each pair's unit image row beside its unit text
+    row), scaled to unit length: a pair's embedding for the reduction methods."""
+    return joint_features(images, texts) / math.sqrt(2.0)
 
 
 def annotated_features(data_settings: DataSettings, model_settings: ModelSettings, buffer_path: str | None,
@@ -88,13 +83,13 @@ def annotated_features(data_settings: DataSettings, model_settings: ModelSetting
     info = {"pairs": len(txt2img), "images": len(data.train.image_paths), "image_encoder": model_settings.image_encoder,
             "text_encoder": data.text_identity}
     if buffer_path is None:
-        images = pooled(outputs)
-        features = PairFeatures(embedding=side_by_side(images[txt2img], data.train_text), alignment=None,
+        images = pooled_trunk_outputs(outputs)
+        features = PairFeatures(embedding=side_by_side(images[txt2img], data.train_text).numpy(), alignment=None,
                                 image_of_pair=txt2img.numpy(), cluster_features=F.normalize(images, dim=1)[txt2img].numpy())
         return features, data, {**info, "space": "frozen encoders (no expert): image trunk beside text encoder"}
     info["expert"] = load_expert(model, model_settings, data_settings, data, buffer_path, expert_number)
     images, texts = aligned(model, outputs, data.train_text, device)
     per_pair = images[txt2img]
-    features = PairFeatures(embedding=side_by_side(per_pair, texts), alignment=(per_pair * texts).sum(dim=1).numpy(),
+    features = PairFeatures(embedding=side_by_side(per_pair, texts).numpy(), alignment=(per_pair * texts).sum(dim=1).numpy(),
                             image_of_pair=txt2img.numpy(), cluster_features=per_pair.numpy())
     return features, data, {**info, "space": "an expert's trained image and text heads"}

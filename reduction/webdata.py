@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -25,13 +24,14 @@ from data.transforms import test_transform
 from experts.files import load_expert_weights, locate_buffer, read_metadata
 from networks import image_norm
 from networks.text_encoders import FrozenTextEncoder, text_encoder_identity
+from evaluation.coresets import pooled_trunk_outputs
 from reduction.extract import extract_features
 from reduction.feature_store import FeatureStore
 from reduction.keep import choose
-from reduction.pairs import CHUNK, frozen_model, pooled
+from reduction.pairs import CHUNK, frozen_model, side_by_side
 from reduction.report import summary, write_report
 from reduction.select import PairFeatures
-from reduction.shards import expand_shards, write_kept_keys, write_shards
+from reduction.shards import write_kept_keys, write_shards
 from utils import distributed
 from utils.cli import UserError
 from utils.device import pick_device
@@ -120,9 +120,9 @@ def pair_features(view, folder: Path, model, shape: list[int], device: torch.dev
                 image = F.normalize(model.encode_trunk_output(image.to(device)).float(), dim=1).cpu()
                 text = F.normalize(model.text_projection(text.to(device)).float(), dim=1).cpu()
             else:
-                image = pooled(image)
+                image = pooled_trunk_outputs(image)
             image, text = F.normalize(image.float(), dim=1), F.normalize(text.float(), dim=1)
-            joint = torch.cat([image, text], dim=1) / math.sqrt(2.0)
+            joint = side_by_side(image, text)
             if i == 0:
                 for name, width in (("embedding", joint.shape[1]), ("cluster", image.shape[1]), ("alignment", None)):
                     shape = (rows, width) if width else (rows,)
@@ -142,10 +142,9 @@ def pair_features(view, folder: Path, model, shape: list[int], device: torch.dev
                         image_of_pair=np.arange(rows, dtype=np.int64), cluster_features=loaded["cluster"])
 
 
-def reduce_shards(settings, started: float) -> int:
-    """reduce.py --shards: extract (every rank), then choose and write (rank 0)."""
+def reduce_shards(settings, shards: list[str], started: float) -> int:
+    """reduce.py --shards: extract the features of `shards` (every rank), then choose and write (rank 0)."""
     reduction = settings.reduction
-    shards = expand_shards(reduction.shards)
     device = pick_device(settings.runtime.device)
     group = distributed.init_from_env(device)
     try:
