@@ -59,6 +59,7 @@ from settings.base import current_names
 from settings.judging import TargetSettings
 from settings.programs import EvaluateSettings
 from utils.cli import UserError, run_cli
+from utils.errors import SettingError
 from utils.device import pick_device
 from utils.io import atomic_write_json
 from utils.paths import ensure_output_file, json_object_in, refuse_outputs_over_inputs
@@ -101,6 +102,15 @@ def check_settings(settings: EvaluateSettings) -> None:
     if settings.judging.eval_text_encoder and (settings.target.full or settings.target.subset):
         raise UserError("--eval_text_encoder re-encodes a set's texts; --full and --subset train on real captions: "
                         "give --text_encoder instead")
+    if settings.judging.eval_image_size is not None and not settings.target.distilled:
+        raise UserError("--eval_image_size resizes the pixels of a --distilled set file; real pairs (--coreset, "
+                        "--full, --subset) load at --image_size: give that instead")
+    if settings.judging.eval_image_size is not None and settings.target.distilled:  # the size was asked for
+        encoder = settings.judging.eval_image_encoder or settings.model.image_encoder
+        try:
+            check_image_size(encoder, settings.model.image_size)
+        except SettingError as err:
+            raise SettingError("eval_image_size", settings.model.image_size, err.message) from None
     if settings.judging.eval_image_encoder:  # the encoder that trains
         check_image_size(settings.judging.eval_image_encoder, settings.model.image_size, "eval_image_encoder")
     else:
@@ -147,6 +157,8 @@ def checked_settings(argv) -> tuple[EvaluateSettings, dict | None, Path | None]:
         check_pair_count(len(payload["text_syn"]), f"--distilled {set_path}")
         values = with_file_settings(values, payload["config"], given)
     settings = programs.from_namespace("evaluate", argparse.Namespace(**values))
+    if settings.judging.eval_image_size is not None and settings.target.distilled:  # the models and val images
+        settings = replace(settings, model=replace(settings.model, image_size=settings.judging.eval_image_size))
     check_paths(settings)
     check_settings(settings)
     if payload is not None:
@@ -191,9 +203,11 @@ def training_pairs(settings: EvaluateSettings, payload: dict | None, set_path: P
         return label, what, partial(inputs.train_batches, settings.protocol.eval_batch)
     pairs, source = len(payload["text_syn"]), payload["config"].get("source", "distilled")
     label = f"{source}-{pairs}" + (f" on {settings.model.image_encoder}" if settings.model.image_encoder != made_with else "")
+    label += f" at {settings.judging.eval_image_size} px" if settings.judging.eval_image_size is not None else ""
     label += f" ({text_transfer.phrase})" if text_transfer else ""
     make_loader = pair_batches(settings.protocol, model, inputs, device, payload["text_syn"],
-                               **set_files.set_inputs(settings.model, payload, set_path, model, device))
+                               **set_files.set_inputs(settings.model, payload, set_path, model, device,
+                                                      resize=settings.judging.eval_image_size is not None))
     batch_note("--eval_batch", settings.protocol.eval_batch, pairs, "the set")
     return label, f"{pairs} pairs from {set_path} ({source})", make_loader
 

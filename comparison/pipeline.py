@@ -29,9 +29,10 @@ which rows to build:
   pipeline's own default, not buffer.py's 100: the papers' count, days on a CPU).
 
 `[transfer.<name>]` tables (any number) then judge every set with another encoder: `image_encoder = "..."` (with
-how much of it trains) or `text_encoder = "..."`, optionally `evaluate = {...}`, `ladder` and `epochs_per_size` of
-its own; each gets its own random ladder and full data, so worth-N is per encoder, and transfer.md holds the
-matrix of sets by encoder (comparison/transfer.py).
+how much of it trains, and `image_size` to judge at another size) or `text_encoder = "..."`, optionally
+`evaluate = {...}`, `ladder` and `epochs_per_size` of its own; each gets its own random ladder and full data
+(`full = "none"`: none), so worth-N is per encoder, and transfer.md holds the matrix of sets by encoder
+(comparison/transfer.py).
 
 `[reduce]` (methods = [...], keep = [fractions], reduce = {reduce.py flags}) adds the reduction comparison: each
 method keeps each fraction of the training pairs (reduce.py, with the pipeline's experts as the aligned space) and

@@ -2,8 +2,10 @@
 
 A `[transfer.<name>]` table of a pipeline config names one encoder that judges, with [common]-style keys
 (`image_encoder` and how much of it trains: `image_pretrained`, `image_weights`, `image_norm`, `train_stages`,
-`image_projection`, `lora_rank`, `feature_views`; or `text_encoder`), and may add `evaluate = {...}` (evaluate.py
-protocol flags for that encoder only), `ladder = [...]` and `epochs_per_size = {...}` (default: [compare]'s).
+`image_projection`, `lora_rank`, `feature_views`, and `image_size`, the size it judges at: the sets' pixels are
+resized to it with evaluate.py --eval_image_size; or `text_encoder`), and may add `evaluate = {...}` (evaluate.py
+protocol flags for that encoder only), `ladder = [...]` and `epochs_per_size = {...}` (default: [compare]'s), and
+`full = "none"` (no full-data row, for an encoder too slow to train on every pair: worth-N is read on the ladder).
 After the main table, each target gets under out_dir/transfer/<name>/results:
 
 - its own random ladder and full-data row: real pairs judged by that encoder (evaluate.py --coreset random / --full
@@ -49,12 +51,13 @@ from utils.io import atomic_write_json
 FOLDER = "transfer"        # out_dir/transfer/<name>/
 REPORT = "transfer.md"
 IMAGE_KEYS = ("image_encoder", "image_pretrained", "image_weights", "image_norm", "train_stages", "image_projection",
-              "lora_rank", "feature_views")
+              "lora_rank", "feature_views", "image_size")
 TEXT_KEYS = ("text_encoder",)
 ENCODER_KEYS = (*IMAGE_KEYS, *TEXT_KEYS)
-OWN_KEYS = ("evaluate", "ladder", "epochs_per_size")  # what a target table holds besides encoder keys
+OWN_KEYS = ("evaluate", "ladder", "epochs_per_size", "full")  # what a target table holds besides encoder keys
+TARGET_FULL = ("train", "none")  # a target's full-data row: evaluate.py --full with its encoder, or none
 # evaluate.py flags that the pipeline gives per row: a target's `evaluate` table leaves them alone.
-PER_ROW = ("coreset_size", "eval_image_encoder", "eval_text_encoder", "out", "overwrite")
+PER_ROW = ("coreset_size", "eval_image_encoder", "eval_image_size", "eval_text_encoder", "out", "overwrite")
 PROTOCOL_GROUPS = ("judging", "protocol", "runtime")  # the evaluate.py groups a target's `evaluate` may change
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")  # a target's name becomes a folder and a stamp file
 
@@ -86,10 +89,16 @@ class Target:
     def summary(self) -> str:
         return ", ".join(f"{key} = {value}" for key, value in self.changes.items())
 
+    def eval_values(self) -> dict:
+        """What turns a set's evaluate.py call into this encoder's (evaluate.py settings): the encoder that trains
+        instead of the set's, the size it trains at, the text encoder."""
+        keys = (("eval_image_encoder", "image_encoder"), ("eval_image_size", "image_size"),
+                ("eval_text_encoder", "text_encoder"))
+        return {flag: self.changes[key] for flag, key in keys if key in self.changes}
+
     def eval_flags(self) -> list[str]:
-        """What turns a set's evaluate.py call into this encoder's: the encoder that trains instead of the set's."""
-        image = ["--eval_image_encoder", self.changes["image_encoder"]] if "image_encoder" in self.changes else []
-        return image + (["--eval_text_encoder", self.changes["text_encoder"]] if self.text else [])
+        """eval_values as evaluate.py flags."""
+        return [item for flag, value in self.eval_values().items() for item in (f"--{flag}", str(value))]
 
 
 def current_value(config: dict, key: str):
@@ -135,6 +144,12 @@ def check_target(config: dict, name: str, table, where: str) -> Target:
                         f"it is an encoder or data setting: encoder settings go in the table itself)")
     compare = {key: table[key] for key in ("ladder", "epochs_per_size") if key in table}
     check_compare(compare, where)
+    if "full" in table:
+        if table["full"] not in TARGET_FULL:
+            raise UserError(f"{where}: full must be \"train\" (full data judged with this encoder, the top of its "
+                            f"ladder) or \"none\" (no full-data row: worth-N read on the ladder alone), got "
+                            f"{table['full']!r}")
+        compare["full"] = table["full"]
     if "ladder" in compare and (not compare["ladder"] or len(set(compare["ladder"])) != len(compare["ladder"])):
         raise UserError(f"{where}: ladder must list each set size once, got {compare['ladder']!r}")
     changes = {key: value for key, value in encoder.items() if value != current_value(config, key)}
@@ -157,15 +172,14 @@ def check_calls(config: dict, target: Target, where: str) -> None:
     sets' calls (each set's own encoder settings, the target's other image keys, the eval_* flag)."""
     judged = target_config(config, target)
     check_together("evaluate", {**judged["common"], **judged["evaluate"]}, f"{where} (its ladder and full data)")
-    chosen = target.eval_flags()
-    flags = dict(zip((flag.removeprefix("--") for flag in chosen[::2]), chosen[1::2]))
+    chosen, flags = target.eval_flags(), target.eval_values()
     for source in sources(config):
         check_together("evaluate", {**set_common(source, target), **judged["evaluate"], **flags},
                        f"{where} (evaluate.py --distilled with {' '.join(chosen) or 'its settings'})")
     encoder = target.changes.get("image_encoder")
     if encoder:
         try:
-            check_image_size(encoder, int(current_value(config, "image_size")), "image_encoder")
+            check_image_size(encoder, int(current_value(judged, "image_size")), "image_encoder")
         except SettingError as err:
             raise UserError(f"{where}: image_encoder: {err}") from None
         if current_value(judged, "image_pretrained") and not judged["common"].get("image_weights") \
@@ -209,6 +223,7 @@ def set_common(source: dict, target: Target) -> dict:
     kept = {key: value for key, value in source.items() if key not in replaced(target) - {"text_model"}}
     kept.setdefault("image_norm", ModelSettings().image_norm)
     return {**kept, **{key: value for key, value in target.changes.items() if key not in ("image_encoder",
+                                                                                          "image_size",
                                                                                           "text_encoder")}}
 
 

@@ -8,6 +8,7 @@ themselves live in networks/normalization.py.
 """
 from __future__ import annotations
 
+from torch.nn import functional as F
 from torchvision import transforms
 from torchvision.transforms import InterpolationMode
 
@@ -47,3 +48,13 @@ def renormalize(images, source: str, target: str):
     (m0, s0), (m1, s1) = NORMALIZATIONS[source], NORMALIZATIONS[target]
     view = lambda values: images.new_tensor(values).view(1, 3, 1, 1)  # noqa: E731
     return (images * view(s0) + view(m0) - view(m1)) / view(s1)
+
+
+def resize_images(images, size: int):
+    """[N, C, size, size]: square images (any normalisation: both modes are linear in the pixels) resized, each
+    output pixel the mean of the input area it covers when shrinking (exact average pooling for a whole factor),
+    bilinear when growing."""
+    if images.shape[-1] == size and images.shape[-2] == size:
+        return images
+    mode = {"mode": "area"} if size < images.shape[-1] else {"mode": "bilinear", "align_corners": False}
+    return F.interpolate(images.float(), size=(size, size), **mode).to(images.dtype)

@@ -8,7 +8,7 @@ import torch
 
 from data.distilled_set import learned_lr_problem
 from data.feature_cache import trunk_key
-from data.transforms import renormalize
+from data.transforms import renormalize, resize_images
 from networks import image_norm
 from networks.text_encoders import text_encoder_identity
 from settings.data import DataSettings
@@ -61,7 +61,8 @@ def evaluation_model_check(model_settings: ModelSettings, model, images: torch.T
     """Fail early, with a clear message, when the evaluation encoder cannot take the set's images."""
     if images.shape[-1] != model_settings.image_size or images.shape[-2] != model_settings.image_size:
         raise UserError(f"the set's images are {images.shape[-2]}x{images.shape[-1]} px but --image_size is "
-                        f"{model_settings.image_size}; evaluate at the set's size")
+                        f"{model_settings.image_size}; evaluate at the set's size, or give --eval_image_size "
+                        f"{model_settings.image_size} to resize its pixels")
     model.eval()
     try:
         with torch.no_grad():
@@ -71,9 +72,10 @@ def evaluation_model_check(model_settings: ModelSettings, model, images: torch.T
                         f"{images.shape[-1]} px images ({str(err).splitlines()[0]})") from None
 
 
-def set_inputs(model_settings: ModelSettings, payload: dict, set_path: Path, model, device: torch.device) -> dict:
-    """What the evaluation models train on from a set file: pixels in this run's normalisation, or trunk outputs
-    (only for the trunk that made them)."""
+def set_inputs(model_settings: ModelSettings, payload: dict, set_path: Path, model, device: torch.device,
+               resize: bool = False) -> dict:
+    """What the evaluation models train on from a set file: pixels in this run's normalisation (with `resize`, at
+    this run's image size: evaluate.py --eval_image_size), or trunk outputs (only for the trunk that made them)."""
     if "image_features" in payload:
         if not model.has_trunk or payload["config"].get("trunk") != set_trunk_key(model_settings, model, device):
             raise UserError(f"{set_path} holds trunk outputs (a feature-level set), which only the frozen trunk that "
@@ -81,5 +83,7 @@ def set_inputs(model_settings: ModelSettings, payload: dict, set_path: Path, mod
                             f"--image_norm and --train_stages")
         return {"trunk_outputs": payload["image_features"]}
     images = renormalize(payload["image_syn"], payload["config"].get("image_norm", "clip"), image_norm(model_settings))
+    if resize:
+        images = resize_images(images, model_settings.image_size)
     evaluation_model_check(model_settings, model, images)
     return {"images": images}

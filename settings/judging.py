@@ -5,6 +5,7 @@ from dataclasses import dataclass
 
 from settings.base import WEIGHT_LR_MAX, Settings, a_path, at_least, each, pair_count, positive_up_to, setting
 from settings.choices import CENTROIDS, CORESET_METHODS, IMAGE_ENCODERS, TEXT_ENCODERS
+from settings.model import MAX_IMAGE_SIZE
 from utils.cli import UserError
 
 # The evaluation learning rate of real sets (coresets, full data) when neither --lr_eval nor --lr_grid is given.
@@ -35,6 +36,11 @@ class JudgingSettings(Settings):
                                         "file exists, else --eval_split", choices=("auto", "val", "test"))
     eval_image_encoder: str | None = setting(None, "train this image encoder instead of the one the set was made "
                                                    "with", choices=IMAGE_ENCODERS)
+    eval_image_size: int | None = setting(None, "train at this image size instead of the set's: its pixels are "
+                                                "resized (each pixel the mean of the area it covers when smaller, "
+                                                "bilinear when larger) and the evaluation images load at this size; "
+                                                "only for --distilled (real pairs: --image_size)",
+                                          check=at_least(1, MAX_IMAGE_SIZE))
     eval_text_encoder: str | None = setting(None, "embed the captions with this text encoder instead of the one the "
                                                   "set was made with: a distilled set's texts go over as their nearest "
                                                   "real training captions (cosine, in the set's own text space), a "

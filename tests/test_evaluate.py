@@ -141,6 +141,43 @@ def test_flags_override_the_file_and_cross_architecture_runs(run4, tmp_path, cap
     assert "on convnet_w32" in report["label"]
 
 
+def test_eval_image_size_trains_on_the_sets_pixels_averaged_down(run4, tmp_path, monkeypatch):
+    from data.transforms import resize_images
+    from evaluation import set_files
+
+    path = run4 / "distilled_000004.pt"
+    images = load_distilled_set(path)["image_syn"]  # 16 px
+    # a whole factor: each output pixel is the mean of its 2x2 block (an independent computation)
+    blocks = images.reshape(*images.shape[:2], 8, 2, 8, 2).mean(dim=(3, 5))
+    assert torch.allclose(resize_images(images, 8), blocks, atol=1e-6)
+    assert resize_images(images, 16) is images and resize_images(images, 24).shape[-1] == 24
+    seen = {}
+    original = set_files.set_inputs
+
+    def spy(model_settings, payload, set_path, model, device, resize=False):
+        found = original(model_settings, payload, set_path, model, device, resize=resize)
+        seen.update(found, size=model_settings.image_size)
+        return found
+
+    monkeypatch.setattr(set_files, "set_inputs", spy)
+    out = tmp_path / "eval.json"
+    assert evaluate.main(["--distilled", str(path), "--num_eval", "1", "--eval_image_encoder", "convnet_w32",
+                          "--eval_image_size", "8", "--lr_eval", "0.05", "--progress", "False", "--wandb_mode",
+                          "disabled", "--num_workers", "0", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["config"]["image_size"] == 8 and report["label"].endswith("on convnet_w32 at 8 px")
+    assert seen["size"] == 8 and torch.allclose(seen["images"], blocks, atol=1e-6)  # (the set is CLIP-normalised)
+    with pytest.raises(UserError, match=r"--eval_image_size resizes the pixels of a --distilled set.*--image_size"):
+        evaluate.main(["--full", "--eval_image_size", "8"])
+    with pytest.raises(UserError) as caught:
+        evaluate.main(["--distilled", str(path), "--eval_image_encoder", "convnet_w32", "--eval_image_size", "12"])
+    assert user_message(caught.value).startswith("--eval_image_size: image encoder convnet_w32 needs an image size "
+                                                 "divisible by 8, got 12")
+    with pytest.raises(UserError, match=r"the set's images are 16x16 px but --image_size is 8.*--eval_image_size 8"):
+        evaluate.main(["--distilled", str(path), "--image_size", "8", "--num_eval", "1", "--progress", "False",
+                       "--wandb_mode", "disabled", "--num_workers", "0"])
+
+
 def test_full_data_training(tiny_shapes, cache_dir, tmp_path):
     out = tmp_path / "full.json"
     assert run(tiny_shapes, cache_dir, "--full", "--out", str(out)) == 0

@@ -25,7 +25,9 @@ image_norm = "imagenet"
 evaluate = {num_eval = 1}
 [transfer.w64]
 image_encoder = "convnet_w64"
+image_size = 8
 ladder = [6, 24]
+full = "none"
 """
 SETS = ["distilled-6 (seed 0)", "distilled-6 (seed 1)", "kmeans-6"]  # what each target judges with --distilled
 
@@ -68,20 +70,25 @@ def value_after(command: list[str], flag: str) -> str:
 
 def test_each_target_judges_every_set_and_its_own_ladder_with_its_flags(transfer_run):
     _, out = transfer_run
-    for target, encoder, rungs in (("w32", "convnet_w32", [6, 12]), ("w64", "convnet_w64", [6, 24])):
+    for target, encoder, rungs, size in (("w32", "convnet_w32", [6, 12], 16), ("w64", "convnet_w64", [6, 24], 8)):
         for label in SETS:
             judged = report(out, target, label)
             command = judged["config"]["command"]
             assert value_after(command, "--eval_image_encoder") == encoder and judged["image_encoder"] == encoder
             assert value_after(command, "--image_encoder") == "convnet"  # the set's own, as evaluate.py wants it
+            assert value_after(command, "--image_size") == "16"  # the set's own size ...
+            assert judged["config"]["image_size"] == size  # ... resized by --eval_image_size where the target says
+            assert ("--eval_image_size" in command) == (size != 16)
             source = value_after(command, "--distilled")
             assert source.endswith(f"distill/seed{label[-2]}/distilled_best.pt" if "seed" in label else
                                    "results/coresets/kmeans-6.pt")
-        for size in rungs:
-            command = report(out, target, f"random-{size}")["config"]["command"]
+        for rung in rungs:
+            judged = report(out, target, f"random-{rung}")
+            command = judged["config"]["command"]
             assert value_after(command, "--image_encoder") == encoder and value_after(command, "--coreset") == "random"
-            assert "--eval_image_encoder" not in command
-        assert value_after(report(out, target, "full")["config"]["command"], "--image_encoder") == encoder
+            assert "--eval_image_encoder" not in command and judged["config"]["image_size"] == size
+    assert value_after(report(out, "w32", "full")["config"]["command"], "--image_encoder") == "convnet_w32"
+    assert not (out / "transfer" / "w64" / "results" / "full.json").exists()  # full = "none"
     # the table's other image keys and its own protocol flags reach the set's call too
     for label in ("distilled-6 (seed 0)", "random-6", "full"):
         judged = report(out, "w32", label)
@@ -99,14 +106,15 @@ def test_worth_n_is_read_on_each_encoders_own_ladder(transfer_run):
     rows = entry["rows"]
     for target, rungs in (("w32", ("random-6", "random-12")), ("w64", ("random-6", "random-24"))):
         ladder = {report(out, target, label)["config"]["set_size"]: report(out, target, label)["metrics"]["r_mean"]
-                  for label in (*rungs, "full")}
+                  for label in (*rungs, "full") if target == "w32" or label != "full"}  # w64: no full data
         seeds = [report(out, target, f"distilled-6 (seed {s})")["metrics"]["r_mean"]["runs"] for s in (0, 1)]
         pooled = rows["distilled-6 (2 seeds)"][target]
         assert pooled["metrics"]["r_mean"]["runs"] == seeds[0] + seeds[1]
         for label in ("distilled-6 (2 seeds)", "kmeans-6"):
             summary = rows[label][target]["metrics"]["r_mean"]
             assert rows[label][target]["worth_n"] == worth_n(ladder, summary["mean"], summary["std"]).as_dict()
-        assert rows[rungs[0]][target]["worth_n"] is None and rows["full data"][target]["worth_n"] is None
+        assert rows[rungs[0]][target]["worth_n"] is None
+    assert rows["full data"]["w32"]["worth_n"] is None and rows["full data"]["w64"] is None
     main = json.loads((out / "results.json").read_text())
     assert rows["kmeans-6"]["main"] == {"metrics": main["rows"]["kmeans-6"], "worth_n": main["worth_n"]["kmeans-6"]}
     assert rows["random-12"]["w64"] is None and rows["random-24"]["main"] is None  # a rung of one ladder only
@@ -141,7 +149,7 @@ def test_a_rerun_reuses_every_row_and_a_changed_table_redoes_only_its_target(tra
     launched.clear()
     assert pipeline.main([str(config)]) == 0
     judged = [flags[flags.index("--out") + 1] for program, flags in launched if program == "evaluate"]
-    assert len(judged) == 6 and all("/transfer/w64/results/" in path for path in judged)  # 3 sets, 2 rungs, full
+    assert len(judged) == 5 and all("/transfer/w64/results/" in path for path in judged)  # 3 sets, 2 rungs
     assert {p.name: p.stat().st_mtime_ns for p in (out / "transfer" / "w32" / "results").glob("*.json")} == kept
     assert len(report(out, "w64", "kmeans-6")["metrics"]["r_mean"]["runs"]) == 1
     # a set whose file is not the one its row judged (e.g. distilled again) is judged again, alone
@@ -169,7 +177,6 @@ def checked(tiny_shapes, cache_dir, tmp_path, targets: str):
     ('[transfer.x]\nimage_encodr = "convnet_w32"\n', r"unknown key 'image_encodr'; did you mean 'image_encoder'\?"),
     ('[transfer.x]\nimage_encoder = "resnet99"\n', r"\[transfer.x\]: image_encoder 'resnet99' is not one of"),
     ('[transfer.x]\nnum_eval = 1\ntext_encoder = "mpnet"\n', r"num_eval is not an encoder setting.*evaluate = "),
-    ('[transfer.x]\nimage_size = 32\nimage_encoder = "convnet_w32"\n', r"image_size is not an encoder setting"),
     ('[transfer.x]\ntext_encoder = "mpnet"\ntext_model = "m"\n', r"text_model cannot be changed"),
     ('[transfer.x]\nimage_encoder = "convnet_w32"\nevaluate = {image_size = 32}\n', r"evaluate: image_size is not a "
                                                                                     r"protocol flag"),
@@ -178,7 +185,10 @@ def checked(tiny_shapes, cache_dir, tmp_path, targets: str):
     ('[transfer.x]\nimage_encoder = "convnet_w32"\nladder = 6\n', r"ladder must be a list"),
     ('[transfer.x]\nimage_encoder = "convnet_w32"\nepochs_per_size = {big = 2}\n', r"epochs_per_size keys are"),
     ('[transfer.x]\nimage_projection = true\n', r"\(its ladder and full data\): --image_projection freezes"),
-    ('[transfer.x]\nimage_encoder = "vit"\nlora_rank = 2\nimage_size = 32\n', r"image_size is not an encoder"),
+    ('[transfer.x]\nimage_encoder = "vit"\nimage_size = 24\n', r"\[transfer.x\]: image_encoder: image encoder vit "
+                                                                 r"needs an image size divisible by 16, got 24"),
+    ('[transfer.x]\nimage_encoder = "convnet_w32"\nfull = "experts"\n', r"full must be \"train\" .* or \"none\""),
+    ('[transfer.x]\nimage_encoder = "convnet_w32"\nfull = false\n', r"full must be \"train\".*got False"),
     ('[transfer."a b"]\nimage_encoder = "convnet_w32"\n', r"the name 'a b' becomes a folder"),
     ('[transfer.x]\nimage_encoder = "convnet_w32"\nimage_pretrained = true\n', r"convnet_w32 has no pretrained "
                                                                                r"weights offline"),
@@ -263,7 +273,7 @@ def toml_value(value) -> str:
 @pytest.mark.props
 @settings(max_examples=60, deadline=None, derandomize=True, database=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(key=st.sampled_from([*ENCODER_KEYS, "ladder", "evaluate", "epochs_per_size"]), value=WRONG)
+@given(key=st.sampled_from([*ENCODER_KEYS, "ladder", "evaluate", "epochs_per_size", "full"]), value=WRONG)
 def test_a_value_of_the_wrong_type_names_its_key(key, value, tiny_shapes, cache_dir, tmp_path):
     if (key, type(value)) in (("ladder", list), ("evaluate", dict), ("epochs_per_size", dict)):
         value = 1.5  # their own type: take a wrong one
