@@ -348,8 +348,12 @@ def distilled_row(config: dict, item: DistillRun, out: Path, expert_dir: Path, e
     with the protocol: a method with its own [common] settings uses its own experts for both."""
     owner = out  # the folder whose buffers/ holds the run's experts
     if item.config["common"] != config["common"]:  # other trainable parts or encoder: other experts
-        owner = out / "methods" / item.method
-        expert_dir = experts_stage(item.config, owner)
+        encoder = other_encoder_only(config["common"], item.config["common"])
+        if encoder:  # the experts of that encoder beside the main ones (shared with the methods matching it too)
+            expert_dir = experts_stage(config, out, encoder)
+        else:
+            owner = out / "methods" / item.method
+            expert_dir = experts_stage(item.config, owner)
         evaluate_flags = as_flags(item.config["common"]) + as_flags(config["evaluate"]) + ["--buffer_path",
                                                                                           str(expert_dir)]
     for encoder in item.config["distill"].get("extra_image_encoders") or []:  # beside the main encoder's
@@ -360,6 +364,17 @@ def distilled_row(config: dict, item: DistillRun, out: Path, expert_dir: Path, e
     report = run_configuration(item.label, ["--distilled", str(final.parent / "distilled_best.pt")], evaluate_flags,
                                results)
     return Row(item.label, Kind.DISTILLED, report, item.method, item.size, item.seed, file=item.label)
+
+
+def other_encoder_only(common: dict, method_common: dict) -> str | None:
+    """The image encoder a method's [common] names when that is all it changes (its experts are then
+    experts_stage(config, out, encoder): the same folder and stage as an extra encoder's); else None. Not with
+    image_weights in [common]: those are the main encoder's file."""
+    rest = {key: value for key, value in method_common.items() if key != "image_encoder"}
+    same_rest = rest == {key: value for key, value in common.items() if key != "image_encoder"}
+    encoder = method_common.get("image_encoder")
+    return encoder if same_rest and encoder and encoder != common.get("image_encoder") \
+        and "image_weights" not in common else None
 
 
 def shared_set(out: Path, runs: list[DistillRun]) -> Path:

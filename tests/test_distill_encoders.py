@@ -1,7 +1,9 @@
 """distill.py --extra_image_encoders: one set distilled against the experts of several image encoders."""
 from __future__ import annotations
 
+import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -151,15 +153,29 @@ def test_the_pipeline_trains_the_extra_encoders_experts_beside_the_main_ones(tin
     from comparison import pipeline, programs
     from tests.test_pipeline import TOY, launch_in_process
 
-    monkeypatch.setattr(programs, "launch", launch_in_process)
+    launched = []
+
+    def launch(program, flags, log=None):
+        launched.append((program, flags))
+        return launch_in_process(program, flags, log)
+
+    monkeypatch.setattr(programs, "launch", launch)
     text = TOY.format(out=tmp_path / "run", root=tiny_shapes, cache=cache_dir).replace("seeds = [0, 1]", "seeds = [0]")
-    text = text.replace('coreset_methods = ["kmeans"]', 'coreset_methods = []\nmethods = ["base", "two"]')
+    text = text.replace('coreset_methods = ["kmeans"]', 'coreset_methods = []\nmethods = ["base", "two", "w32"]')
     config = tmp_path / "two.toml"
-    config.write_text(text + '[methods.two]\ndistill = {extra_image_encoders = ["convnet_w32"]}\n')
+    config.write_text(text + '[methods.two]\ndistill = {extra_image_encoders = ["convnet_w32"]}\n'
+                             '[methods.w32]\ncommon = {image_encoder = "convnet_w32"}\n')
     assert pipeline.main([str(config)]) == 0
     out = tmp_path / "run"
-    assert len(expert_files(out / "buffers" / "shapes" / "convnet_w32" / "minilm")) == \
-        len(expert_files(out / "buffers" / "shapes" / "convnet" / "minilm")) > 0
+    w32 = out / "buffers" / "shapes" / "convnet_w32" / "minilm"
+    assert len(expert_files(w32)) == len(expert_files(out / "buffers" / "shapes" / "convnet" / "minilm")) > 0
+    # a method that only changes the encoder distils from those same experts: trained once, not under methods/
+    assert [program for program, _ in launched].count("buffer.py") == 2 and not (out / "methods").exists()
+    own = load_distilled_set(out / "distill" / "w32-6" / "seed0" / "distilled_last.pt")
+    assert own["config"]["image_encoder"] == "convnet_w32" and Path(own["config"]["buffer_path"]).resolve() in (
+        w32.resolve(), (out / "buffers").resolve())
+    judged = json.loads((out / "results" / "w32-6 (seed 0).json").read_text())
+    assert judged["config"]["image_encoder"] == "convnet_w32"
     two = load_distilled_set(out / "distill" / "two-6" / "seed0" / "distilled_last.pt")
     assert two["config"]["extra_image_encoders"] == ["convnet_w32"]
     assert "two-6 (seed 0)" in (out / "results.md").read_text()
