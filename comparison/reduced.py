@@ -13,8 +13,10 @@ grid). The number of epochs follows one rule: a fraction `keep` trains round(E /
 row's, so that every reduced row takes as many SGD steps as full data does (the grid's epoch scales apply on top).
 The rows join the main table (kind "reduced", with worth-N on the random ladder); reduce.md holds them as methods ×
 fractions (r_mean ± std, kept pairs, worth-N), reduce.png plots r_mean against the kept fraction, one line per method
-with full data as a line, and results.json's "reduce" entry holds the numbers. One stage (stamps/reduce.json): a
-changed [reduce], [common] or [evaluate] redoes it; finished rows of an interrupted run are reused.
+with full data as a line, and results.json's "reduce" entry holds the numbers. One stage (stamps/reduce.json): other
+reduce.py flags in [reduce], [common] or [evaluate] redo every row (its kept pairs and its report); a method or a
+fraction added to the lists runs alone; the finished rows of an interrupted run are reused, and a judged row needs
+only its two reports (results/reduce_<name>.json and reduce/<name>.json.report.json), not its kept pairs.
 """
 from __future__ import annotations
 
@@ -36,6 +38,7 @@ from utils.cli import UserError, suggestion
 
 FOLDER = "reduce"
 REPORT = "reduce.md"
+REPORT_PREFIX = "reduce_"  # results/reduce_<method>-<percent>.json: a row's evaluate.py report
 KEYS = ("methods", "keep", "reduce")
 PER_CALL = ("method", "keep", "out", "buffer_path", "shards", "write_shards", "features_dir", "overwrite")
 
@@ -95,9 +98,10 @@ def reduction_rows(config: dict, out: Path, expert_dir: Path, evaluate_flags: li
     """Every reduced row (reduce.py, then evaluate.py --subset), reused while the stage's settings are unchanged."""
     folder, results = out / FOLDER, out / "results"
     common = as_flags(config["common"]) + as_flags(section["reduce"])
-    Stage(out, "reduce", common + evaluate_flags, [folder],
-          tail=[json.dumps({"methods": section["methods"], "keep": section["keep"], "epochs": full_epochs(config)},
-                           sort_keys=True)]).begin()
+    # The stamp holds what every row depends on, not the lists of methods and fractions: a method or a fraction added
+    # later runs alone, beside the finished rows. Other settings delete the kept pairs and the rows' reports alike.
+    Stage(out, "reduce", common + evaluate_flags, [folder, *sorted(results.glob(f"{REPORT_PREFIX}*"))],
+          tail=[json.dumps({"epochs": full_epochs(config)}, sort_keys=True)]).begin()
     folder.mkdir(parents=True, exist_ok=True)
     results.mkdir(parents=True, exist_ok=True)
     banner(f"reduction: {len(section['methods'])} methods × kept fractions {section['keep']}")
@@ -107,15 +111,17 @@ def reduction_rows(config: dict, out: Path, expert_dir: Path, evaluate_flags: li
             name = file_name(method, keep)
             kept_file = folder / f"{name}.json"
             report_file = kept_file.with_name(kept_file.name + ".report.json")
-            if not (kept_file.is_file() and report_file.is_file()):
+            judged = (results / f"{REPORT_PREFIX}{name}.json").is_file()
+            # a judged row needs only its report (the kept pairs are an output; a copy of the folder may leave them out)
+            if not (report_file.is_file() and (judged or kept_file.is_file())):
                 run("reduce.py", common + ["--method", method, "--keep", repr(keep), "--out", str(kept_file),
                                            "--buffer_path", str(expert_dir)])
             kept = json.loads(report_file.read_text())["kept"]
             epochs = max(1, round(full_epochs(config) / keep))
-            report = run_configuration(f"reduce_{name}", ["--subset", str(kept_file), "--epoch_eval_train",
+            report = run_configuration(f"{REPORT_PREFIX}{name}", ["--subset", str(kept_file), "--epoch_eval_train",
                                                           str(epochs)], evaluate_flags, results)
             report["keep"], report["kept_pairs"] = keep, kept
-            rows.append(Row(label(method, keep), Kind.REDUCED, report, method, kept, file=f"reduce_{name}"))
+            rows.append(Row(label(method, keep), Kind.REDUCED, report, method, kept, file=f"{REPORT_PREFIX}{name}"))
     return rows
 
 

@@ -81,6 +81,57 @@ def test_a_second_run_reuses_every_reduction_and_row(reduce_run):
     assert launched == []
 
 
+def relaunch(config, text: str | None = None) -> list[str]:
+    """Run the pipeline again (with `text` as its config when given); the programs it launched, in order."""
+    if text is not None:
+        config.write_text(text)
+    launched = []
+
+    def counting(program, flags, log=None):
+        launched.append(program.removesuffix(".py"))
+        return launch_in_process(program, flags, log)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(programs, "launch", counting)
+        assert pipeline.main([str(config)]) == 0
+    return launched
+
+
+# The three tests below change the module's folder in turn, in this order.
+def test_a_method_added_later_runs_alone_beside_the_finished_rows(reduce_run):
+    config, out = reduce_run
+    before = {p.name: p.read_bytes() for p in (out / "results").glob("reduce_*.json")}
+    text = config.read_text()
+    assert relaunch(config, text.replace('methods = ["random", "semdedup+balanced"]',
+                                         'methods = ["random", "semdedup+balanced", "alignment"]')) \
+        == ["reduce", "evaluate"]
+    assert {p.name: p.read_bytes() for p in (out / "results").glob("reduce_*.json") if p.name in before} == before
+    rows = json.loads((out / "results.json").read_text())["reduce"]["rows"]
+    assert sorted(rows) == ["alignment 50%", "random 50%", "semdedup+balanced 50%"]
+    assert "| alignment |" in (out / "reduce.md").read_text()
+
+
+def test_a_judged_row_is_reused_without_its_kept_pairs_file(reduce_run):
+    config, out = reduce_run
+    table = (out / "reduce.md").read_text()
+    kept = [p for p in (out / "reduce").glob("*.json") if not p.name.endswith(".report.json")]
+    assert len(kept) == 3
+    for path in kept:
+        path.unlink()
+    assert relaunch(config) == []
+    assert (out / "reduce.md").read_text() == table
+
+
+def test_other_reduce_flags_redo_every_row_and_its_report(reduce_run):
+    config, out = reduce_run
+    text = config.read_text()
+    # each row is reduced and judged again: a report of the old clustering is not reused
+    assert relaunch(config, text.replace("reduce = {clusters = 4}", "reduce = {clusters = 3}")) \
+        == ["reduce", "evaluate"] * 3
+    assert all(json.loads((out / "reduce" / f"{name}.json.report.json").read_text())["options"]["clusters"] == 3
+               for name in ("random-50pct", "semdedup_balanced-50pct", "alignment-50pct"))
+
+
 @pytest.mark.parametrize("table, message", [
     ("[reduce]\nmethods = [\"random\"]\nkeep = [0.5]\nkeeps = [1]", "unknown key 'keeps'"),
     ("[reduce]\nmethods = [\"random\"]\nkeep = [0]", "keep must list fractions in (0, 1]"),
