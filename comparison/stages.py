@@ -14,7 +14,7 @@ import shutil
 from pathlib import Path
 
 from comparison.config import (BASE, DEFAULT_OUT_DIR, FULL, NOT_ROWS, PROGRAM_SECTIONS, DistillRun, compare_setting,
-                               distill_settings, row_name, setting_value)
+                               distill_settings, row_name, set_sizes, setting_value)
 from comparison.programs import run, run_configuration
 from comparison.rows import FULL_LABEL, FULL_REPORT, Kind, Row
 from data.distilled_set import load_distilled_set
@@ -292,10 +292,18 @@ def full_data_row(config: dict, out: Path, expert_dir: Path, evaluate_flags: lis
                {"metrics": summarize_runs(finals), "source": "experts"})
 
 
-def coreset_row(config: dict, results: Path, evaluate_flags: list[str], method: str, count: int, kind: Kind) -> Row:
+def coreset_row(config: dict, results: Path, evaluate_flags: list[str], method: str, count: int, kind: Kind,
+                need_file: bool = False) -> Row:
+    """One coreset's row; with `need_file` (a later stage reads its pixels) a judged row whose coreset file is gone
+    (e.g. a folder kept without its pixel files) is selected and judged again."""
     label = f"{method}-{count}"
-    flags = ["--coreset", method, "--coreset_size", str(count), "--coreset_file",
-             str(results / "coresets" / f"{label}.pt"), *epochs_for(config, count)]
+    coreset_file = results / "coresets" / f"{label}.pt"
+    if need_file and not coreset_file.is_file() and (results / f"{label}.json").is_file():
+        print(f"[{label}] its coreset file {coreset_file} is gone and a transfer target reads it: selecting it again",
+              flush=True)
+        (results / f"{label}.json").unlink()
+    flags = ["--coreset", method, "--coreset_size", str(count), "--coreset_file", str(coreset_file),
+             *epochs_for(config, count)]
     return Row(label, kind, run_configuration(label, flags, evaluate_flags, results), method, count, file=label)
 
 
@@ -311,10 +319,12 @@ def real_data_rows(config: dict, out: Path, expert_dir: Path, evaluate_flags: li
               for count in compare_setting(config, "ladder")]
     others = []
     for count in compare_setting(config, "coreset_sizes"):
-        others += [coreset_row(config, results, evaluate_flags, method, int(count), Kind.CORESET)
+        # transfer targets judge the coresets of the distilled sizes from their files (comparison/transfer.py)
+        need = bool(config.get("transfer")) and int(count) in set_sizes(config)
+        others += [coreset_row(config, results, evaluate_flags, method, int(count), Kind.CORESET, need)
                    for method in compare_setting(config, "coreset_methods")]
         if compare_setting(config, "centroids"):
-            others.append(coreset_row(config, results, evaluate_flags, CENTROIDS, int(count), Kind.CENTROIDS))
+            others.append(coreset_row(config, results, evaluate_flags, CENTROIDS, int(count), Kind.CENTROIDS, need))
     return [*others, *ladder, full_data_row(config, out, expert_dir, evaluate_flags)]
 
 

@@ -18,7 +18,8 @@ After the main table, each target gets under out_dir/transfer/<name>/results:
   which only its own trunk takes, so an image-side transfer leaves it out.
 
 Each target is a stage of its own (stamps/transfer_<name>.json): a changed table redoes that target alone, and a
-set row is redone when its file changed since it was judged (the digests in results/sets.json). transfer.md and
+set row is redone when its set changed since it was judged (the content digests in results/sets.json: a file
+written again with the same set keeps its digest). transfer.md and
 results.json's "transfer" entry hold the matrix: the sets as rows, one column per encoder (the main table's, then
 each target), cells r_mean ± std (worth-N on that encoder's ladder).
 """
@@ -35,7 +36,7 @@ from comparison.programs import run_configuration
 from comparison.report import worth_column
 from comparison.rows import FULL_LABEL, Kind, Row
 from comparison.stages import Stage, as_flags, banner, coreset_row, epochs_for, full_data_row, with_pooled
-from data.exported_set import sha256
+from data.distilled_set import content_digest
 from evaluation.budgets import MISSING, cell
 from evaluation.metrics import markdown_table
 from networks import check_image_size
@@ -266,7 +267,7 @@ def set_rows(config: dict, out: Path, target: Target, judged: dict, main_rows: l
     digests = json.loads(record.read_text()) if record.is_file() else {}
     rows = []
     for row, path, source in judged_sets(config, out, target, main_rows, runs):
-        digest = sha256(path)
+        digest = content_digest(path)
         if digests.get(row.label) != digest:  # another set under the same name: judge it again
             (results / f"{row.label}.json").unlink(missing_ok=True)
             digests[row.label] = digest

@@ -12,6 +12,8 @@ they were chosen. Files load with `torch.load(path, weights_only=True)`: no pick
 from __future__ import annotations
 
 import functools
+import hashlib
+import json
 import math
 from pathlib import Path
 
@@ -243,3 +245,30 @@ def set_source(path) -> str | None:
         return None
     source = payload["config"].get("source", "distilled")
     return source if isinstance(source, str) else None
+
+
+# What a set file's config holds that differs between two runs making the same set: the run's name (its start
+# time), where its report went, whether it showed progress, how long it took.
+RUN_ONLY_KEYS = ("name", "out", "progress")
+
+
+def content_digest(path) -> str:
+    """SHA-256 of what judging a set file depends on: its tensors, step sizes and iteration, and its config less
+    the keys of RUN_ONLY_KEYS and the timings (*_seconds). A coreset selected again to the same pairs, or a
+    distillation redone to the same bits, keeps its digest although the file's bytes differ."""
+    payload = load_distilled_set(path)
+    digest = hashlib.sha256()
+    for key in sorted(payload):
+        value = payload[key]
+        if key in ("metrics", "state"):  # what the run measured and its optimiser's state: not the set
+            continue
+        if key == "config":
+            value = {k: v for k, v in value.items() if k not in RUN_ONLY_KEYS and not k.endswith("_seconds")}
+        digest.update(key.encode())
+        if torch.is_tensor(value):
+            tensor = value.detach().cpu().contiguous()
+            digest.update(f"{tensor.dtype}{tuple(tensor.shape)}".encode())
+            digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+        else:
+            digest.update(json.dumps(value, sort_keys=True, default=str).encode())
+    return digest.hexdigest()

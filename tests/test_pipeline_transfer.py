@@ -6,6 +6,7 @@ import json
 import string
 
 import pytest
+import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -13,6 +14,7 @@ import evaluate
 from comparison import pipeline, programs
 from comparison.config import load_config
 from comparison.transfer import ENCODER_KEYS, OWN_KEYS, set_common, target_config, transfer_targets
+from data.distilled_set import content_digest
 from evaluation.worth import worth_n
 from settings.programs import known_keys
 from tests.test_pipeline import TOY, launch_in_process
@@ -161,6 +163,43 @@ def test_a_rerun_reuses_every_row_and_a_changed_table_redoes_only_its_target(tra
     judged = [flags[flags.index("--out") + 1] for program, flags in launched if program == "evaluate"]
     assert judged == [str(out / "transfer" / "w32" / "results" / "kmeans-6.json")]
     assert json.loads(record.read_text()) == digests
+
+
+def test_a_coreset_file_gone_is_selected_again_and_the_same_set_keeps_the_targets_rows(transfer_run, monkeypatch):
+    """A folder kept without its coresets' pixel files (bench/results keeps only the reports): the coreset the targets
+    read is selected and judged again in the main table, to the same set (the file differs in its run's name and
+    timing only), so no target judges it again."""
+    config, out = transfer_run
+    coreset = out / "results" / "coresets" / "kmeans-6.pt"
+    before = torch.load(coreset, weights_only=False)
+    digest = content_digest(coreset)
+    coreset.unlink()
+    launched = []
+    monkeypatch.setattr(programs, "launch", counting_launcher(launched))
+    assert pipeline.main([str(config)]) == 0
+    judged = [flags[flags.index("--out") + 1] for program, flags in launched if program == "evaluate"]
+    assert judged == [str(out / "results" / "kmeans-6.json")]
+    after = torch.load(coreset, weights_only=False)
+    for key in ("image_syn", "text_syn", "caption_indices"):
+        assert torch.equal(after[key], before[key])
+    assert content_digest(coreset) == digest
+
+
+def test_the_content_digest_follows_the_set_not_the_run(transfer_run, tmp_path):
+    _, out = transfer_run
+    payload = torch.load(out / "results" / "coresets" / "kmeans-6.pt", weights_only=False)
+    paths = {}
+    for name, change in (("same", {}), ("renamed", {"name": "another run", "selection_seconds": 99.0}),
+                         ("pixel", {"image_syn": payload["image_syn"].clone().index_put_(
+                             (torch.tensor([0]),), torch.zeros(1, *payload["image_syn"].shape[1:]))}),
+                         ("encoder", {"image_norm": "imagenet"})):
+        changed = {**payload, **{k: v for k, v in change.items() if k == "image_syn"},
+                   "config": {**payload["config"], **{k: v for k, v in change.items() if k != "image_syn"}}}
+        paths[name] = tmp_path / f"{name}.pt"
+        torch.save(changed, paths[name])
+    digests = {name: content_digest(path) for name, path in paths.items()}
+    assert digests["same"] == digests["renamed"]
+    assert len({digests["same"], digests["pixel"], digests["encoder"]}) == 3
 
 
 # ---- bad tables: one clear error each, before any work ------------------------------------------------------------
