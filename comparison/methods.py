@@ -29,7 +29,8 @@ from pathlib import Path
 
 from comparison.programs import run, run_configuration
 from comparison.config import DEFAULT_METHODS, distill_settings, load_config, method_config, setting_value
-from comparison.stages import as_flags, banner, distill_stage, experts_stage, output_folder, seconds_per_iteration
+from comparison.stages import (as_flags, banner, distill_stage, experts_stage, forget_a_changed_set, output_folder,
+                               seconds_per_iteration)
 from settings.distillation import DistillSettings
 from settings.programs import Parser
 from evaluation.metrics import markdown_table, table_cells
@@ -85,11 +86,9 @@ def run_method(config: dict, name: str, out: Path) -> dict:
 
 
 def judge(label: str, distilled: Path, evaluate_flags: list[str], results: Path) -> dict:
-    """evaluate.py's report on a distilled set; reused unless the set was written after it."""
+    """evaluate.py's report on a distilled set; reused while the set is the one it judged."""
     results.mkdir(parents=True, exist_ok=True)
-    result = results / f"{label}.json"
-    if result.exists() and result.stat().st_mtime < distilled.stat().st_mtime:
-        result.unlink()  # a set distilled since: judge it again
+    forget_a_changed_set(results, label, distilled)
     return run_configuration(label, ["--distilled", str(distilled)], evaluate_flags, results)
 
 

@@ -17,7 +17,7 @@ from comparison.config import (BASE, DEFAULT_OUT_DIR, FULL, NOT_ROWS, PROGRAM_SE
                                distill_settings, row_name, set_sizes, setting_value)
 from comparison.programs import run, run_configuration
 from comparison.rows import FULL_LABEL, FULL_REPORT, Kind, Row
-from data.distilled_set import load_distilled_set
+from data.distilled_set import content_digest, load_distilled_set
 from evaluation.metrics import summarize_runs
 from experts.files import META_NAME, buffer_dir, expert_files, read_expert_metrics
 from matching.timing import RunTiming
@@ -41,6 +41,8 @@ PIPELINE_WRITES = {"buffers", "distill", "results", "stamps", "methods", "sweep"
                    "table.md", "budgets.png", "nearest_captions.txt", "synthetic_images_plain.png", "synthetic_images_clipped.png"}
 # The keys of any section that name something the programs read.
 INPUT_KEYS = ("image_root", "ann_root", "image_weights", "text_model")
+# results/sets.json: the content digest of the set each row judged from a file (data.distilled_set.content_digest)
+SETS_RECORD = "sets.json"
 
 
 def output_folder(flag: str | None, config: dict, config_file: str | None = None) -> Path:
@@ -307,6 +309,20 @@ def coreset_row(config: dict, results: Path, evaluate_flags: list[str], method: 
     return Row(label, kind, run_configuration(label, flags, evaluate_flags, results), method, count, file=label)
 
 
+def forget_a_changed_set(results: Path, label: str, path: Path) -> None:
+    """Deletes row `label`'s report when the set at `path` is not the one it judged: results/sets.json keeps the
+    content digest of each judged set, so a file written again with the same set (a distillation redone to the same
+    bits on a new checkout, a coreset selected again) keeps its row, and another set under the same name is judged
+    again. A row judged before the record existed is judged again once."""
+    record = results / SETS_RECORD
+    digests = json.loads(record.read_text()) if record.is_file() else {}
+    digest = content_digest(path)
+    if digests.get(label) != digest:
+        (results / f"{label}.json").unlink(missing_ok=True)
+        digests[label] = digest
+        atomic_write_json(digests, record)
+
+
 def real_data_rows(config: dict, out: Path, expert_dir: Path, evaluate_flags: list[str]) -> list[Row]:
     """The rows of real pairs, in the table's order: the coresets of `coreset_methods` and the centroids at each of
     `coreset_sizes`, the random ladder, full data. They depend only on the experts and the protocol (one stage)."""
@@ -368,11 +384,10 @@ def distilled_row(config: dict, item: DistillRun, out: Path, expert_dir: Path, e
                                                                                           str(expert_dir)]
     for encoder in item.config["distill"].get("extra_image_encoders") or []:  # beside the main encoder's
         experts_stage(item.config, owner, encoder)
-    final, remade = distill_stage(item.config, out, expert_dir, item.seed, f"distill/{item.folder}")
-    if remade:
-        (results / f"{item.label}.json").unlink(missing_ok=True)
-    report = run_configuration(item.label, ["--distilled", str(final.parent / "distilled_best.pt")], evaluate_flags,
-                               results)
+    final, _ = distill_stage(item.config, out, expert_dir, item.seed, f"distill/{item.folder}")
+    best = final.parent / "distilled_best.pt"
+    forget_a_changed_set(results, item.label, best)
+    report = run_configuration(item.label, ["--distilled", str(best)], evaluate_flags, results)
     return Row(item.label, Kind.DISTILLED, report, item.method, item.size, item.seed, file=item.label)
 
 

@@ -35,8 +35,8 @@ from comparison.config import DistillRun, check_compare, compare_setting, distil
 from comparison.programs import run_configuration
 from comparison.report import worth_column
 from comparison.rows import FULL_LABEL, Kind, Row
-from comparison.stages import Stage, as_flags, banner, coreset_row, epochs_for, full_data_row, with_pooled
-from data.distilled_set import content_digest
+from comparison.stages import (Stage, as_flags, banner, coreset_row, epochs_for, forget_a_changed_set, full_data_row,
+                               with_pooled)
 from evaluation.budgets import MISSING, cell
 from evaluation.metrics import markdown_table
 from networks import check_image_size
@@ -47,7 +47,6 @@ from settings.model import ModelSettings
 from settings.programs import check_section, check_together, group_classes, known_keys
 from utils.cli import UserError, suggestion
 from utils.errors import SettingError
-from utils.io import atomic_write_json
 
 FOLDER = "transfer"        # out_dir/transfer/<name>/
 REPORT = "transfer.md"
@@ -263,15 +262,9 @@ def judged_sets(config: dict, out: Path, target: Target, main_rows: list[Row], r
 def set_rows(config: dict, out: Path, target: Target, judged: dict, main_rows: list[Row], runs: list[DistillRun],
              results: Path) -> list[Row]:
     """The target's rows of the main table's sets, each redone when its file changed since it was judged."""
-    record = results / "sets.json"
-    digests = json.loads(record.read_text()) if record.is_file() else {}
     rows = []
     for row, path, source in judged_sets(config, out, target, main_rows, runs):
-        digest = content_digest(path)
-        if digests.get(row.label) != digest:  # another set under the same name: judge it again
-            (results / f"{row.label}.json").unlink(missing_ok=True)
-            digests[row.label] = digest
-            atomic_write_json(digests, record)
+        forget_a_changed_set(results, row.label, path)
         epochs = [] if row.kind is Kind.DISTILLED else epochs_for(judged, row.size)
         flags = ["--distilled", str(path), *target.eval_flags(), *epochs]
         shared = as_flags(set_common(source, target)) + as_flags(judged["evaluate"])
