@@ -10,6 +10,8 @@ import argparse
 import json
 from pathlib import Path
 
+from comparison.report import ladder_points
+from comparison.rows import FULL_REPORT, row_from_label
 from evaluation.worth import format_worth, worth_n
 
 
@@ -19,12 +21,9 @@ def main(argv=None) -> None:
     parser.add_argument("--mean", nargs="*", default=[], help="LABEL=R_MEAN pairs to read on the same ladder")
     args = parser.parse_args(argv)
     results = args.folder / "results"
-    ladder = {}
-    for path in results.glob("random-*.json"):
-        report = json.loads(path.read_text())
-        ladder[report["config"]["set_size"]] = report["metrics"]["r_mean"]
-    full = json.loads((results / "full.json").read_text())
-    ladder[full["config"]["set_size"]] = full["metrics"]["r_mean"]
+    rungs = [row_from_label(path.stem, json.loads(path.read_text()))
+             for path in [*results.glob("random-*.json"), results / f"{FULL_REPORT}.json"]]
+    ladder = ladder_points([row for row in rungs if row is not None])
     for path in sorted(results.glob("reduce_*.json")):
         report = json.loads(path.read_text())
         r_mean = report["metrics"]["r_mean"]
